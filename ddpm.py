@@ -1,0 +1,521 @@
+"""Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020), exact and small.
+
+Sections, in order: schedules -> Diffusion (forward process, posterior, parameterisations, variances)
+-> losses and bits/dim -> sampling plans and samplers (Algorithm 2, DDIM) -> data -> training
+(Algorithm 1) -> command line (`ddpm ...`).
+
+Conventions. Timesteps are stored 0..T-1: index 0 is the paper's t=1 and index T-1 its t=T. Every
+per-timestep table is numpy float64, computed once; it is cast to the working dtype only when it is
+indexed for a batch. A "model" is any callable `model(x_t, t) -> output`; the U-Net of unet.py is one,
+the closed-form oracles of the tests are others.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, get_args
+
+import numpy as np
+import torch
+
+__version__ = "0.1.0"
+
+Parameterization = Literal["eps", "x0", "v"]
+Variance = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["simple", "vlb", "hybrid"]
+Weighting = Literal["constant", "vlb"]
+Sampler = Literal["ancestral", "ddim"]
+Spacing = Literal["uniform", "linspace", "trailing", "quadratic"]
+Schedule = Literal["linear", "cosine", "quad", "sigmoid", "const", "jsd"]
+
+
+def check_choice(name: str, value, kind) -> None:
+    """Raise ValueError naming the valid values when `value` is not one of the Literal `kind`."""
+    if value not in get_args(kind):
+        raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------- schedules
+
+def beta_schedule(name: Schedule, T: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
+                  s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Variances beta_1..beta_T of the forward process q(x_t | x_{t-1}) = N(sqrt(1-beta_t) x_{t-1}, beta_t I).
+
+    linear/quad/sigmoid/const use beta_start..beta_end, given for T=1000 and scaled by 1000/T
+    (improved-diffusion) so that alpha_bar_T stays comparable for any T. cosine is Nichol & Dhariwal's
+    Eq. (17) with offset s, betas clipped at max_beta. jsd is 1/T, 1/(T-1), ..., 1.
+    """
+    check_choice("schedule", name, Schedule)
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    scale = 1000.0 / T
+    b0, b1 = beta_start * scale, min(beta_end * scale, max_beta)
+    if name == "linear":
+        betas = np.linspace(b0, b1, T)
+    elif name == "quad":
+        betas = np.linspace(b0 ** 0.5, b1 ** 0.5, T) ** 2
+    elif name == "sigmoid":
+        betas = b0 + (b1 - b0) / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T)))
+    elif name == "const":
+        betas = np.full(T, b1)
+    elif name == "jsd":
+        betas = 1.0 / np.linspace(T, 1, T)
+    else:
+        f = np.cos((np.arange(T + 1) / T + s) / (1 + s) * math.pi / 2) ** 2
+        betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
+    return betas.astype(np.float64)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 exactly
+    (zero terminal SNR) while alpha_bar_1 is unchanged. Needs the v or x0 parameterisation."""
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab ** 2
+    return 1.0 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+
+
+# ----------------------------------------------------------------------------------------- diffusion
+
+def _broadcast(table: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """table[t] as a [B, 1, ..., 1] tensor in x's dtype and device (the float64 -> working dtype step)."""
+    assert t.ndim == 1 and t.shape[0] == x.shape[0], (t.shape, x.shape)
+    values = torch.from_numpy(table).to(x.device)[t.to(x.device).long()]
+    return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Diffusion:
+    """The forward process, its posterior and the reverse-process parameterisations of a schedule.
+
+    parameterization: what the network predicts: eps (Ho et al.), x0, or v = sqrt(ab) eps - sqrt(1-ab) x0
+    (Salimans & Ho). variance: Sigma_theta of p(x_{t-1} | x_t): fixed_small (posterior beta-tilde),
+    fixed_large (beta), learned_range (Nichol & Dhariwal Eq. 15; the network outputs 2C channels).
+    """
+
+    def __init__(self, betas, parameterization: Parameterization = "eps",
+                 variance: Variance = "fixed_small"):
+        check_choice("parameterization", parameterization, Parameterization)
+        check_choice("variance", variance, Variance)
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not len(betas) or not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must be a non-empty 1-D array with values in (0, 1]")
+        self.betas, self.parameterization, self.variance = betas, parameterization, variance
+        self.T = len(betas)
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(self.alphas)
+        if self.alphas_cumprod[-1] == 0 and parameterization == "eps":
+            raise ValueError("zero terminal SNR (alpha_bar_T = 0) needs the v or x0 parameterization")
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        with np.errstate(divide="ignore"):
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # Eq. (7): beta-tilde and the two coefficients of the posterior mean.
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = ((1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas)
+                                     / (1.0 - self.alphas_cumprod))
+        # beta-tilde_1 = 0: the log is clipped to beta-tilde_2, as in the original implementation.
+        first = self.posterior_variance[1] if self.T > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
+        self.fixed_large_log_variance = np.log(np.append(first, betas[1:]))
+
+    # forward process
+    def q_mean_variance(self, x0, t):
+        """Mean, variance and log-variance of q(x_t | x_0), Eq. (4)."""
+        mean = _broadcast(self.sqrt_alphas_cumprod, t, x0) * x0
+        return mean, _broadcast(1.0 - self.alphas_cumprod, t, x0), _broadcast(self.log_one_minus_alphas_cumprod, t, x0)
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, the closed form Eq. (4)."""
+        assert noise.shape == x0.shape
+        return (_broadcast(self.sqrt_alphas_cumprod, t, x0) * x0
+                + _broadcast(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), Eq. (6)-(7)."""
+        assert x0.shape == x_t.shape
+        mean = (_broadcast(self.posterior_mean_coef1, t, x_t) * x0
+                + _broadcast(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, _broadcast(self.posterior_variance, t, x_t),
+                _broadcast(self.posterior_log_variance_clipped, t, x_t))
+
+    # parameterisations: every prediction passes through x0
+    def to_x0(self, x_t, t, value, kind: Parameterization):
+        """The x_0 implied by a prediction of `kind` at (x_t, t): inverts Eq. (4) for eps, Eq. (9)."""
+        if kind == "x0":
+            return value
+        if kind == "eps":
+            return (_broadcast(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                    - _broadcast(self.sqrt_recipm1_alphas_cumprod, t, x_t) * value)
+        return (_broadcast(self.sqrt_alphas_cumprod, t, x_t) * x_t
+                - _broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t) * value)
+
+    def from_x0(self, x_t, t, x0, kind: Parameterization):
+        """The eps, x0 or v that goes with (x_t, x_0); v = sqrt(ab) eps - sqrt(1-ab) x0."""
+        if kind == "x0":
+            return x0
+        eps = ((x_t - _broadcast(self.sqrt_alphas_cumprod, t, x_t) * x0)
+               / _broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t))
+        if kind == "eps":
+            return eps
+        return (_broadcast(self.sqrt_alphas_cumprod, t, x_t) * eps
+                - _broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x0)
+
+    def split_output(self, output, x_t):
+        """(prediction, variance output or None): learned_range networks output 2C channels."""
+        if self.variance == "learned_range":
+            assert output.shape[1] == 2 * x_t.shape[1], (output.shape, x_t.shape)
+            return output.chunk(2, dim=1)
+        assert output.shape == x_t.shape, (output.shape, x_t.shape)
+        return output, None
+
+    def model_log_variance(self, x_t, t, var_out=None):
+        """log Sigma_theta(x_t, t): a fixed table, or Eq. (15) of Nichol & Dhariwal for learned_range."""
+        if self.variance == "fixed_small":
+            return _broadcast(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        if self.variance == "fixed_large":
+            return _broadcast(self.fixed_large_log_variance, t, x_t).expand_as(x_t)
+        frac = (var_out + 1) / 2
+        return (frac * _broadcast(np.log(self.betas), t, x_t)
+                + (1 - frac) * _broadcast(self.posterior_log_variance_clipped, t, x_t))
+
+    def p_mean_variance(self, output, x_t, t, clip_denoised: bool = False):
+        """Mean and log-variance of p_theta(x_{t-1} | x_t) from a network output: the predicted x_0
+        (optionally clipped to [-1, 1]) is put into the posterior mean of Eq. (7)."""
+        pred, var_out = self.split_output(output, x_t)
+        pred_x0 = self.to_x0(x_t, t, pred, self.parameterization)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        log_variance = self.model_log_variance(x_t, t, var_out)
+        return {"mean": mean, "log_variance": log_variance, "variance": log_variance.exp(), "pred_x0": pred_x0}
+
+    def score(self, model, x_t, t):
+        """grad log q(x_t) estimated as -eps_theta / sqrt(1 - alpha_bar_t) (the score-matching link, Eq. 12)."""
+        pred, _ = self.split_output(model(x_t, t), x_t)
+        eps = self.from_x0(x_t, t, self.to_x0(x_t, t, pred, self.parameterization), "eps")
+        return -eps / _broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+
+    def respace(self, timesteps) -> "Diffusion":
+        """The process restricted to the kept `timesteps` (improved DDPM, Section 4): new betas
+        1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} keep alpha_bar at every kept step. The model is still
+        called with the original indices (`timesteps`)."""
+        ts = np.asarray(timesteps, dtype=np.int64)
+        ab = self.alphas_cumprod[ts]
+        betas = 1.0 - ab / np.append(1.0, ab[:-1])
+        return Diffusion(betas, self.parameterization, self.variance)
+
+
+# ------------------------------------------------------------------------------ losses and bits/dim
+
+def mean_flat(x):
+    """Mean over every dimension but the batch one: losses here are per pixel (per dimension)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) of 8-bit data x in [-1, 1] under N(mean, e^(2 log_scale)) integrated over each pixel's bin
+    of width 2/255, the outermost bins extended to -inf and +inf: the decoder L_0, Section 3.3.
+    Uses the exact normal CDF (the original code uses a tanh approximation)."""
+    assert x.shape == mean.shape == log_scale.shape
+    inv_std = torch.exp(-log_scale)
+    upper, lower = inv_std * (x - mean + 1 / 255), inv_std * (x - mean - 1 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_sf_lower = torch.special.log_ndtr(-lower)
+    mid = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, mid))
+
+
+def vlb_terms(diffusion: Diffusion, output, x0, x_t, t):
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) for t > 1 and the decoder
+    L_0 = -log p_theta(x_0 | x_1) for t = 1 (index 0), Eq. (5); per example, in bits per dimension."""
+    true_mean, _, true_log_var = diffusion.q_posterior(x0, x_t, t)
+    p = diffusion.p_mean_variance(output, x_t, t)
+    kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
+    decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+        x0, p["mean"], 0.5 * p["log_variance"])) / math.log(2.0)
+    return torch.where(t == 0, decoder_nll, kl)
+
+
+def prior_bpd(diffusion: Diffusion, x0):
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per example in bits/dim; no parameters, nearly 0."""
+    t = torch.full((x0.shape[0],), diffusion.T - 1, device=x0.device, dtype=torch.long)
+    mean, _, log_var = diffusion.q_mean_variance(x0, t)
+    zero = torch.zeros_like(x0)
+    return mean_flat(normal_kl(mean, log_var.expand_as(x0), zero, zero)) / math.log(2.0)
+
+
+def vlb_weights(diffusion: Diffusion) -> np.ndarray:
+    """lambda(t) = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)): the weight that turns the eps
+    MSE into the true bound term L_{t-1} (Eq. 12); L_simple (Eq. 14) sets it to 1. Per dimension, nats."""
+    log_var = (diffusion.fixed_large_log_variance if diffusion.variance == "fixed_large"
+               else diffusion.posterior_log_variance_clipped)
+    return diffusion.betas ** 2 / (2 * np.exp(log_var) * diffusion.alphas * (1 - diffusion.alphas_cumprod))
+
+
+def training_losses(diffusion: Diffusion, model, x0, t, noise=None, loss: LossType = "simple",
+                    weighting: Weighting = "constant", vlb_lambda: float = 1e-3):
+    """Per-example loss of Algorithm 1 at timesteps t.
+
+    simple: L_simple, Eq. (14): the MSE between the network output and its target (eps, x0 or v),
+      mean over pixels, times lambda(t) when weighting == "vlb" (eps parameterisation only).
+    vlb: T * L_t, an unbiased estimate of the bound without L_T (bits/dim).
+    hybrid: L_simple + vlb_lambda * T * L_t with the mean stopped from the bound (Nichol & Dhariwal
+      Eq. 16): only the learned variance learns from L_vlb.
+    """
+    check_choice("loss", loss, LossType)
+    check_choice("weighting", weighting, Weighting)
+    if weighting == "vlb" and diffusion.parameterization != "eps":
+        raise ValueError("weighting='vlb' is the weight of the eps MSE: use parameterization='eps'")
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_t = diffusion.q_sample(x0, t, noise)
+    output = model(x_t, t)
+    pred, var_out = diffusion.split_output(output, x_t)
+    if loss == "vlb":
+        return diffusion.T * vlb_terms(diffusion, output, x0, x_t, t)
+    target = diffusion.from_x0(x_t, t, x0, diffusion.parameterization)
+    mse = mean_flat((target - pred) ** 2)
+    if weighting == "vlb":
+        mse = mse * torch.from_numpy(vlb_weights(diffusion)).to(mse)[t]
+    if loss == "simple":
+        return mse
+    frozen = pred.detach() if var_out is None else torch.cat([pred.detach(), var_out], dim=1)
+    return mse + vlb_lambda * diffusion.T * vlb_terms(diffusion, frozen, x0, x_t, t)
+
+
+class TimestepSampler:
+    """t ~ Uniform{0..T-1}, or importance sampling p_t ~ sqrt(E[L_t^2]) from the last `history` losses
+    of every t (improved DDPM, Section 3.3) once each t has them. Returns t and the weights 1/(T p_t)
+    that keep the loss unbiased. Plain numpy state, saved with checkpoints."""
+
+    def __init__(self, T: int, importance: bool = False, history: int = 10, uniform_prob: float = 1e-3):
+        self.T, self.importance, self.uniform_prob = T, importance, uniform_prob
+        self.losses = np.zeros((T, history))
+        self.counts = np.zeros(T, dtype=np.int64)
+
+    def probabilities(self) -> np.ndarray:
+        if not self.importance or (self.counts < self.losses.shape[1]).any():
+            return np.full(self.T, 1.0 / self.T)
+        p = np.sqrt((self.losses ** 2).mean(axis=1))
+        p = p / p.sum()
+        return p * (1 - self.uniform_prob) + self.uniform_prob / self.T
+
+    def sample(self, batch: int, generator: torch.Generator | None = None, device="cpu"):
+        p = torch.from_numpy(self.probabilities())
+        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        weights = 1.0 / (self.T * p[t])
+        return t.to(device), weights.float().to(device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record per-example losses (only used when importance sampling; it syncs with the device)."""
+        if not self.importance:
+            return
+        for ti, li in zip(t.tolist(), losses.detach().float().tolist()):
+            self.losses[ti] = np.roll(self.losses[ti], -1)
+            self.losses[ti, -1] = li
+            self.counts[ti] += 1
+
+    def state_dict(self):
+        return {"losses": self.losses.copy(), "counts": self.counts.copy()}
+
+    def load_state_dict(self, state):
+        self.losses, self.counts = state["losses"].copy(), state["counts"].copy()
+
+
+@torch.no_grad()
+def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | None = None,
+                 progress: bool = False):
+    """The full variational bound of Ho et al., Eq. (5), in bits/dim per example: L_T + sum_{t>1} L_{t-1}
+    + L_0, each term evaluated at one x_t ~ q(x_t | x_0) (improved-diffusion's calc_bpd_loop).
+    Returns total, prior (L_T), vb (sum of the KL terms), decoder (L_0), terms [B, T] and mse [B, T]."""
+    from rich.progress import track
+    B = x0.shape[0]
+    terms = torch.zeros(B, diffusion.T, dtype=torch.float64)
+    mse = torch.zeros(B, diffusion.T, dtype=torch.float64)
+    steps = range(diffusion.T - 1, -1, -1)
+    for i in track(steps, description="bits/dim", disable=not progress, transient=True):
+        t = torch.full((B,), i, device=x0.device, dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = diffusion.q_sample(x0, t, noise)
+        output = model(x_t, t)
+        terms[:, i] = vlb_terms(diffusion, output, x0, x_t, t).double().cpu()
+        pred, _ = diffusion.split_output(output, x_t)
+        eps = diffusion.from_x0(x_t, t, diffusion.to_x0(x_t, t, pred, diffusion.parameterization), "eps")
+        mse[:, i] = mean_flat((eps - noise) ** 2).double().cpu()
+    prior = prior_bpd(diffusion, x0).double().cpu()
+    return {"total": prior + terms.sum(1), "prior": prior, "vb": terms[:, 1:].sum(1),
+            "decoder": terms[:, 0], "terms": terms, "mse": mse}
+
+
+# --------------------------------------------------------------------- sampling plans and samplers
+
+def space_timesteps(T: int, steps: int, spacing: Spacing = "uniform") -> np.ndarray:
+    """The kept timestep indices, ascending. uniform: i * (T // S) (DDIM's "uniform", diffusers'
+    "leading"); linspace: round(i (T-1)/(S-1)) (improved DDPM); trailing: Lin et al. 2023 (ends at T);
+    quadratic: int((i sqrt(0.8 T)/(S-1))^2) (DDIM). Rounding is floor(x + 0.5) everywhere."""
+    check_choice("spacing", spacing, Spacing)
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    i = np.arange(steps, dtype=np.float64)
+    if steps == T:
+        return np.arange(T, dtype=np.int64)
+    if spacing == "uniform":
+        ts = i * (T // steps)
+    elif spacing == "linspace":
+        ts = np.floor(i * (T - 1) / max(steps - 1, 1) + 0.5)
+    elif spacing == "trailing":
+        ts = np.sort(np.floor(T - i * (T / steps) + 0.5) - 1)
+    else:
+        ts = np.floor((i * math.sqrt(0.8 * T) / max(steps - 1, 1)) ** 2)
+    ts = ts.astype(np.int64)
+    if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] > T - 1:
+        raise ValueError(f"spacing {spacing!r} cannot give {steps} distinct steps for T={T}")
+    return ts
+
+
+@dataclass
+class Plan:
+    """A sampler as plain data, in sampling order (step k uses network timestep t[k]). One step:
+        x0 = clip?(x0_x * x + x0_o * out[:, :C])
+        x  = mean_x0 * x0 + mean_xt * x  (+ sigma * z when add_noise)
+    with sigma = exp((frac * log_var_max + (1 - frac) * log_var_min) / 2), frac = (out[:, C:] + 1) / 2,
+    when `learned`. The torch sampler, the onnxruntime sampler and the C++ runner all execute this."""
+    t: np.ndarray
+    x0_x: np.ndarray
+    x0_o: np.ndarray
+    mean_x0: np.ndarray
+    mean_xt: np.ndarray
+    sigma: np.ndarray
+    log_var_min: np.ndarray
+    log_var_max: np.ndarray
+    add_noise: np.ndarray
+    learned: bool
+    clip: bool
+
+    def __len__(self):
+        return len(self.t)
+
+
+def x0_coefficients(ab: np.ndarray, parameterization: Parameterization):
+    """(a, b) with x0 = a x_t + b * output, for each parameterisation (Eq. 4 solved for x_0)."""
+    if parameterization == "eps":
+        return np.sqrt(1.0 / ab), -np.sqrt(1.0 / ab - 1.0)
+    if parameterization == "v":
+        return np.sqrt(ab), -np.sqrt(1.0 - ab)
+    return np.zeros_like(ab), np.ones_like(ab)
+
+
+def ddim_coefficients(ab: np.ndarray, ab_to: np.ndarray, sigma: np.ndarray):
+    """DDIM's update, Song et al. Eq. (12), x_to = sqrt(ab_to) x0 + sqrt(1 - ab_to - sigma^2) eps + sigma z,
+    with eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab) re-derived from the (clipped) x0: returns the
+    coefficients of x0 and of x_t."""
+    d = np.sqrt(np.maximum(1.0 - ab_to - sigma ** 2, 0.0))
+    return np.sqrt(ab_to) - d * np.sqrt(ab) / np.sqrt(1.0 - ab), d / np.sqrt(1.0 - ab)
+
+
+def ddim_sigma(ab: np.ndarray, ab_prev: np.ndarray, eta: float) -> np.ndarray:
+    """sigma_t(eta) of DDIM, Eq. (16): eta = 1 is the DDPM posterior standard deviation, eta = 0 none."""
+    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+
+
+def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int | None = None,
+              eta: float = 0.0, spacing: Spacing = "uniform", clip: bool = True) -> Plan:
+    """The plan of Algorithm 2 (ancestral, over all T steps or a respaced subset) or of DDIM with eta.
+    steps defaults to T for ancestral and to min(50, T) for DDIM."""
+    check_choice("sampler", sampler, Sampler)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    steps = steps or (diffusion.T if sampler == "ancestral" else min(50, diffusion.T))
+    ts = space_timesteps(diffusion.T, steps, spacing)
+    sub = diffusion.respace(ts)
+    ab, ab_prev = sub.alphas_cumprod, sub.alphas_cumprod_prev
+    x0_x, x0_o = x0_coefficients(ab, diffusion.parameterization)
+    log_var_min, log_var_max = sub.posterior_log_variance_clipped, np.log(sub.betas)
+    if sampler == "ancestral":
+        mean_x0, mean_xt = sub.posterior_mean_coef1, sub.posterior_mean_coef2
+        log_var = sub.fixed_large_log_variance if diffusion.variance == "fixed_large" else log_var_min
+        sigma = np.exp(0.5 * log_var)
+    else:
+        sigma = ddim_sigma(ab, ab_prev, eta)
+        mean_x0, mean_xt = ddim_coefficients(ab, ab_prev, sigma)
+    add_noise = (np.arange(steps) > 0) & (sampler == "ancestral" or eta > 0)
+    learned = diffusion.variance == "learned_range" and sampler == "ancestral"
+    order = slice(None, None, -1)
+    return Plan(ts[order], x0_x[order], x0_o[order], mean_x0[order], mean_xt[order], sigma[order],
+                log_var_min[order], log_var_max[order], add_noise[order], learned, clip)
+
+
+def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing = "uniform") -> Plan:
+    """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3): the data is taken as x at the
+    first kept step, and each step runs Eq. (12) with eta = 0 forward, from t_k to t_{k+1}. Decoding the
+    result with the DDIM plan of the same steps reconstructs the data."""
+    steps = steps or min(50, diffusion.T)
+    ts = space_timesteps(diffusion.T, steps, spacing)
+    ab = diffusion.alphas_cumprod[ts]
+    x0_x, x0_o = x0_coefficients(ab[:-1], diffusion.parameterization)
+    mean_x0, mean_xt = ddim_coefficients(ab[:-1], ab[1:], np.zeros(steps - 1))
+    zeros = np.zeros(steps - 1)
+    return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros,
+                np.zeros(steps - 1, dtype=bool), learned=False, clip=False)
+
+
+def numpy_noise(seed: int, device="cpu") -> Callable[[tuple], torch.Tensor]:
+    """Noise from numpy.random.RandomState(seed).standard_normal as float32: the stream the onnxruntime
+    sampler and the C++ runner reproduce (x_T first, then each step's z in order)."""
+    rs = np.random.RandomState(seed)
+    return lambda shape: torch.from_numpy(rs.standard_normal(shape).astype(np.float32)).to(device)
+
+
+def torch_noise(generator: torch.Generator | None = None, device="cpu") -> Callable[[tuple], torch.Tensor]:
+    """Noise from torch.randn with an explicit generator."""
+    return lambda shape: torch.randn(shape, generator=generator, device=device)
+
+
+@torch.no_grad()
+def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.Tensor] | None = None,
+             progress: bool = False, intermediates: bool = False):
+    """Execute a plan from x (x_T for sampling, data for DDIM inversion). Per step the arithmetic is a
+    handful of fused elementwise ops on the device; no host synchronisation. Returns x, or (x, [x after
+    each step]) when intermediates is set."""
+    from rich.progress import track
+    C, B, dev = x.shape[1], x.shape[0], x.device
+    rows = list(zip(plan.t.tolist(), plan.x0_x.tolist(), plan.x0_o.tolist(), plan.mean_x0.tolist(),
+                    plan.mean_xt.tolist(), plan.sigma.tolist(), plan.log_var_min.tolist(),
+                    plan.log_var_max.tolist(), plan.add_noise.tolist()))
+    t_all = torch.as_tensor(plan.t, device=dev)
+    history = []
+    for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add) in enumerate(
+            track(rows, description="sampling", disable=not progress, transient=True)):
+        out = model(x, t_all[k].expand(B)).float()
+        x0 = ax * x + ao * out[:, :C]
+        if plan.clip:
+            x0 = x0.clamp(-1.0, 1.0)
+        x = mx0 * x0 + mxt * x
+        if add:
+            z = noise(x.shape)
+            if plan.learned:
+                frac = (out[:, C:] + 1.0) * 0.5
+                x = x + torch.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z
+            else:
+                x = x + sigma * z
+        if intermediates:
+            history.append(x.clone())
+    return (x, history) if intermediates else x
+
+
+def sample(model, plan: Plan, shape: tuple, noise: Callable[[tuple], torch.Tensor] | None = None,
+           progress: bool = False, intermediates: bool = False):
+    """Draw x_T ~ N(0, I) of `shape` and run the plan: Algorithm 2, or DDIM (see make_plan).
+    `noise` is a callable shape -> tensor (torch_noise(generator) or numpy_noise(seed))."""
+    noise = noise or torch_noise()
+    return run_plan(model, plan, noise(tuple(shape)), noise, progress, intermediates)

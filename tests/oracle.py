@@ -1,0 +1,61 @@
+"""Closed-form optimal denoisers: with them every sampler is a chain with a known answer."""
+import numpy as np
+import torch
+
+import ddpm
+
+
+class GaussianOracle:
+    """Data x0 ~ N(mu, s^2 I). E[x0 | x_t] = mu + g (x_t - sqrt(ab) mu), g = sqrt(ab) s^2 / (ab s^2 + 1 - ab),
+    returned in the diffusion's parameterisation (plus a constant variance channel for learned_range)."""
+
+    def __init__(self, diffusion: ddpm.Diffusion, mu: float, s: float, var_out: float = 0.0):
+        self.d, self.mu, self.s, self.var_out = diffusion, mu, s, var_out
+
+    def gain(self, ab):
+        return np.sqrt(ab) * self.s ** 2 / (ab * self.s ** 2 + 1 - ab)
+
+    def x0_hat(self, x_t, t):
+        ab = self.d.alphas_cumprod[t.cpu().numpy()]
+        g = torch.as_tensor(self.gain(ab), dtype=x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
+        sab = torch.as_tensor(np.sqrt(ab), dtype=x_t.dtype).reshape(g.shape)
+        return self.mu + g * (x_t - sab * self.mu)
+
+    def __call__(self, x_t, t):
+        out = self.d.from_x0(x_t, t, self.x0_hat(x_t, t), self.d.parameterization)
+        if self.d.variance == "learned_range":
+            out = torch.cat([out, torch.full_like(out, self.var_out)], dim=1)
+        return out
+
+    def exact_moments(self, plan: ddpm.Plan):
+        """Mean and variance of the plan's output: each step is x' = A x + B + sigma z (no clipping)."""
+        m, v = 0.0, 1.0
+        for k in range(len(plan)):
+            ab = self.d.alphas_cumprod[plan.t[k]]
+            g = self.gain(ab)
+            A = plan.mean_x0[k] * g + plan.mean_xt[k]
+            m = A * m + plan.mean_x0[k] * self.mu * (1 - g * np.sqrt(ab))
+            sigma = plan.sigma[k]
+            if plan.learned:
+                frac = (self.var_out + 1) / 2
+                sigma = np.exp(0.5 * (frac * plan.log_var_max[k] + (1 - frac) * plan.log_var_min[k]))
+            v = A ** 2 * v + (sigma ** 2 if plan.add_noise[k] else 0.0)
+        return m, v
+
+
+class MixtureOracle:
+    """Data x0 ~ p N(m, s^2) + (1 - p) N(-m, s^2) per dimension; E[x0 | x_t] by Bayes over components."""
+
+    def __init__(self, diffusion: ddpm.Diffusion, m: float, s: float, p: float):
+        self.d, self.m, self.s, self.p = diffusion, m, s, p
+
+    def __call__(self, x_t, t):
+        ab = torch.as_tensor(self.d.alphas_cumprod[t.cpu().numpy()], dtype=torch.float64)
+        ab = ab.reshape(-1, *[1] * (x_t.ndim - 1))
+        x = x_t.double()
+        var = ab * self.s ** 2 + 1 - ab
+        # posterior odds of the +m component: the Gaussian likelihood ratio of x_t under the two components
+        w1 = torch.sigmoid(np.log(self.p / (1 - self.p)) + 2 * ab.sqrt() * self.m * x / var)
+        g = ab.sqrt() * self.s ** 2 / var
+        x0 = sum(w * (c + g * (x - ab.sqrt() * c)) for w, c in ((w1, self.m), (1 - w1, -self.m)))
+        return self.d.from_x0(x, t, x0, self.d.parameterization).to(x_t.dtype)
