@@ -450,9 +450,9 @@ def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int |
         mean_x0, mean_xt = ddim_coefficients(ab, ab_prev, sigma)
     add_noise = (np.arange(steps) > 0) & (sampler == "ancestral" or eta > 0)
     learned = diffusion.variance == "learned_range" and sampler == "ancestral"
-    order = slice(None, None, -1)
-    return Plan(ts[order], x0_x[order], x0_o[order], mean_x0[order], mean_xt[order], sigma[order],
-                log_var_min[order], log_var_max[order], add_noise[order], learned, clip)
+    rev = [np.ascontiguousarray(a[::-1]) for a in
+           (ts, x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, add_noise)]
+    return Plan(*rev, learned=learned, clip=clip)
 
 
 def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing = "uniform") -> Plan:

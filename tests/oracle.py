@@ -27,9 +27,8 @@ class GaussianOracle:
             out = torch.cat([out, torch.full_like(out, self.var_out)], dim=1)
         return out
 
-    def exact_moments(self, plan: ddpm.Plan):
-        """Mean and variance of the plan's output: each step is x' = A x + B + sigma z (no clipping)."""
-        m, v = 0.0, 1.0
+    def exact_moments(self, plan: ddpm.Plan, m: float = 0.0, v: float = 1.0):
+        """Mean and variance of the plan's output from x ~ N(m, v): each step is x' = A x + B + sigma z."""
         for k in range(len(plan)):
             ab = self.d.alphas_cumprod[plan.t[k]]
             g = self.gain(ab)

@@ -1,0 +1,362 @@
+"""The C++ runner (cpp_runner/) against the sampling contract: same noise stream as numpy's RandomState,
+same plan, same samples as a Python executor of the same ONNX file, and one-line errors with exit status 2.
+
+The Python side is `python_reference` below: a direct numpy + onnxruntime reading of the contract. Once the
+project's own onnxruntime sampler exists, point `python_reference` at it; the tests stay as they are.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER_DIR = ROOT / "cpp_runner"
+T = 200  # large enough for a 10-step quadratic spacing (S <= sqrt(0.8 T) + 1)
+IMAGE = (1, 8, 8)
+
+
+# ---------------------------------------------------------------- build and run the runner
+@pytest.fixture(scope="session")
+def runner() -> Path:
+    in_ci = bool(os.environ.get("CI"))
+    tools = shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))
+    if not tools and not in_ci and os.geteuid() != 0:
+        pytest.skip("cmake or a C++ compiler is missing (apt-get install cmake g++ libpng-dev)")
+    build = subprocess.run(["sh", str(RUNNER_DIR / "build.sh")], capture_output=True, text=True)
+    if build.returncode != 0:
+        tail = (build.stdout + build.stderr)[-3000:]
+        if in_ci:
+            pytest.fail(f"cpp_runner/build.sh failed:\n{tail}")
+        pytest.skip(f"cpp_runner/build.sh failed (fatal when CI is set):\n{tail}")
+    return RUNNER_DIR / "build" / "ddpm_runner"
+
+
+def run(runner: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+# ---------------------------------------------------------------- small test models
+def _export_net(path: Path, c_out: int) -> None:
+    """A tiny conv net eps_theta(x, t) that really depends on t, exported like the project's U-Net."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(T, 8)
+            self.c1 = torch.nn.Conv2d(IMAGE[0], 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, c_out, 3, padding=1)
+
+        def forward(self, x, t):
+            h = torch.nn.functional.silu(self.c1(x) + self.emb(t)[:, :, None, None])
+            return torch.tanh(self.c2(h))
+
+    torch.manual_seed(c_out)
+    x, t = torch.zeros(2, *IMAGE), torch.zeros(2, dtype=torch.int64)
+    batch = {0: "batch"}
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but still the plain route
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Net().eval(), (x, t), str(path), input_names=["x", "t"], output_names=["model_output"],
+                          dynamic_axes={"x": batch, "t": batch, "model_output": batch}, opset_version=17, dynamo=False)
+
+
+def _metadata(parameterization: str, variance: str, clip: bool = True) -> dict[str, str]:
+    betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
+    return {"ddpm.format": "1", "ddpm.betas": ",".join(repr(float(b)) for b in betas),
+            "ddpm.num_timesteps": str(T), "ddpm.parameterization": parameterization, "ddpm.variance": variance,
+            "ddpm.image_shape": ",".join(map(str, IMAGE)), "ddpm.data_range": "-1,1",
+            "ddpm.clip_denoised": "true" if clip else "false", "ddpm.timestep_dtype": "int64", "ddpm.version": "test"}
+
+
+def _with_metadata(src: Path, dst: Path, meta: dict[str, str]) -> Path:
+    model = onnx.load(str(src))
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    pytest.importorskip("torch")
+    _export_net(d / "net1.onnx", IMAGE[0])
+    _export_net(d / "net2.onnx", 2 * IMAGE[0])
+    return {
+        "eps_small": _with_metadata(d / "net1.onnx", d / "eps_small.onnx", _metadata("eps", "fixed_small")),
+        "v_large": _with_metadata(d / "net1.onnx", d / "v_large.onnx", _metadata("v", "fixed_large", clip=False)),
+        "x0_small": _with_metadata(d / "net1.onnx", d / "x0_small.onnx", _metadata("x0", "fixed_small")),
+        "eps_learned": _with_metadata(d / "net2.onnx", d / "eps_learned.onnx", _metadata("eps", "learned_range")),
+        "no_meta": d / "net1.onnx",
+    }
+
+
+# ---------------------------------------------------------------- the contract, read directly in numpy
+def contract_timesteps(T: int, S: int, spacing: str) -> list[int]:
+    if S == T:
+        return list(range(T))
+    if spacing == "uniform":
+        ts = [i * (T // S) for i in range(S)]
+    elif spacing == "linspace":
+        ts = [0] if S == 1 else [int(np.floor(i * (T - 1) / (S - 1) + 0.5)) for i in range(S)]
+    elif spacing == "trailing":
+        ts = sorted(int(np.floor(T - j * (T / S) + 0.5)) - 1 for j in range(S))
+    else:
+        ts = [0] if S == 1 else [int((i * np.sqrt(0.8 * T) / (S - 1)) ** 2) for i in range(S)]
+    if any(b <= a for a, b in zip(ts, ts[1:])) or ts[0] < 0 or ts[-1] > T - 1:
+        raise ValueError(f"spacing {spacing} cannot give {S} distinct steps for T={T}")
+    return ts
+
+
+def contract_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: float, spacing: str,
+                  clip: bool | None) -> dict:
+    betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")], dtype=np.float64)
+    par, variance, T = meta["ddpm.parameterization"], meta["ddpm.variance"], len(betas)
+    S = steps or (T if sampler == "ancestral" else 50)
+    ts = contract_timesteps(T, S, spacing)
+    abar = np.cumprod(1.0 - betas)
+    rows = []
+    for k in range(S):
+        ab, ab_prev = abar[ts[k]], (abar[ts[k - 1]] if k > 0 else 1.0)
+        beta = 1 - ab / ab_prev
+        alpha = 1 - beta
+        x0_x, x0_o = {"eps": (np.sqrt(1 / ab), -np.sqrt(1 / ab - 1)), "x0": (0.0, 1.0),
+                      "v": (np.sqrt(ab), -np.sqrt(1 - ab))}[par]
+        post_var = beta * (1 - ab_prev) / (1 - ab)
+        if sampler == "ancestral":
+            mean_x0, mean_xt = beta * np.sqrt(ab_prev) / (1 - ab), (1 - ab_prev) * np.sqrt(alpha) / (1 - ab)
+            sigma = np.sqrt(beta) if variance == "fixed_large" else np.sqrt(post_var)
+        else:
+            sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+            d = np.sqrt(max(1 - ab_prev - sigma ** 2, 0.0))
+            mean_x0, mean_xt = np.sqrt(ab_prev) - d * np.sqrt(ab) / np.sqrt(1 - ab), d / np.sqrt(1 - ab)
+        rows.append(dict(t=ts[k], x0_x=x0_x, x0_o=x0_o, mean_x0=mean_x0, mean_xt=mean_xt, sigma=sigma,
+                         post_var=post_var, log_var_max=np.log(beta),
+                         add_noise=k > 0 and (sampler == "ancestral" or eta > 0)))
+    for k, r in enumerate(rows):
+        r["log_var_min"] = (np.log(r["post_var"]) if k >= 1 else
+                            np.log(rows[1]["post_var"]) if S > 1 else r["log_var_max"])
+    rows.reverse()  # sampling order
+    plan = {key: [r[key] for r in rows] for key in
+            ("t", "x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max", "add_noise")}
+    plan["learned"] = variance == "learned_range" and sampler == "ancestral"
+    plan["clip"] = (meta["ddpm.clip_denoised"] == "true") if clip is None else clip
+    plan["channels"] = int(meta["ddpm.image_shape"].split(",")[0])
+    return plan
+
+
+def contract_sample(model: Path, plan: dict, n: int, batch: int, seed: int) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    C, H, W = (int(v) for v in sess.get_modelmeta().custom_metadata_map["ddpm.image_shape"].split(","))
+    f = {k: np.asarray(plan[k], dtype=np.float32) for k in
+         ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max")}
+    rng, samples = np.random.RandomState(seed), []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        x = rng.standard_normal((b, C, H, W)).astype(np.float32)
+        for k, t in enumerate(plan["t"]):
+            out = sess.run(None, {"x": x, "t": np.full(b, t, dtype=np.int64)})[0]
+            x0 = f["x0_x"][k] * x + f["x0_o"][k] * out[:, :C]
+            if plan["clip"]:
+                x0 = np.clip(x0, -1, 1)
+            if plan["learned"]:
+                frac = (out[:, C:] + 1) / 2
+                s = np.exp(np.float32(0.5) * (frac * f["log_var_max"][k] + (1 - frac) * f["log_var_min"][k]))
+            else:
+                s = f["sigma"][k]
+            x = f["mean_x0"][k] * x0 + f["mean_xt"][k] * x
+            if plan["add_noise"][k]:
+                x = x + s * rng.standard_normal((b, C, H, W)).astype(np.float32)
+        samples.append(x)
+    return np.concatenate(samples)
+
+
+def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
+                     spacing: str = "uniform", clip: bool | None = None, seed: int = 0) -> tuple[list[int], np.ndarray]:
+    """(timesteps in sampling order, samples [n, C, H, W]) from the Python side of the contract."""
+    meta = onnx.load(str(model)).metadata_props
+    plan = contract_plan({p.key: p.value for p in meta}, sampler, steps, eta, spacing, clip)
+    return plan["t"], contract_sample(model, plan, n, batch, seed)
+
+
+def plan_args(sampler, steps, eta, spacing, clip):
+    args = ["--sampler", sampler, "--spacing", spacing]
+    args += ["--steps", steps] if steps else []
+    args += ["--eta", eta] if sampler == "ddim" else []
+    args += [] if clip is None else ["--clip" if clip else "--no-clip"]
+    return args
+
+
+# ---------------------------------------------------------------- noise stream
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1])
+def test_noise_stream_is_numpy_randomstate(runner, seed):
+    out = run(runner, "--seed", seed, "--dump-noise", 1001).stdout.split()
+    expected = np.random.RandomState(seed).standard_normal(1001)
+    np.testing.assert_array_equal(np.array(out, dtype=np.float64), expected)
+
+
+# ---------------------------------------------------------------- plan
+PLAN_CASES = [(s, S, e, sp) for s, e in [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5)]
+              for sp in ["uniform", "linspace", "trailing", "quadratic"] for S in [1, 10, 13, 40]] + \
+             [("ancestral", None, 0.0, "uniform"), ("ddim", T, 1.0, "trailing")]
+
+
+@pytest.mark.parametrize("sampler,steps,eta,spacing", PLAN_CASES)
+@pytest.mark.parametrize("model_name", ["eps_small", "v_large", "x0_small", "eps_learned"])
+def test_plan_matches_contract(runner, models, model_name, sampler, steps, eta, spacing):
+    model = models[model_name]
+    proc = run(runner, "--model", model, "--dump-plan", *plan_args(sampler, steps, eta, spacing, None), check=False)
+    meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    try:
+        want = contract_plan(meta, sampler, steps, eta, spacing, None)
+    except ValueError:  # e.g. quadratic spacing with more than sqrt(0.8 T) + 1 steps
+        assert proc.returncode == 2 and "distinct steps" in proc.stderr, proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["t"] == want["t"]
+    assert [bool(a) for a in got["add_noise"]] == want["add_noise"]
+    assert (bool(got["learned"]), bool(got["clip"]), got["channels"]) == (want["learned"], want["clip"], want["channels"])
+    for key in ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=1e-300, err_msg=key)
+
+
+def test_spacing_that_cannot_give_distinct_steps_is_an_error(runner, models):
+    with pytest.raises(ValueError):
+        contract_timesteps(T, 14, "quadratic")
+    proc = run(runner, "--model", models["eps_small"], "--dump-plan", "--spacing", "quadratic", "--steps", 14,
+               check=False)
+    assert proc.returncode == 2 and "cannot give 14 distinct steps" in proc.stderr
+
+
+# ---------------------------------------------------------------- samples
+SAMPLE_CASES = [
+    ("eps_small", "ancestral", None, 0.0, "uniform", None),
+    ("v_large", "ancestral", None, 0.0, "uniform", None),
+    ("x0_small", "ancestral", 10, 0.0, "trailing", False),
+    ("eps_learned", "ancestral", None, 0.0, "uniform", None),
+    ("eps_learned", "ancestral", 10, 0.0, "linspace", None),
+] + [("eps_small", "ddim", 10, eta, sp, None) for eta in (0.0, 0.5)
+     for sp in ("uniform", "linspace", "trailing", "quadratic")] + [("eps_learned", "ddim", 10, 0.5, "uniform", True)]
+
+
+@pytest.mark.parametrize("model_name,sampler,steps,eta,spacing,clip", SAMPLE_CASES)
+def test_samples_match_python(runner, models, tmp_path, model_name, sampler, steps, eta, spacing, clip):
+    model, n, batch, seed = models[model_name], 5, 2, 2**31 + 7  # a partial last batch; a seed above 2^31
+    out = tmp_path / "x.npy"
+    run(runner, "--model", model, "--n", n, "--batch", batch, "--seed", seed, "--threads", 1, "--out", out,
+        *plan_args(sampler, steps, eta, spacing, clip))
+    got = np.load(out)
+    ts, want = python_reference(model, n=n, batch=batch, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                                clip=clip, seed=seed)
+    plan = json.loads(run(runner, "--model", model, "--dump-plan", *plan_args(sampler, steps, eta, spacing, clip)).stdout)
+    assert plan["t"] == ts
+    assert got.dtype == np.float32 and got.shape == (n, *IMAGE)
+    assert np.abs(got - want).max() <= 1e-3
+
+
+def test_png_is_the_clamped_rounded_grid(runner, models, tmp_path):
+    from PIL import Image
+
+    args = ["--model", models["eps_small"], "--n", 3, "--sampler", "ddim", "--steps", 5, "--seed", 3]
+    run(runner, *args, "--out", tmp_path / "x.npy")
+    run(runner, *args, "--out", tmp_path / "x.png")
+    x = np.load(tmp_path / "x.npy")
+    grid = np.asarray(Image.open(tmp_path / "x.png"))
+    assert grid.shape == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2)  # 2 columns, 2 rows, 2-pixel gutters
+    pixels = np.rint((np.clip(x, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+    for i in range(3):
+        r, c = divmod(i, 2)
+        np.testing.assert_array_equal(grid[2 + r * 10: 10 + r * 10, 2 + c * 10: 10 + c * 10], pixels[i, 0])
+
+
+def test_json_summary(runner, models, tmp_path):
+    proc = run(runner, "--model", models["eps_small"], "--n", 4, "--sampler", "ddim", "--steps", 5, "--json",
+               "--out", tmp_path / "x.npy")
+    summary = json.loads(proc.stdout)
+    assert summary["provider"] == "CPUExecutionProvider" and summary["n"] == 4 and summary["steps"] == 5
+    assert 0 < summary["network_s"] <= summary["total_s"] and summary["images_per_s"] > 0
+    assert "CPUExecutionProvider" in proc.stderr
+
+
+# ---------------------------------------------------------------- user errors: one line, exit status 2
+def _not_ddpm(path: Path) -> Path:
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Identity", ["x"], ["y"])], "g",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes()[:200])
+    return dst
+
+
+ERROR_CASES = {
+    "missing model": (lambda m, d: ["--model", d / "absent.onnx"], "not found"),
+    "not a DDPM model": (lambda m, d: ["--model", _not_ddpm(d / "id.onnx")], "'ddpm.format' is missing"),
+    "no metadata": (lambda m, d: ["--model", m["no_meta"]], "not a DDPM model"),
+    "missing betas": (lambda m, d: ["--model", _with_metadata(m["no_meta"], d / "nb.onnx", {"ddpm.format": "1"})],
+                      "'ddpm.betas' is missing"),
+    "truncated file": (lambda m, d: ["--model", _truncated(m["eps_small"], d / "cut.onnx")], "cannot load"),
+    "unknown flag": (lambda m, d: ["--model", m["eps_small"], "--frobnicate"], "unknown option"),
+    "bad integer": (lambda m, d: ["--model", m["eps_small"], "--steps", "ten"], "--steps"),
+    "too many steps": (lambda m, d: ["--model", m["eps_small"], "--steps", T + 1], f"steps must be in 1..{T}"),
+    "bad sampler": (lambda m, d: ["--model", m["eps_small"], "--sampler", "euler"], "unknown sampler"),
+    "bad spacing": (lambda m, d: ["--model", m["eps_small"], "--spacing", "cubic"], "unknown spacing"),
+    "eta out of range": (lambda m, d: ["--model", m["eps_small"], "--sampler", "ddim", "--eta", 2], "eta"),
+    "seed out of range": (lambda m, d: ["--model", m["eps_small"], "--seed", 2**32], "--seed"),
+    "bad provider": (lambda m, d: ["--model", m["eps_small"], "--provider", "tpu"], "--provider"),
+    "unwritable output": (lambda m, d: ["--model", m["eps_small"], "--out", d / "no" / "dir" / "x.npy"], "cannot write"),
+    "bad output type": (lambda m, d: ["--model", m["eps_small"], "--out", d / "x.jpg"], ".png or .npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line_and_status_2(runner, models, tmp_path, case):
+    make_args, message = ERROR_CASES[case]
+    args = make_args(models, tmp_path)
+    if "--out" not in args:
+        args += ["--out", tmp_path / "x.npy"]
+    proc = run(runner, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm_runner: error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
+
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the CUDA path is tested by test_cuda_matches_cpu")
+def test_cuda_provider_without_gpu_is_one_line_error(runner, models, tmp_path):
+    proc = run(runner, "--model", models["eps_small"], "--provider", "cuda", "--out", tmp_path / "x.npy", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm_runner: error: --provider cuda"), proc.stderr
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no GPU here; the CPU path of the same loop is tested above")
+def test_cuda_matches_cpu(runner, models, tmp_path):
+    args = ["--model", models["eps_learned"], "--n", 5, "--batch", 2, "--seed", 9]
+    proc = run(runner, *args, "--provider", "cuda", "--json", "--out", tmp_path / "gpu.npy")
+    assert json.loads(proc.stdout)["provider"] == "CUDAExecutionProvider"
+    run(runner, *args, "--out", tmp_path / "cpu.npy")
+    assert np.abs(np.load(tmp_path / "gpu.npy") - np.load(tmp_path / "cpu.npy")).max() <= 1e-3
