@@ -1,0 +1,33 @@
+#!/bin/sh
+# Build ddpm_runner into cpp_runner/build (or $BUILD_DIR). Installs the Debian build tools when missing
+# (as root), fetches the ONNX Runtime headers when neither ONNXRUNTIME_ROOT nor system headers exist, and
+# links against the libonnxruntime of the onnxruntime wheel in $PYTHON (default: the project's .venv).
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+BUILD=${BUILD_DIR:-$HERE/build}
+PYTHON=${PYTHON:-$HERE/../.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=$(command -v python3 || true)
+
+missing=""
+command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
+command -v g++ >/dev/null 2>&1 || missing="$missing g++"
+command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
+[ -f /usr/include/png.h ] || missing="$missing libpng-dev"
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+  else
+    echo "build.sh: missing:$missing (Debian: apt-get install$missing)" >&2
+    exit 1
+  fi
+fi
+
+set -- -DCMAKE_BUILD_TYPE=Release
+[ -n "$PYTHON" ] && set -- "$@" -DORT_PYTHON="$PYTHON"
+if [ -z "${ONNXRUNTIME_ROOT:-}" ] && [ ! -f /usr/include/onnxruntime/onnxruntime_cxx_api.h ]; then
+  "$HERE/fetch_ort_headers.sh" "$BUILD/ort-headers"
+  set -- "$@" -DORT_HEADERS_DIR="$BUILD/ort-headers/include"
+fi
+cmake -S "$HERE" -B "$BUILD" "$@" >/dev/null
+cmake --build "$BUILD" -j "$(nproc 2>/dev/null || echo 2)"
+echo "built $BUILD/ddpm_runner"

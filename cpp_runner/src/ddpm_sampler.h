@@ -1,0 +1,76 @@
+// A DDPM sampler over an exported eps_theta ONNX file: reads the schedule from the file's metadata,
+// builds the sampling plan (ancestral = Algorithm 2 of Ho et al. on the respaced process, or DDIM with
+// eta) and runs it with ONNX Runtime. The plan and the noise stream follow the contract shared with
+// ddpm.py and export/onnx_sampler.py, so the three executors give the same samples for the same seed.
+#pragma once
+#include <onnxruntime_cxx_api.h>
+
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ddpm {
+
+// An error the user caused (bad file, bad option); the CLI prints it as one line and exits 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ModelInfo {
+  std::vector<double> betas;     // float64, length T
+  std::string parameterization;  // eps | x0 | v
+  std::string variance;          // fixed_small | fixed_large | learned_range
+  int64_t C = 0, H = 0, W = 0;
+  bool clip_denoised = true;
+  int64_t out_channels() const { return variance == "learned_range" ? 2 * C : C; }
+};
+
+struct PlanOptions {
+  std::string sampler = "ancestral";  // ancestral | ddim
+  int64_t steps = 0;                  // 0: T for ancestral, 50 for ddim
+  double eta = 0.0;                   // ddim only
+  std::string spacing = "uniform";    // uniform | linspace | trailing | quadratic
+  int clip = -1;                      // -1: the model's ddpm.clip_denoised
+};
+
+// Per-step coefficients in sampling order (k = S-1 down to 0), float64.
+struct Plan {
+  std::vector<int64_t> t;
+  std::vector<double> x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max;
+  std::vector<bool> add_noise;
+  bool learned = false, clip = true;
+  int64_t channels = 0;
+  size_t size() const { return t.size(); }
+};
+
+std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing);
+Plan make_plan(const ModelInfo& info, const PlanOptions& opt);
+
+struct RunStats {
+  double total_s = 0, network_s = 0;  // whole sampling loop; inside Session::Run
+};
+// progress(batch index, number of batches, step done, steps)
+using Progress = std::function<void(int64_t, int64_t, int64_t, int64_t)>;
+
+class Sampler {
+ public:
+  // provider: "cpu" or "cuda"; threads: ONNX Runtime intra-op threads (0 = its default).
+  Sampler(const std::string& model_path, const std::string& provider, int threads);
+  const ModelInfo& info() const { return info_; }
+  const std::string& provider() const { return provider_name_; }
+  // n images [n, C, H, W] drawn in batches of `batch`, all from RandomState(seed).
+  std::vector<float> sample(const Plan& plan, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
+                            const Progress& progress = nullptr);
+
+ private:
+  bool api_ready_;  // ONNX Runtime's API table is fetched (and checked) before env_ is built
+  Ort::Env env_;
+  Ort::Session session_{nullptr};
+  ModelInfo info_;
+  std::string provider_name_, out_name_;
+  bool cuda_ = false;
+};
+
+}  // namespace ddpm
