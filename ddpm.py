@@ -311,10 +311,12 @@ class TimestepSampler:
         return p * (1 - self.uniform_prob) + self.uniform_prob / self.T
 
     def sample(self, batch: int, generator: torch.Generator | None = None, device="cpu"):
-        p = torch.from_numpy(self.probabilities())
+        if not self.importance:  # on the device, no host round trip
+            t = torch.randint(0, self.T, (batch,), device=device, generator=generator)
+            return t, torch.ones(batch, device=device)
+        p = torch.from_numpy(self.probabilities()).to(device)
         t = torch.multinomial(p, batch, replacement=True, generator=generator)
-        weights = 1.0 / (self.T * p[t])
-        return t.to(device), weights.float().to(device)
+        return t, (1.0 / (self.T * p[t])).float()
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Record per-example losses (only used when importance sampling; it syncs with the device)."""
@@ -519,3 +521,508 @@ def sample(model, plan: Plan, shape: tuple, noise: Callable[[tuple], torch.Tenso
     `noise` is a callable shape -> tensor (torch_noise(generator) or numpy_noise(seed))."""
     noise = noise or torch_noise()
     return run_plan(model, plan, noise(tuple(shape)), noise, progress, intermediates)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad file, bad option): one line, exit status 2."""
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_digits_data():
+    """scikit-learn's bundled 8x8 digits (17 grey levels 0..16) as uint8 [N, 1, 8, 8] on 0..255, split
+    into 1437 training and 360 held-out images by a fixed permutation."""
+    from sklearn.datasets import load_digits
+    images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    order = np.random.RandomState(0).permutation(len(images))
+    return images[order[:-360]], images[order[-360:]]
+
+
+def _load_image_folder(path, image_size: int | None):
+    from PIL import Image
+    from pathlib import Path
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{path}: no .png/.jpg/.jpeg images found (searched recursively)")
+    images, modes = [], set()
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                mode = "L" if im.mode in ("L", "LA", "I", "I;16", "1") else "RGB"
+                modes.add(mode)
+                im = im.convert(mode)
+        except OSError as e:
+            raise UserError(f"{f}: unreadable image ({e})") from None
+        if len(modes) > 1:
+            raise UserError(f"{path}: mixed grey and colour images (first mismatch: {f}); use one mode")
+        if image_size:
+            s = image_size / min(im.size)  # resize the short side, then centre-crop a square
+            im = im.resize((max(image_size, round(im.width * s)), max(image_size, round(im.height * s))),
+                           Image.BICUBIC)
+            left, top = (im.width - image_size) // 2, (im.height - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+        images.append(np.asarray(im, dtype=np.uint8))
+    if len({a.shape for a in images}) > 1:
+        raise UserError(f"{path}: images of different sizes; pass --image-size to resize and crop them")
+    arr = np.stack(images)
+    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+
+def _load_cifar_folder(path):
+    import pickle
+    from pathlib import Path
+
+    def read(name):
+        with open(Path(path) / name, "rb") as f:
+            return pickle.load(f, encoding="bytes")[b"data"].reshape(-1, 3, 32, 32)
+    try:
+        return np.concatenate([read(f"data_batch_{i}") for i in range(1, 6)]), read("test_batch")
+    except (OSError, KeyError, pickle.UnpicklingError, ValueError) as e:
+        raise UserError(f"{path}: not a readable cifar-10-batches-py folder ({e})") from None
+
+
+def _load_npz(path):
+    try:
+        with np.load(path) as f:
+            arr = f["arr_0"] if "arr_0" in f else f[list(f.keys())[0]]
+    except (OSError, ValueError, IndexError) as e:
+        raise UserError(f"{path}: not a readable .npz image array ({e})") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise UserError(f"{path}: expected uint8 images [N, H, W] or [N, H, W, C], got {arr.dtype} {arr.shape}")
+    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+
+
+def load_dataset(data: str = "digits", image_size: int | None = None):
+    """(train, held_out) uint8 NCHW numpy arrays. data: "digits", a folder of PNG/JPEG images, a
+    cifar-10-batches-py folder, or a .npz file (uint8 NHWC under arr_0). Folders and .npz files keep
+    their last 5% (at least 1 image) as the held-out split."""
+    import os
+    if data == "digits":
+        return load_digits_data()
+    if not os.path.exists(data):
+        raise UserError(f"{data}: no such file or folder (use 'digits', an image folder, a cifar-10-batches-py folder or a .npz)")
+    if os.path.isdir(data) and os.path.exists(os.path.join(data, "data_batch_1")):
+        return _load_cifar_folder(data)
+    arr = _load_image_folder(data, image_size) if os.path.isdir(data) else _load_npz(data)
+    held = max(1, len(arr) // 20) if len(arr) > 1 else 0
+    return (arr[:-held], arr[-held:]) if held else (arr, arr)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1] (the bins of the discretized decoder are the 256 values)."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------- training (Alg. 1)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+CHECKPOINT_FORMAT = "ddpm-reference-checkpoint-1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint so that a run can be resumed or rebuilt."""
+    data: str = "digits"
+    preset: str = "digits"
+    image_size: int | None = None
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    accum: int = 1
+    ema_decay: float = 0.999
+    schedule: str = "linear"
+    T: int = 1000
+    zero_terminal_snr: bool = False
+    parameterization: str = "eps"
+    variance: str = "fixed_small"
+    loss: str = "simple"
+    weighting: str = "constant"
+    importance: bool = False
+    flip: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    checkpoint_every: int = 500
+    sample_every: int = 1000
+    log_every: int = 25
+    out: str = "runs/digits"
+
+    def validate(self) -> None:
+        for name, kind in (("schedule", Schedule), ("parameterization", Parameterization), ("variance", Variance),
+                           ("loss", LossType), ("weighting", Weighting), ("precision", Precision), ("device", Device)):
+            check_choice(name, getattr(self, name), kind)
+        for name in ("steps", "batch_size", "T", "accum", "checkpoint_every", "sample_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.variance == "learned_range" and self.loss == "simple":
+            raise ValueError("learned_range variance needs loss 'hybrid' or 'vlb' (L_simple does not train it)")
+        if not 0 <= self.ema_decay < 1 or self.lr <= 0:
+            raise ValueError("ema_decay must be in [0, 1) and lr > 0")
+
+
+def resolve_device(device: str) -> torch.device:
+    check_choice("device", device, Device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def make_diffusion(cfg: TrainConfig) -> Diffusion:
+    betas = beta_schedule(cfg.schedule, cfg.T)
+    if cfg.zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return Diffusion(betas, cfg.parameterization, cfg.variance)
+
+
+def make_model(cfg: TrainConfig, image_shape):
+    """The preset's U-Net for `image_shape` (C, H, W); 2C output channels for learned_range."""
+    import unet
+    if cfg.preset not in unet.PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(unet.PRESETS)}, got {cfg.preset!r}")
+    C, H, _ = image_shape
+    kwargs = dict(unet.PRESETS[cfg.preset], in_channels=C, image_size=H)
+    kwargs["out_channels"] = 2 * C if cfg.variance == "learned_range" else C
+    return unet.UNet(**kwargs)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, then an atomic rename."""
+    import os
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint written by `ddpm train`, or a UserError saying why it is not one."""
+    import os
+    import pickle
+    import zipfile
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or not written by torch.save): "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a ddpm checkpoint (write one with `ddpm train`)")
+    return state
+
+
+def load_model(path, ema: bool = True, device="cpu"):
+    """(model in eval mode, Diffusion, TrainConfig, image_shape) from a checkpoint, EMA weights by default."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig(**state["config"])
+    model = make_model(cfg, state["image_shape"])
+    model.load_state_dict(state["ema" if ema else "model"])
+    return model.to(device).eval(), make_diffusion(cfg), cfg, tuple(state["image_shape"])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as Ho et al.)."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_grid(model, diffusion: Diffusion, image_shape, path, n: int = 64, seed: int = 0, steps: int = 50):
+    """A grid of n DDIM samples (eta = 0, `steps` steps) written as a PNG."""
+    from export.onnx_sampler import save_images
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    plan = make_plan(diffusion, "ddim", min(steps, diffusion.T))
+    save_images(sample(model, plan, (n, *image_shape), torch_noise(gen, device)).cpu().numpy(), path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Algorithm 1: repeat { x0 ~ q(x0), t ~ U, eps ~ N(0, I), gradient step on the loss } with AdamW,
+    warm-up, gradient clipping, EMA, optional autocast / torch.compile / DDP (under torchrun).
+    Writes cfg.out/checkpoint.pt every checkpoint_every steps and at the end. Returns a summary."""
+    import os
+    import time
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    cfg.validate()
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        if torch.cuda.is_available() and cfg.device != "cpu":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(cfg.device)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        cfg = TrainConfig(**{**state["config"], "steps": cfg.steps, "out": cfg.out})
+    train_data, _ = load_dataset(cfg.data, cfg.image_size)
+    data = torch.from_numpy(train_data).to(device)  # whole dataset on the device: no loader in the hot loop
+    image_shape = tuple(train_data.shape[1:])
+    diffusion = make_diffusion(cfg)
+    torch.manual_seed(cfg.seed + rank)
+    model = make_model(cfg, image_shape).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
+    timesteps = TimestepSampler(diffusion.T, cfg.importance)
+    gen = torch.Generator(device).manual_seed(cfg.seed + rank)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(state["step"])
+        opt.load_state_dict(state["optimizer"])
+        timesteps.load_state_dict({k: v.numpy() for k, v in state["timesteps"].items()})
+        _set_rng_state(gen, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step = state["step"]
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    net = torch.compile(net) if cfg.compile else net
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    def loss_fn(x_t, t):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return net(x_t.contiguous(memory_format=memory_format), t).float()
+
+    def checkpoint():
+        if rank != 0:
+            return
+        rng = _rng_state(gen)
+        if ddp:
+            import torch.distributed as dist
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng)
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "version": __version__, "config": vars(cfg).copy(),
+            "image_shape": list(image_shape), "step": step, "model": model.state_dict(),
+            "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
+            "timesteps": {k: torch.from_numpy(v) for k, v in timesteps.state_dict().items()},
+            "rng": rngs if ddp else [rng]})
+
+    losses, bad = [], torch.zeros((), dtype=torch.bool, device=device)
+    running = torch.zeros((), device=device)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), disable=not progress or rank != 0, transient=False)
+    start_step, t0 = step, time.perf_counter()
+    with bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            for _ in range(cfg.accum):
+                idx = torch.randint(0, len(data), (cfg.batch_size,), device=device, generator=gen)
+                x0 = to_model_range(data[idx])
+                if cfg.flip:
+                    flip = torch.rand(cfg.batch_size, device=device, generator=gen) < 0.5
+                    x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+                t, weights = timesteps.sample(cfg.batch_size, gen, device)
+                noise = torch.randn(x0.shape, device=device, generator=gen)
+                per_example = training_losses(diffusion, loss_fn, x0, t, noise, cfg.loss, cfg.weighting)
+                loss = (per_example * weights).mean()
+                scaler.scale(loss / cfg.accum).backward()
+                timesteps.update(t, per_example)
+                running += loss.detach() / cfg.accum
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            bad |= ~torch.isfinite(running)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            ema.update_parameters(model)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.checkpoint_every == 0:
+                if bad.item():  # checked here only: a per-step check would sync the device every step
+                    raise UserError(f"loss is NaN or inf before step {step}; the last good checkpoint "
+                                    f"({ckpt_path}) is kept. Lower --lr or use --precision fp32")
+                mean_loss = running.item() / (step - (losses[-1][0] if losses else start_step))
+                losses.append((step, mean_loss))
+                running.zero_()
+                rate = (step - start_step) / (time.perf_counter() - t0)
+                bar.update(task, completed=step, info=f"loss {mean_loss:.4f}  {rate:.1f} steps/s  "
+                           f"{rate * cfg.batch_size * cfg.accum * world:.0f} img/s")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint()
+            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                save_grid(ema.module, diffusion, image_shape, os.path.join(cfg.out, f"samples-{step}.png"))
+    elapsed = time.perf_counter() - t0
+    if ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return {"steps": step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
+            "images_per_s": (step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+import typer  # noqa: E402  (the CLI is the last section; the library above does not need typer)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
+Opt = typer.Option
+
+
+def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
+    if not path.lower().endswith(suffixes):
+        raise UserError(f"--out {path}: must end in {' or '.join(suffixes)}")
+    return path
+
+
+def _samples_to_file(x: np.ndarray, out: str) -> None:
+    from export.onnx_sampler import save_images
+    try:
+        save_images(x, out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
+
+
+@app.command("train")
+def train_cmd(
+    data: str = Opt("digits", help="'digits', an image folder, a cifar-10-batches-py folder, or a .npz"),
+    preset: str = Opt("digits", help="U-Net preset (see `ddpm info`)"),
+    image_size: int = Opt(None, help="resize and centre-crop folder images to this size"),
+    steps: int = Opt(3000, help="optimizer steps in total (with --resume: the new total)"),
+    batch_size: int = Opt(128), lr: float = Opt(1e-3), warmup: int = Opt(200),
+    weight_decay: float = Opt(0.0), grad_clip: float = Opt(1.0), accum: int = Opt(1, help="gradient accumulation"),
+    ema_decay: float = Opt(0.999),
+    schedule: str = Opt("linear", help="linear|cosine|quad|sigmoid|const|jsd"), T: int = Opt(1000, "--T"),
+    zero_terminal_snr: bool = Opt(False, help="rescale the schedule to alpha_bar_T = 0 (needs v or x0)"),
+    parameterization: str = Opt("eps", help="eps|x0|v"),
+    variance: str = Opt("fixed_small", help="fixed_small|fixed_large|learned_range"),
+    loss: str = Opt("simple", help="simple|vlb|hybrid"), weighting: str = Opt("constant", help="constant|vlb"),
+    importance: bool = Opt(False, help="importance-sample t by the loss second moment"),
+    flip: bool = Opt(False, help="random horizontal flips"), seed: int = Opt(0),
+    device: str = Opt("auto", help="auto|cpu|cuda"), precision: str = Opt("fp32", help="fp32|bf16|fp16 autocast"),
+    compile: bool = Opt(False, help="torch.compile the network"), channels_last: bool = Opt(False),
+    checkpoint_every: int = Opt(500), sample_every: int = Opt(1000), log_every: int = Opt(25),
+    out: str = Opt("runs/digits", help="run folder: checkpoint.pt and samples-STEP.png"),
+    resume: bool = Opt(False, help="continue OUT/checkpoint.pt"),
+):
+    """Train eps_theta (Algorithm 1). Under torchrun it trains with DDP on every process."""
+    cfg = TrainConfig(**{k: v for k, v in locals().items() if k != "resume"})
+    result = train(cfg, resume=resume)
+    typer.echo(f"trained to step {result['steps']} ({result['images_per_s']:.0f} images/s); "
+               f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}")
+
+
+@app.command("sample")
+def sample_cmd(
+    checkpoint: str, n: int = Opt(64, "--n", help="number of images"),
+    sampler: str = Opt("ancestral", help="ancestral|ddim"), steps: int = Opt(None, help="default T (ancestral), 50 (ddim)"),
+    eta: float = Opt(0.0), spacing: str = Opt("uniform", help="uniform|linspace|trailing|quadratic"),
+    clip: bool = Opt(True, help="clip the predicted x0 to [-1, 1]"), seed: int = Opt(0),
+    numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of `onnx-sample` and the C++ runner"),
+    ema: bool = Opt(True, help="EMA weights"), batch_size: int = Opt(256), device: str = Opt("auto"),
+    out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC)"),
+):
+    """Sample images from a checkpoint with Algorithm 2 or DDIM."""
+    _check_out(out)
+    dev = resolve_device(device)
+    model, diffusion, _, shape = load_model(checkpoint, ema, dev)
+    plan = make_plan(diffusion, sampler, steps, eta, spacing, clip)
+    noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)
+    xs = [sample(model, plan, (min(batch_size, n - i), *shape), noise, progress=True).cpu()
+          for i in range(0, n, batch_size)]
+    _samples_to_file(torch.cat(xs).numpy(), out)
+    typer.echo(f"wrote {n} samples ({sampler}, {len(plan)} steps) to {out}")
+
+
+@app.command("nll")
+def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint's data set"),
+            n: int = Opt(360, "--n", help="held-out images to score"), batch_size: int = Opt(512),
+            seed: int = Opt(0), ema: bool = Opt(True), device: str = Opt("auto"),
+            json_: bool = Opt(False, "--json", help="print JSON")):
+    """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
+    import json
+    dev = resolve_device(device)
+    model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    _, held_out = load_dataset(data or cfg.data, cfg.image_size)
+    if tuple(held_out.shape[1:]) != shape:
+        raise UserError(f"data images are {held_out.shape[1:]}, the model's are {shape}")
+    x0 = to_model_range(torch.from_numpy(held_out[:n]))
+    gen = torch.Generator(dev).manual_seed(seed)
+    parts = [bits_per_dim(diffusion, model, x0[i:i + batch_size].to(dev), gen, progress=True)
+             for i in range(0, len(x0), batch_size)]
+    res = {k: torch.cat([p[k] for p in parts]).mean().item() for k in ("total", "prior", "vb", "decoder")}
+    res["n"] = len(x0)
+    typer.echo(json.dumps(res) if json_ else
+               f"bits/dim {res['total']:.4f} on {res['n']} held-out images  (prior L_T {res['prior']:.2e}, "
+               f"sum L_t-1 {res['vb']:.4f}, decoder L_0 {res['decoder']:.4f})")
+
+
+@app.command("info")
+def info_cmd(preset: str = Opt(None, help="one preset (default: all)")):
+    """Parameters and FLOPs per forward pass of the U-Net presets."""
+    import unet
+    names = [preset] if preset else list(unet.PRESETS)
+    for name in names:
+        model = unet.build_unet(name)
+        c = model.config
+        typer.echo(f"{name:12s} {c['in_channels']}x{c['image_size']}x{c['image_size']}  "
+                   f"params {unet.count_parameters(model):,}  GFLOPs/forward {unet.flops_per_forward(model) / 1e9:.3f}")
+
+
+def main(argv=None) -> None:
+    """Entry point: user errors end in one line on stderr and exit status 2, with no traceback."""
+    import sys
+    from typer.exceptions import Abort, Exit, TyperException
+    try:
+        code = typer.main.get_command(app).main(args=argv, prog_name="ddpm", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except Exit as e:
+        sys.exit(e.exit_code)
+    except Abort:
+        sys.exit(130)
+    except TyperException as e:  # usage errors: bad option, bad value, missing argument
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.ctx.get_help())
+            sys.exit(0)
+        print(f"ddpm: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (UserError, ValueError) as e:
+        print(f"ddpm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
