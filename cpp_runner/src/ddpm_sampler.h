@@ -1,7 +1,7 @@
-// A DDPM sampler over an exported eps_theta ONNX file: reads the schedule from the file's metadata,
-// builds the sampling plan (ancestral = Algorithm 2 of Ho et al. on the respaced process, or DDIM with
-// eta) and runs it with ONNX Runtime. The plan and the noise stream follow the contract shared with
-// ddpm.py and export/onnx_sampler.py, so the three executors give the same samples for the same seed.
+// A DDPM sampler over an exported eps_theta ONNX file: reads the schedule from the file's metadata, builds
+// the sampling plan (Algorithm 2 of Ho et al. on the respaced process, or DDIM with eta) and runs it with
+// ONNX Runtime. Plan and noise stream follow the contract shared with ddpm.py and the onnxruntime sampler,
+// so all three give the same samples for the same seed and batch size.
 #pragma once
 #include <onnxruntime_cxx_api.h>
 
@@ -13,15 +13,18 @@
 
 namespace ddpm {
 
-// An error the user caused (bad file, bad option); the CLI prints it as one line and exits 2.
+// A mistake the user can fix (bad file, bad option): the CLI prints it as one line and exits with 2.
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// All of s as an int64_t or a double, else UsageError naming `what`.
+int64_t parse_int(const std::string& s, const std::string& what);
+double parse_double(const std::string& s, const std::string& what);
+
 struct ModelInfo {
-  std::vector<double> betas;     // float64, length T
-  std::string parameterization;  // eps | x0 | v
-  std::string variance;          // fixed_small | fixed_large | learned_range
+  std::vector<double> betas;  // float64, length T
+  std::string parameterization, variance;  // eps | x0 | v;  fixed_small | fixed_large | learned_range
   int64_t C = 0, H = 0, W = 0;
   bool clip_denoised = true;
   int64_t out_channels() const { return variance == "learned_range" ? 2 * C : C; }
@@ -35,32 +38,32 @@ struct PlanOptions {
   int clip = -1;                      // -1: the model's ddpm.clip_denoised
 };
 
-// Per-step coefficients in sampling order (k = S-1 down to 0), float64.
+struct Step {  // float64 coefficients of one step; see make_plan
+  int64_t t;
+  double x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max;
+  bool add_noise;
+};
 struct Plan {
-  std::vector<int64_t> t;
-  std::vector<double> x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max;
-  std::vector<bool> add_noise;
+  std::vector<Step> steps;  // sampling order: k = S-1 down to 0
   bool learned = false, clip = true;
   int64_t channels = 0;
-  size_t size() const { return t.size(); }
 };
 
 std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing);
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt);
 
 struct RunStats {
-  double total_s = 0, network_s = 0;  // whole sampling loop; inside Session::Run
+  double total_s = 0, network_s = 0;  // the whole sampling loop; inside Session::Run
 };
-// progress(batch index, number of batches, step done, steps)
-using Progress = std::function<void(int64_t, int64_t, int64_t, int64_t)>;
+using Progress = std::function<void(int64_t batch, int64_t n_batches, int64_t step, int64_t n_steps)>;
 
 class Sampler {
  public:
-  // provider: "cpu" or "cuda"; threads: ONNX Runtime intra-op threads (0 = its default).
+  // provider: "cpu" or "cuda"; threads: ONNX Runtime intra-op threads (0: its default).
   Sampler(const std::string& model_path, const std::string& provider, int threads);
   const ModelInfo& info() const { return info_; }
   const std::string& provider() const { return provider_name_; }
-  // n images [n, C, H, W] drawn in batches of `batch`, all from RandomState(seed).
+  // n images [n, C, H, W] in batches of `batch`, all drawing from one RandomState(seed).
   std::vector<float> sample(const Plan& plan, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
                             const Progress& progress = nullptr);
 
@@ -70,7 +73,7 @@ class Sampler {
   Ort::Session session_{nullptr};
   ModelInfo info_;
   std::string provider_name_, out_name_;
-  bool cuda_ = false;
+  bool cuda_ = false, spare_core_ = false;
 };
 
 }  // namespace ddpm

@@ -1,4 +1,4 @@
-// ddpm_runner: sample images from an exported DDPM eps_theta ONNX file (see ../README in the project).
+// ddpm_runner: sample images from an exported DDPM eps_theta ONNX file.
 #include <png.h>
 #include <unistd.h>
 
@@ -8,99 +8,70 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <map>
+#include <set>
 
 #include "ddpm_sampler.h"
 #include "mt19937.h"
 
-using ddpm::UsageError;
-
 namespace {
+
+using ddpm::UsageError;
 
 const char* kUsage =
     "usage: ddpm_runner --model MODEL.onnx --out FILE.png|FILE.npy [--n N] [--batch B]\n"
     "         [--sampler ancestral|ddim] [--steps S] [--eta E] [--spacing uniform|linspace|trailing|quadratic]\n"
     "         [--clip|--no-clip] [--seed SEED] [--provider cpu|cuda] [--threads K] [--json]\n"
     "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or 50 (ddim), eta 0, spacing uniform,\n"
-    "clip from the model, seed 0, provider cpu. Same seed and batch, same images as the Python sampler.\n";
+    "clip as the model says, seed 0, provider cpu. The same seed and batch give the same images as the\n"
+    "Python sampler. .png: a grid, pixel = round((clamp(x, -1, 1) + 1) * 127.5); .npy: float32 [N, C, H, W].\n";
 
 struct Args {
   std::string model, out, provider = "cpu";
   ddpm::PlanOptions plan;
-  int64_t n = 16, batch = 0, threads = 0, dump_noise = -1;
-  uint32_t seed = 0;
+  int64_t n = 16, batch = 0, threads = 0, dump_noise = -1, seed = 0;
   bool json = false, help = false, dump_plan = false;
 };
 
-int64_t to_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
-  size_t used = 0;
-  long long x = 0;
-  try {
-    x = std::stoll(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != v.size() || x < lo || x > hi)
-    throw UsageError(flag + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + v + "'");
-  return x;
-}
-
-double to_double(const std::string& flag, const std::string& v) {
-  size_t used = 0;
-  double x = 0;
-  try {
-    x = std::stod(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != v.size()) throw UsageError(flag + " expects a number, got '" + v + "'");
+int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+  const int64_t x = ddpm::parse_int(v, flag);
+  if (x < lo || x > hi) throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
   return x;
 }
 
 Args parse_args(int argc, char** argv) {
+  static const std::set<std::string> switches = {"--clip", "--no-clip", "--json", "--dump-plan", "--help", "-h"};
+  static const std::set<std::string> valued = {"--model", "--out", "--n", "--batch", "--sampler", "--steps", "--eta",
+                                               "--spacing", "--seed", "--provider", "--threads", "--dump-noise"};
   Args a;
-  const std::map<std::string, bool> flags = {  // flag -> takes a value
-      {"--model", true}, {"--out", true}, {"--n", true}, {"--batch", true}, {"--sampler", true}, {"--steps", true},
-      {"--eta", true}, {"--spacing", true}, {"--clip", false}, {"--no-clip", false}, {"--seed", true},
-      {"--provider", true}, {"--threads", true}, {"--json", false}, {"--dump-noise", true}, {"--dump-plan", false},
-      {"--help", false}};
-  bool eta_set = false;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
-    if (f == "-h") f = "--help";
-    const size_t eq = f.find('=');
-    const bool inline_value = f.rfind("--", 0) == 0 && eq != std::string::npos;
-    if (inline_value) v = f.substr(eq + 1), f = f.substr(0, eq);
-    const auto it = flags.find(f);
-    if (it == flags.end()) throw UsageError("unknown option '" + f + "' (see --help)");
-    if (it->second && !inline_value) {
+    if (switches.count(f) == 0 && valued.count(f) == 0) throw UsageError("unknown option '" + f + "' (see --help)");
+    if (valued.count(f)) {
       if (i + 1 >= argc) throw UsageError(f + " needs a value");
       v = argv[++i];
     }
-    if (!it->second && inline_value) throw UsageError(f + " takes no value");
     if (f == "--model") a.model = v;
     else if (f == "--out") a.out = v;
-    else if (f == "--n") a.n = to_int(f, v, 1, 1 << 24);
-    else if (f == "--batch") a.batch = to_int(f, v, 1, 1 << 24);
+    else if (f == "--n") a.n = int_in(f, v, 1, 1 << 24);
+    else if (f == "--batch") a.batch = int_in(f, v, 1, 1 << 24);
     else if (f == "--sampler") a.plan.sampler = v;
-    else if (f == "--steps") a.plan.steps = to_int(f, v, 1, 1 << 24);
-    else if (f == "--eta") a.plan.eta = to_double(f, v), eta_set = true;
+    else if (f == "--steps") a.plan.steps = int_in(f, v, 1, 1 << 24);
+    else if (f == "--eta") a.plan.eta = ddpm::parse_double(v, f);
     else if (f == "--spacing") a.plan.spacing = v;
-    else if (f == "--clip") a.plan.clip = 1;
-    else if (f == "--no-clip") a.plan.clip = 0;
-    else if (f == "--seed") a.seed = uint32_t(to_int(f, v, 0, 4294967295LL));  // numpy's legacy seed range
+    else if (f == "--clip" || f == "--no-clip") a.plan.clip = f == "--clip";
+    else if (f == "--seed") a.seed = int_in(f, v, 0, 4294967295LL);  // numpy's RandomState seed range
     else if (f == "--provider") a.provider = v;
-    else if (f == "--threads") a.threads = to_int(f, v, 0, 1024);
+    else if (f == "--threads") a.threads = int_in(f, v, 0, 1024);
     else if (f == "--json") a.json = true;
-    else if (f == "--dump-noise") a.dump_noise = to_int(f, v, 0, 1 << 30);
-    else if (f == "--dump-plan") a.dump_plan = true;
+    else if (f == "--dump-noise") a.dump_noise = int_in(f, v, 0, 1 << 30);  // testing aid
+    else if (f == "--dump-plan") a.dump_plan = true;                        // testing aid
     else a.help = true;
   }
   if (a.help || a.dump_noise >= 0) return a;
   if (a.model.empty()) throw UsageError("--model is required (see --help)");
   if (a.out.empty() && !a.dump_plan) throw UsageError("--out is required (see --help)");
-  if (eta_set && a.plan.eta != 0.0 && a.plan.sampler != "ddim") throw UsageError("--eta applies to --sampler ddim only");
-  if (a.provider != "cpu" && a.provider != "cuda") throw UsageError("--provider must be cpu or cuda, got '" + a.provider + "'");
+  if (a.plan.eta != 0.0 && a.plan.sampler != "ddim") throw UsageError("--eta applies to --sampler ddim only");
+  if (a.provider != "cpu" && a.provider != "cuda") throw UsageError("--provider must be cpu or cuda");
   return a;
 }
 
@@ -113,10 +84,10 @@ void check_writable(const std::string& out) {
   std::filesystem::path dir = std::filesystem::path(out).parent_path();
   if (dir.empty()) dir = ".";
   if (!std::filesystem::is_directory(dir) || access(dir.c_str(), W_OK) != 0)
-    throw UsageError("cannot write " + out + ": folder " + dir.string() + " does not exist or is not writable");
+    throw UsageError("cannot write " + out + ": " + dir.string() + " is not a writable folder");
 }
 
-// Writes through a temporary file in the same folder, then renames: a reader never sees half a file.
+// Write to a temporary file in the same folder, then rename: nobody sees half a file.
 template <typename WriteFn>
 void write_atomically(const std::string& path, WriteFn write) {
   const std::string tmp = path + ".tmp" + std::to_string(getpid());
@@ -126,34 +97,33 @@ void write_atomically(const std::string& path, WriteFn write) {
   }
 }
 
-// float32 array [N, C, H, W] in .npy format 1.0 (little-endian '<f4', C order).
+// float32 [N, C, H, W] as .npy format 1.0 (little-endian, C order), header padded to 64 bytes.
 void write_npy(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n) {
   std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(n) + ", " +
                        std::to_string(m.C) + ", " + std::to_string(m.H) + ", " + std::to_string(m.W) + "), }";
-  header.append(64 - (10 + header.size() + 1) % 64, ' ').push_back('\n');
+  header.append(63 - (10 + header.size()) % 64, ' ').push_back('\n');
+  const char preamble[10] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, char(header.size() & 0xff), char(header.size() >> 8)};
   write_atomically(path, [&](const std::string& tmp) {
     std::ofstream f(tmp, std::ios::binary);
-    const char magic[8] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0};
-    const uint16_t len = uint16_t(header.size());
-    const char len_le[2] = {char(len & 0xff), char(len >> 8)};
-    f.write(magic, 8).write(len_le, 2).write(header.data(), header.size());
+    f.write(preamble, 10).write(header.data(), header.size());
     f.write(reinterpret_cast<const char*>(x.data()), std::streamsize(x.size() * sizeof(float)));
     return bool(f.flush());
   });
 }
 
-// A grid of ceil(sqrt(N)) columns with 2-pixel black gutters; pixel = round((clamp(x, -1, 1) + 1) * 127.5).
+// A grid of ceil(sqrt(N)) columns with 2-pixel black gutters; pixel = round((clamp(x, -1, 1) + 1) * 127.5),
+// rounding half to even as numpy does.
 void write_png(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n) {
   if (m.C != 1 && m.C != 3) throw UsageError("a .png needs 1 or 3 channels, the model has " + std::to_string(m.C) + "; use .npy");
   const int64_t pad = 2, cols = int64_t(std::ceil(std::sqrt(double(n)))), rows = (n + cols - 1) / cols;
-  const int64_t gw = cols * (m.W + pad) + pad, gh = rows * (m.H + pad) + pad, hw = m.H * m.W;
-  std::vector<png_byte> img(size_t(gw * gh * m.C), 0);
+  const int64_t gw = cols * (m.W + pad) + pad, gh = rows * (m.H + pad) + pad;
+  std::vector<png_byte> img(gw * gh * m.C, 0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < m.C; ++c)
       for (int64_t y = 0; y < m.H; ++y)
-        for (int64_t xx = 0; xx < m.W; ++xx) {
-          const float v = std::min(std::max(x[(i * m.C + c) * hw + y * m.W + xx], -1.0f), 1.0f);
-          const int64_t gy = (i / cols) * (m.H + pad) + pad + y, gx = (i % cols) * (m.W + pad) + pad + xx;
+        for (int64_t u = 0; u < m.W; ++u) {
+          const float v = std::min(std::max(x[((i * m.C + c) * m.H + y) * m.W + u], -1.0f), 1.0f);
+          const int64_t gy = (i / cols) * (m.H + pad) + pad + y, gx = (i % cols) * (m.W + pad) + pad + u;
           img[(gy * gw + gx) * m.C + c] = png_byte(std::nearbyint((v + 1.0f) * 127.5f));
         }
   write_atomically(path, [&](const std::string& tmp) {
@@ -165,23 +135,26 @@ void write_png(const std::string& path, const std::vector<float>& x, const ddpm:
   });
 }
 
-// Testing aid: the plan as one JSON object, float64 values printed so that they round-trip exactly.
+// Testing aid: the plan as JSON, float64 values printed so that they round-trip exactly.
 void dump_plan(const ddpm::Plan& p) {
-  const auto arr = [](const char* name, const auto& v) {
+  const auto column = [&](const char* name, auto field) {
     std::printf("\"%s\": [", name);
-    for (size_t i = 0; i < v.size(); ++i) std::printf(i ? ", %.17g" : "%.17g", double(v[i]));
+    for (size_t k = 0; k < p.steps.size(); ++k) std::printf(k ? ", %.17g" : "%.17g", double(p.steps[k].*field));
     std::printf("], ");
   };
-  arr("t", p.t), arr("x0_x", p.x0_x), arr("x0_o", p.x0_o), arr("mean_x0", p.mean_x0), arr("mean_xt", p.mean_xt);
-  arr("sigma", p.sigma), arr("log_var_min", p.log_var_min), arr("log_var_max", p.log_var_max), arr("add_noise", p.add_noise);
-  std::printf("\"learned\": %d, \"clip\": %d, \"channels\": %lld}\n", int(p.learned), int(p.clip), (long long)p.channels);
+  std::printf("{");
+  column("t", &ddpm::Step::t), column("x0_x", &ddpm::Step::x0_x), column("x0_o", &ddpm::Step::x0_o);
+  column("mean_x0", &ddpm::Step::mean_x0), column("mean_xt", &ddpm::Step::mean_xt), column("sigma", &ddpm::Step::sigma);
+  column("log_var_min", &ddpm::Step::log_var_min), column("log_var_max", &ddpm::Step::log_var_max);
+  column("add_noise", &ddpm::Step::add_noise);
+  std::printf("\"learned\": %d, \"clip\": %d, \"channels\": %lld}\n", p.learned, p.clip, (long long)p.channels);
 }
 
 int run(int argc, char** argv) {
   const Args a = parse_args(argc, argv);
   if (a.help) return std::fputs(kUsage, stdout), 0;
-  if (a.dump_noise >= 0) {  // testing aid: RandomState(seed).standard_normal(count) as float64
-    ddpm::RandomState rng(a.seed);
+  if (a.dump_noise >= 0) {  // RandomState(seed).standard_normal(count), float64
+    ddpm::RandomState rng(uint32_t(a.seed));
     for (int64_t i = 0; i < a.dump_noise; ++i) std::printf("%.17g\n", rng.standard_normal());
     return 0;
   }
@@ -190,25 +163,29 @@ int run(int argc, char** argv) {
   ddpm::Sampler sampler(a.model, a.provider, int(a.threads));
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ddpm::Plan plan = ddpm::make_plan(sampler.info(), a.plan);
-  if (a.dump_plan) return std::putchar('{'), dump_plan(plan), 0;
-  ddpm::RunStats st;
+  if (a.dump_plan) return dump_plan(plan), 0;
+
   const bool tty = isatty(STDERR_FILENO);  // on a terminal every step, in a log once per batch
   const auto progress = [tty](int64_t b, int64_t nb, int64_t k, int64_t s) {
     if (!tty && k != s) return;
-    std::fprintf(stderr, "%sbatch %lld/%lld step %lld/%lld", tty ? "\r" : "", (long long)b + 1, (long long)nb, (long long)k, (long long)s);
+    std::fprintf(stderr, "%sbatch %lld/%lld step %lld/%lld", tty ? "\r" : "", (long long)b + 1, (long long)nb,
+                 (long long)k, (long long)s);
     if (!tty || (b + 1 == nb && k == s)) std::fputc('\n', stderr);
   };
-  const std::vector<float> x = sampler.sample(plan, a.n, a.batch ? a.batch : a.n, a.seed, &st, progress);
+  const int64_t batch = std::min(a.batch ? a.batch : a.n, a.n);
+  ddpm::RunStats st;
+  const std::vector<float> x = sampler.sample(plan, a.n, batch, uint32_t(a.seed), &st, progress);
   (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), a.n);
+
   const double overhead = st.total_s - st.network_s, ips = double(a.n) / st.total_s;
-  std::fprintf(stderr, "%s: %lld images x %zu steps in %.3f s (%.2f images/s); Session::Run %.3f s, loop overhead %.4f s (%.2f%%); wrote %s\n",
-               sampler.provider().c_str(), (long long)a.n, plan.size(), st.total_s, ips, st.network_s, overhead,
-               100.0 * overhead / st.total_s, a.out.c_str());
+  std::fprintf(stderr, "%s: %lld images x %zu steps in %.3f s (%.2f images/s); Session::Run %.3f s, "
+               "loop overhead %.4f s (%.2f%%); wrote %s\n", sampler.provider().c_str(), (long long)a.n,
+               plan.steps.size(), st.total_s, ips, st.network_s, overhead, 100.0 * overhead / st.total_s, a.out.c_str());
   if (a.json)
-    std::printf("{\"provider\": \"%s\", \"n\": %lld, \"batch\": %lld, \"sampler\": \"%s\", \"steps\": %zu, \"load_s\": %.6f, "
-                "\"total_s\": %.6f, \"network_s\": %.6f, \"overhead_s\": %.6f, \"images_per_s\": %.4f}\n",
-                sampler.provider().c_str(), (long long)a.n, (long long)(a.batch ? std::min(a.batch, a.n) : a.n),
-                a.plan.sampler.c_str(), plan.size(), load_s, st.total_s, st.network_s, overhead, ips);
+    std::printf("{\"provider\": \"%s\", \"n\": %lld, \"batch\": %lld, \"sampler\": \"%s\", \"steps\": %zu, "
+                "\"load_s\": %.6f, \"total_s\": %.6f, \"network_s\": %.6f, \"overhead_s\": %.6f, \"images_per_s\": %.4f}\n",
+                sampler.provider().c_str(), (long long)a.n, (long long)batch, a.plan.sampler.c_str(), plan.steps.size(),
+                load_s, st.total_s, st.network_s, overhead, ips);
   return 0;
 }
 
@@ -218,9 +195,9 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const Ort::Exception& e) {
-    std::string msg = e.what();
-    std::replace(msg.begin(), msg.end(), '\n', ' ');
-    std::fprintf(stderr, "ddpm_runner: error: onnxruntime: %s\n", msg.c_str());
+    std::string message = e.what();
+    std::replace(message.begin(), message.end(), '\n', ' ');
+    std::fprintf(stderr, "ddpm_runner: error: onnxruntime: %s\n", message.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ddpm_runner: error: %s\n", e.what());
   }
