@@ -1,8 +1,9 @@
 """The C++ runner (cpp_runner/) against the sampling contract: same noise stream as numpy's RandomState,
 same plan, same samples as a Python executor of the same ONNX file, and one-line errors with exit status 2.
 
-The Python side is `python_reference` below: a direct numpy + onnxruntime reading of the contract. Once the
-project's own onnxruntime sampler exists, point `python_reference` at it; the tests stay as they are.
+The Python side is `python_reference` below: the plan of ddpm.make_plan, executed by a direct numpy +
+onnxruntime reading of the contract. Once the project's onnxruntime sampler exists, point
+`python_reference` at it; the tests stay as they are.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,7 +34,9 @@ def runner() -> Path:
     tools = shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))
     if not tools and not in_ci and os.geteuid() != 0:
         pytest.skip("cmake or a C++ compiler is missing (apt-get install cmake g++ libpng-dev)")
-    build = subprocess.run(["sh", str(RUNNER_DIR / "build.sh")], capture_output=True, text=True)
+    # Link against the onnxruntime wheel of this very interpreter.
+    env = {**os.environ, "PYTHON": sys.executable}
+    build = subprocess.run(["sh", str(RUNNER_DIR / "build.sh")], capture_output=True, text=True, env=env)
     if build.returncode != 0:
         tail = (build.stdout + build.stderr)[-3000:]
         if in_ci:
@@ -172,7 +176,7 @@ def test_noise_stream_is_numpy_randomstate(runner, seed):
 # ---------------------------------------------------------------- plan
 PLAN_CASES = [(s, S, e, sp) for s, e in [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5)]
               for sp in ["uniform", "linspace", "trailing", "quadratic"] for S in [1, 10, 13, 40]] + \
-             [("ancestral", None, 0.0, "uniform"), ("ddim", T, 1.0, "trailing")]
+             [("ancestral", None, 0.0, "uniform"), ("ddim", None, 0.0, "uniform"), ("ddim", T, 1.0, "trailing")]
 
 
 @pytest.mark.parametrize("sampler,steps,eta,spacing", PLAN_CASES)
