@@ -77,8 +77,12 @@ def _export_net(path: Path, c_out: int) -> None:
                           dynamic_axes={"x": batch, "t": batch, "model_output": batch}, opset_version=17, dynamo=False)
 
 
-def _metadata(parameterization: str, variance: str, clip: bool = True) -> dict[str, str]:
-    betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
+def _metadata(parameterization: str, variance: str, clip: bool = True, zero_snr: bool = False) -> dict[str, str]:
+    import ddpm
+
+    betas = ddpm.beta_schedule("linear", T)
+    if zero_snr:  # alpha_bar_T = 0: the last beta is exactly 1
+        betas = ddpm.rescale_zero_terminal_snr(betas)
     return {"ddpm.format": "1", "ddpm.betas": ",".join(repr(float(b)) for b in betas),
             "ddpm.num_timesteps": str(T), "ddpm.parameterization": parameterization, "ddpm.variance": variance,
             "ddpm.image_shape": ",".join(map(str, IMAGE)), "ddpm.data_range": "-1,1",
@@ -103,6 +107,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "v_large": _with_metadata(d / "net1.onnx", d / "v_large.onnx", _metadata("v", "fixed_large", clip=False)),
         "x0_small": _with_metadata(d / "net1.onnx", d / "x0_small.onnx", _metadata("x0", "fixed_small")),
         "eps_learned": _with_metadata(d / "net2.onnx", d / "eps_learned.onnx", _metadata("eps", "learned_range")),
+        "v_zero_snr": _with_metadata(d / "net1.onnx", d / "v_zero_snr.onnx", _metadata("v", "fixed_small", zero_snr=True)),
         "no_meta": d / "net1.onnx",
     }
 
@@ -180,7 +185,7 @@ PLAN_CASES = [(s, S, e, sp) for s, e in [("ancestral", 0.0), ("ddim", 0.0), ("dd
 
 
 @pytest.mark.parametrize("sampler,steps,eta,spacing", PLAN_CASES)
-@pytest.mark.parametrize("model_name", ["eps_small", "v_large", "x0_small", "eps_learned"])
+@pytest.mark.parametrize("model_name", ["eps_small", "v_large", "x0_small", "eps_learned", "v_zero_snr"])
 def test_plan_matches_contract(runner, models, model_name, sampler, steps, eta, spacing):
     model = models[model_name]
     proc = run(runner, "--model", model, "--dump-plan", *plan_args(sampler, steps, eta, spacing, None), check=False)
@@ -222,6 +227,8 @@ SAMPLE_CASES = [
     ("x0_small", "ancestral", 10, 0.0, "trailing", False),
     ("eps_learned", "ancestral", None, 0.0, "uniform", None),
     ("eps_learned", "ancestral", 10, 0.0, "linspace", None),
+    ("v_zero_snr", "ancestral", 10, 0.0, "trailing", None),
+    ("v_zero_snr", "ddim", 10, 0.5, "trailing", None),
 ] + [("eps_small", "ddim", 10, eta, sp, None) for eta in (0.0, 0.5)
      for sp in ("uniform", "linspace", "trailing", "quadratic")] + [("eps_learned", "ddim", 10, 0.5, "uniform", True)]
 
@@ -286,6 +293,8 @@ ERROR_CASES = {
     "no metadata": (lambda m, d: ["--model", m["no_meta"]], "not a DDPM model"),
     "missing betas": (lambda m, d: ["--model", _with_metadata(m["no_meta"], d / "nb.onnx", {"ddpm.format": "1"})],
                       "'ddpm.betas' is missing"),
+    "eps with zero terminal SNR": (lambda m, d: ["--model", _with_metadata(
+        m["no_meta"], d / "z.onnx", _metadata("eps", "fixed_small", zero_snr=True))], "zero terminal SNR"),
     "truncated file": (lambda m, d: ["--model", _truncated(m["eps_small"], d / "cut.onnx")], "cannot load"),
     "unknown flag": (lambda m, d: ["--model", m["eps_small"], "--frobnicate"], "unknown option"),
     "bad integer": (lambda m, d: ["--model", m["eps_small"], "--steps", "ten"], "--steps"),

@@ -50,10 +50,13 @@ ModelInfo read_metadata(const Ort::Session& session, const std::string& path) {
   for (const auto& b : split(get("betas"))) m.betas.push_back(parse_double(b, "ddpm.betas"));
   need(parse_int(get("num_timesteps"), "ddpm.num_timesteps") == int64_t(m.betas.size()),
        in + "ddpm.num_timesteps differs from the number of ddpm.betas");
-  need(!m.betas.empty() && std::all_of(m.betas.begin(), m.betas.end(), [](double b) { return b > 0 && b < 1; }),
-       in + "ddpm.betas must lie in (0, 1)");
+  need(!m.betas.empty() && std::all_of(m.betas.begin(), m.betas.end(), [](double b) { return b > 0 && b <= 1; }),
+       in + "ddpm.betas must lie in (0, 1]");
   m.parameterization = get("parameterization"), m.variance = get("variance");
   need(one_of(m.parameterization, {"eps", "x0", "v"}), in + "unknown ddpm.parameterization " + m.parameterization);
+  double abar_T = 1.0;
+  for (double b : m.betas) abar_T *= 1.0 - b;
+  need(abar_T > 0 || m.parameterization != "eps", in + "zero terminal SNR (alpha_bar_T = 0) needs the v or x0 parameterization");
   need(one_of(m.variance, {"fixed_small", "fixed_large", "learned_range"}), in + "unknown ddpm.variance " + m.variance);
   const auto shape = split(get("image_shape"));
   need(shape.size() == 3, in + "ddpm.image_shape must be C,H,W");
