@@ -155,11 +155,17 @@ def contract_sample(model: Path, plan, n: int, batch: int, seed: int) -> np.ndar
 
 def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
                      spacing: str = "uniform", clip: bool | None = None, seed: int = 0) -> tuple[list[int], np.ndarray]:
-    """(timesteps in sampling order, samples [n, C, H, W]) from the Python side. To be pointed at the
-    project's onnxruntime sampler (export/onnx_sampler.py) once it exists."""
-    meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
-    plan = reference_plan(meta, sampler, steps, eta, spacing, clip)
-    return plan.t.tolist(), contract_sample(model, plan, n, batch, seed)
+    """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime
+    sampler (export/onnx_sampler.py) where it exists, else ddpm.make_plan run by contract_sample."""
+    try:
+        from export.onnx_sampler import OnnxSampler
+    except ImportError:
+        meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+        plan = reference_plan(meta, sampler, steps, eta, spacing, clip)
+        return plan.t.tolist(), contract_sample(model, plan, n, batch, seed)
+    python = OnnxSampler(model, provider="cpu", threads=1)
+    x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch)
+    return python.plan(sampler, steps, eta, spacing, clip)["t"].tolist(), x
 
 
 def plan_args(sampler, steps, eta, spacing, clip):
@@ -233,12 +239,14 @@ SAMPLE_CASES = [
      for sp in ("uniform", "linspace", "trailing", "quadratic")] + [("eps_learned", "ddim", 10, 0.5, "uniform", True)]
 
 
+@pytest.mark.parametrize("path", ["host", "step-graph"])
 @pytest.mark.parametrize("model_name,sampler,steps,eta,spacing,clip", SAMPLE_CASES)
-def test_samples_match_python(runner, models, tmp_path, model_name, sampler, steps, eta, spacing, clip):
+def test_samples_match_python(runner, models, tmp_path, model_name, sampler, steps, eta, spacing, clip, path):
+    """host: the CPU loop; step-graph: the CUDA path (x and the update on the provider), run on the CPU."""
     model, n, batch, seed = models[model_name], 5, 2, 2**31 + 7  # a partial last batch; a seed above 2^31
     out = tmp_path / "x.npy"
     run(runner, "--model", model, "--n", n, "--batch", batch, "--seed", seed, "--threads", 1, "--out", out,
-        *plan_args(sampler, steps, eta, spacing, clip))
+        *plan_args(sampler, steps, eta, spacing, clip), *(["--step-graph"] if path == "step-graph" else []))
     got = np.load(out)
     ts, want = python_reference(model, n=n, batch=batch, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
                                 clip=clip, seed=seed)

@@ -1,12 +1,14 @@
 #include "ddpm_sampler.h"
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <future>
+#include <memory>
 #include <numeric>
 #include <sstream>
 #include <thread>
@@ -137,6 +139,66 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// ---- the update of one step as an ONNX graph, so that it runs on the provider's device -------------------
+// Protobuf by hand (varints and length-delimited fields) keeps the build free of onnx/protobuf.
+std::string varint(uint64_t n) {
+  std::string s;
+  for (; n > 0x7f; n >>= 7) s += char((n & 0x7f) | 0x80);
+  return s + char(n);
+}
+std::string field(int number, uint64_t value) { return varint(uint64_t(number) << 3) + varint(value); }
+std::string field(int number, const std::string& bytes) {
+  return varint(uint64_t(number) << 3 | 2) + varint(bytes.size()) + bytes;
+}
+
+// ValueInfoProto of a float tensor with symbolic dims.
+std::string float_tensor(const std::string& name, std::initializer_list<const char*> dims) {
+  std::string shape;
+  for (const char* d : dims) shape += field(1, field(2, d));
+  return field(1, name) + field(2, field(1, field(1, 1) + field(2, shape)));
+}
+
+// NodeProto from "Op in... -> out..."; Split of the network output splits channels (axis 1).
+std::string node(const std::string& statement) {
+  std::stringstream words(statement);
+  std::string op, word, inputs, outputs;
+  words >> op;
+  for (bool out = false; words >> word;)
+    if (word == "->") out = true;
+    else (out ? outputs : inputs) += field(out ? 2 : 1, word);
+  const bool channels = op == "Split" && inputs == field(1, "out");
+  return inputs + outputs + field(4, op) + (channels ? field(5, field(1, "axis") + field(3, 1) + field(20, 2)) : "");
+}
+
+// x_next = mean_x0 x0 + mean_xt x + s z with x0 = clip(x0_x x + x0_o o), s = sigma or, when learned, Nichol &
+// Dhariwal's Eq. (15) from the variance channels v; the float32 operations of step_mean and step_noise, in
+// order. c = [x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, lo, hi, 1, 0.5]; z = 0 when no
+// noise is added. Opset 17, the same graph as export/onnx_sampler.py builds.
+std::string step_graph(bool learned, bool split_output) {
+  std::string text = "Split c -> x0_x x0_o mean_x0 mean_xt sigma log_var_min log_var_max lo hi one half;";
+  text += split_output ? "Split out -> o v;" : "Identity out -> o;";
+  text += "Mul x0_x x -> a; Mul x0_o o -> b; Add a b -> x0u; Max x0u lo -> x0l; Min x0l hi -> x0;"
+          "Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean;";
+  text += learned ? "Add v one -> f1; Mul f1 half -> frac; Mul frac log_var_max -> p1; Sub one frac -> q;"
+                    "Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s;"
+                  : "Identity sigma -> s;";
+  text += "Mul s z -> n; Add mean n -> x_next";
+  std::string graph;
+  std::stringstream statements(text);
+  for (std::string statement; std::getline(statements, statement, ';');) graph += field(1, node(statement));
+  graph += field(2, "ddpm_step") + field(11, float_tensor("x", {"B", "C", "H", "W"})) +
+           field(11, float_tensor("out", {"B", "Co", "H", "W"})) + field(11, float_tensor("z", {"B", "C", "H", "W"})) +
+           field(11, float_tensor("c", {"K"})) + field(12, float_tensor("x_next", {"B", "C", "H", "W"}));
+  return field(1, 8) + field(8, field(1, "") + field(2, 17)) + field(7, graph);
+}
+
+// The step's noise, drawn on a second thread while the network runs when a core is free for it and drawing
+// costs more than starting a thread; the stream and its order stay those of the contract.
+std::future<void> draw_noise(RandomState& rng, float* z, int64_t count, bool spare_core) {
+  const auto policy = spare_core && count >= (1 << 14) ? std::launch::async : std::launch::deferred;
+  return std::async(policy, [&rng, z, count] { rng.fill_normal(z, count); });
+}
+
 bool init_ort_api() {
   const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
   need(api != nullptr, "the ONNX Runtime library " + std::string(OrtGetApiBase()->GetVersionString()) +
@@ -191,7 +253,7 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   need(one_of(opt.sampler, {"ancestral", "ddim"}), "unknown sampler '" + opt.sampler + "' (ancestral or ddim)");
   need(opt.eta >= 0.0 && opt.eta <= 1.0, "eta must be in [0, 1]");
   const bool ddim = opt.sampler == "ddim";
-  const int64_t T = info.betas.size(), S = opt.steps ? opt.steps : (ddim ? 50 : T);
+  const int64_t T = info.betas.size(), S = opt.steps ? opt.steps : (ddim ? std::min<int64_t>(50, T) : T);
   const std::vector<int64_t> ts = kept_timesteps(T, S, opt.spacing);
   std::vector<double> abar(T);
   for (int64_t i = 0; i < T; ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
@@ -216,14 +278,14 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   return p;
 }
 
-Sampler::Sampler(const std::string& model_path, const std::string& provider, int threads)
+Sampler::Sampler(const std::string& model_path, const std::string& provider, int threads, bool step_graph)
     : api_ready_(init_ort_api()), env_(ORT_LOGGING_LEVEL_FATAL, "ddpm_runner") {
   std::error_code ec;
   need(std::filesystem::is_regular_file(model_path, ec), "model file not found: " + model_path);
   need(provider == "cpu" || provider == "cuda", "unknown provider '" + provider + "' (cpu or cuda)");
-  Ort::SessionOptions so;
-  if (threads > 0) so.SetIntraOpNumThreads(threads);
+  if (threads > 0) options_.SetIntraOpNumThreads(threads);
   cuda_ = provider == "cuda";
+  step_graph_ = step_graph || cuda_;
   // ONNX Runtime's CPU default is a thread per core, so only a GPU run or a capped thread count leaves one.
   spare_core_ = cuda_ || (threads > 0 && unsigned(threads) < std::thread::hardware_concurrency());
   provider_name_ = cuda_ ? "CUDAExecutionProvider" : "CPUExecutionProvider";
@@ -232,14 +294,14 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
     need(std::count(available.begin(), available.end(), provider_name_) == 1,
          "--provider cuda: this ONNX Runtime build has no CUDA execution provider");
     try {
-      so.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions{});
+      options_.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions{});
     } catch (const Ort::Exception& e) {
       throw UsageError("--provider cuda: CUDA execution provider unavailable (it needs an NVIDIA GPU and the CUDA 12 "
                        "and cuDNN 9 libraries on the library path): " + one_line(e.what()));
     }
   }
   try {
-    session_ = Ort::Session(env_, model_path.c_str(), so);
+    session_ = Ort::Session(env_, model_path.c_str(), options_);
   } catch (const Ort::Exception& e) {
     throw UsageError("cannot load " + model_path + " with " + provider_name_ + ": " + one_line(e.what()));
   }
@@ -250,59 +312,127 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
   std::sort(inputs.begin(), inputs.end());
   need(inputs == std::vector<std::string>{"t", "x"}, model_path + ": the inputs must be x and t (an exported eps_theta)");
   out_name_ = session_.GetOutputNameAllocated(0, alloc).get();
+  device_allocator_ = alloc;
+  if (cuda_) {
+    cuda_allocator_ = std::make_unique<Ort::Allocator>(session_, Ort::MemoryInfo("Cuda", OrtArenaAllocator, 0, OrtMemTypeDefault));
+    device_allocator_ = *cuda_allocator_;
+  }
 }
 
 std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
                                    const Progress& progress) {
   need(n >= 1 && batch >= 1, "n and batch must be at least 1");
   batch = std::min(batch, n);
-  const int64_t C = info_.C, Co = info_.out_channels(), chw = C * info_.H * info_.W, out_chw = Co * info_.H * info_.W;
-  // x lives in the result itself; the network output, the noise and t are allocated once and reused.
-  std::vector<float> result(n * chw), out(batch * out_chw), z(batch * chw);
-  std::vector<int64_t> t(batch);
+  std::vector<float> result(n * info_.C * info_.H * info_.W);
   RandomState rng(seed);
-  const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  Ort::IoBinding binding(session_);
-  const Ort::RunOptions run_options;
-  const int64_t n_batches = (n + batch - 1) / batch, S = p.steps.size();
+  std::unique_ptr<Ort::Session> step;
+  if (step_graph_) {
+    const std::string graph = step_graph(p.learned, info_.out_channels() != info_.C);
+    step = std::make_unique<Ort::Session>(env_, graph.data(), graph.size(), options_);
+  }
+  const int64_t n_batches = (n + batch - 1) / batch;
   double network_s = 0.0;
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t bi = 0; bi < n_batches; ++bi) {
     const int64_t b = std::min(batch, n - bi * batch);
-    float* x = result.data() + bi * batch * chw;
-    const int64_t x_shape[4] = {b, C, info_.H, info_.W}, out_shape[4] = {b, Co, info_.H, info_.W};
-    const auto xv = Ort::Value::CreateTensor<float>(mem, x, b * chw, x_shape, 4);
-    const auto tv = Ort::Value::CreateTensor<int64_t>(mem, t.data(), b, &b, 1);
-    const auto ov = Ort::Value::CreateTensor<float>(mem, out.data(), b * out_chw, out_shape, 4);
-    binding.BindOutput(out_name_.c_str(), ov);
-    rng.fill_normal(x, b * chw);  // x_T
-    for (int64_t k = 0; k < S; ++k) {
-      const Step& s = p.steps[k];
-      std::fill(t.begin(), t.begin() + b, s.t);
-      // The step's noise is drawn on a second thread while the network runs when a core is free for it and
-      // drawing costs more than starting a thread; the stream and its order stay those of the contract.
-      std::future<void> drawn;
-      if (s.add_noise)
-        drawn = std::async(spare_core_ && b * chw >= (1 << 14) ? std::launch::async : std::launch::deferred,
-                           [&rng, &z, count = b * chw] { rng.fill_normal(z.data(), count); });
-      const auto r0 = std::chrono::steady_clock::now();
-      // BindInput copies a host tensor to the device (CUDA) at bind time: bind again after each update.
-      binding.BindInput("x", xv);
-      binding.BindInput("t", tv);
-      if (cuda_) binding.SynchronizeInputs();
-      session_.Run(run_options, binding);
-      if (cuda_) binding.SynchronizeOutputs();
-      network_s += seconds_since(r0);
-      step_mean(p, s, b, chw, out_chw, x, out.data());
-      if (drawn.valid()) {
-        drawn.get();
-        step_noise(p, s, b, chw, out_chw, x, out.data(), z.data());
-      }
-      if (progress) progress(bi, n_batches, k + 1, S);
-    }
+    float* x = result.data() + bi * batch * info_.C * info_.H * info_.W;
+    const auto tick = [&](int64_t k) {
+      if (progress) progress(bi, n_batches, k, p.steps.size());
+    };
+    network_s += step ? run_batch_on_provider(p, *step, b, x, rng, tick) : run_batch_on_host(p, b, x, rng, tick);
   }
   if (stats) *stats = RunStats{seconds_since(t0), network_s};
   return result;
+}
+
+// x stays in the result on the host; the network writes into a host buffer and the update is one fused loop.
+double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomState& rng, const Tick& tick) {
+  const int64_t C = info_.C, Co = info_.out_channels(), chw = C * info_.H * info_.W, out_chw = Co * info_.H * info_.W;
+  const int64_t x_shape[4] = {b, C, info_.H, info_.W}, out_shape[4] = {b, Co, info_.H, info_.W};
+  std::vector<float> out(b * out_chw), z(b * chw);
+  std::vector<int64_t> t(b);
+  const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  const Ort::Value inputs[2] = {Ort::Value::CreateTensor<float>(mem, x, b * chw, x_shape, 4),
+                                Ort::Value::CreateTensor<int64_t>(mem, t.data(), b, &b, 1)};
+  Ort::Value output = Ort::Value::CreateTensor<float>(mem, out.data(), b * out_chw, out_shape, 4);
+  const char* input_names[2] = {"x", "t"};
+  const char* output_name = out_name_.c_str();
+  double network_s = 0.0;
+  rng.fill_normal(x, b * chw);  // x_T
+  for (size_t k = 0; k < p.steps.size(); ++k) {
+    const Step& s = p.steps[k];
+    std::fill(t.begin(), t.end(), s.t);
+    std::future<void> drawn = s.add_noise ? draw_noise(rng, z.data(), b * chw, spare_core_) : std::future<void>();
+    const auto r0 = std::chrono::steady_clock::now();
+    session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, 2, &output_name, &output, 1);
+    network_s += seconds_since(r0);
+    step_mean(p, s, b, chw, out_chw, x, out.data());
+    if (drawn.valid()) {
+      drawn.get();
+      step_noise(p, s, b, chw, out_chw, x, out.data(), z.data());
+    }
+    tick(k + 1);
+  }
+  return network_s;
+}
+
+// x, the network output and the update stay on the provider's device (IO binding; the update is the ONNX
+// graph of step_graph): per step only t, the coefficients and z (when drawn) go to the device, and x comes
+// back once, after the last step. On the CPU the same path runs with host memory (tested with --step-graph).
+double Sampler::run_batch_on_provider(const Plan& p, Ort::Session& step, int64_t b, float* x_out, RandomState& rng,
+                                      const Tick& tick) {
+  constexpr int64_t n_c = 11;
+  const int64_t chw = info_.C * info_.H * info_.W;
+  const int64_t x_shape[4] = {b, info_.C, info_.H, info_.W}, out_shape[4] = {b, info_.out_channels(), info_.H, info_.W};
+  const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  std::vector<float> x_T(b * chw), z(b * chw), zeros(b * chw, 0.0f);
+  std::array<float, n_c> c{};
+  std::vector<int64_t> t(b);
+  const auto host = [&](float* data, int64_t count, const int64_t* shape, size_t rank) {
+    return Ort::Value::CreateTensor<float>(mem, data, count, shape, rank);
+  };
+  const Ort::Value xT_v = host(x_T.data(), b * chw, x_shape, 4), z_v = host(z.data(), b * chw, x_shape, 4);
+  const Ort::Value zeros_v = host(zeros.data(), b * chw, x_shape, 4), c_v = host(c.data(), n_c, &n_c, 1);
+  const Ort::Value t_v = Ort::Value::CreateTensor<int64_t>(mem, t.data(), b, &b, 1);
+  Ort::Value result_v = host(x_out, b * chw, x_shape, 4);
+  Ort::Value device_x[2] = {Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4),
+                            Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4)};
+  const Ort::Value out = Ort::Value::CreateTensor<float>(device_allocator_, out_shape, 4);
+  Ort::IoBinding net(session_), update(step);
+  net.BindOutput(out_name_.c_str(), out);
+  update.BindInput("out", out);
+  rng.fill_normal(x_T.data(), b * chw);
+  const Ort::Value* x = &xT_v;
+  bool z_is_zeros = false;
+  double network_s = 0.0;
+  const size_t S = p.steps.size();
+  for (size_t k = 0; k < S; ++k) {
+    const Step& s = p.steps[k];
+    std::fill(t.begin(), t.end(), s.t);
+    std::future<void> drawn = s.add_noise ? draw_noise(rng, z.data(), b * chw, spare_core_) : std::future<void>();
+    const auto r0 = std::chrono::steady_clock::now();
+    net.BindInput("x", *x);  // binding copies host tensors to the device, so bind after every change
+    net.BindInput("t", t_v);
+    net.SynchronizeInputs();
+    session_.Run(Ort::RunOptions{nullptr}, net);
+    network_s += seconds_since(r0);
+    const float lim = p.clip ? 1.0f : INFINITY;
+    c = {float(s.x0_x), float(s.x0_o), float(s.mean_x0), float(s.mean_xt), float(s.sigma), float(s.log_var_min),
+         float(s.log_var_max), -lim, lim, 1.0f, 0.5f};
+    if (drawn.valid()) drawn.get();
+    if (s.add_noise || !z_is_zeros) update.BindInput("z", s.add_noise ? z_v : zeros_v);
+    z_is_zeros = !s.add_noise;
+    Ort::Value& next = k + 1 == S ? result_v : device_x[k % 2];
+    update.BindInput("x", *x);
+    update.BindInput("c", c_v);
+    update.BindOutput("x_next", next);
+    update.SynchronizeInputs();
+    step.Run(Ort::RunOptions{nullptr}, update);
+    x = &next;
+    tick(k + 1);
+  }
+  update.SynchronizeOutputs();
+  return network_s;
 }
 
 }  // namespace ddpm

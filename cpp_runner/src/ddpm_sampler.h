@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,7 +33,7 @@ struct ModelInfo {
 
 struct PlanOptions {
   std::string sampler = "ancestral";  // ancestral | ddim
-  int64_t steps = 0;                  // 0: T for ancestral, 50 for ddim
+  int64_t steps = 0;                  // 0: T for ancestral, min(50, T) for ddim
   double eta = 0.0;                   // ddim only
   std::string spacing = "uniform";    // uniform | linspace | trailing | quadratic
   int clip = -1;                      // -1: the model's ddpm.clip_denoised
@@ -52,6 +53,8 @@ struct Plan {
 std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing);
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt);
 
+class RandomState;
+
 struct RunStats {
   double total_s = 0, network_s = 0;  // the whole sampling loop; inside Session::Run
 };
@@ -59,8 +62,9 @@ using Progress = std::function<void(int64_t batch, int64_t n_batches, int64_t st
 
 class Sampler {
  public:
-  // provider: "cpu" or "cuda"; threads: ONNX Runtime intra-op threads (0: its default).
-  Sampler(const std::string& model_path, const std::string& provider, int threads);
+  // provider: "cpu" or "cuda"; threads: ONNX Runtime intra-op threads (0: its default). step_graph: run each
+  // step's update as a small ONNX graph on the provider, keeping x on the device (always on with cuda).
+  Sampler(const std::string& model_path, const std::string& provider, int threads, bool step_graph = false);
   const ModelInfo& info() const { return info_; }
   const std::string& provider() const { return provider_name_; }
   // n images [n, C, H, W] in batches of `batch`, all drawing from one RandomState(seed).
@@ -68,12 +72,20 @@ class Sampler {
                             const Progress& progress = nullptr);
 
  private:
-  bool api_ready_;  // ONNX Runtime's API table is fetched (and checked) before env_ is built
+  using Tick = std::function<void(int64_t step)>;
+  double run_batch_on_host(const Plan& p, int64_t b, float* x, RandomState& rng, const Tick& tick);
+  double run_batch_on_provider(const Plan& p, Ort::Session& step, int64_t b, float* x, RandomState& rng,
+                               const Tick& tick);
+
+  bool api_ready_;  // ONNX Runtime's API table is fetched (and checked) before anything below is built
   Ort::Env env_;
+  Ort::SessionOptions options_;
   Ort::Session session_{nullptr};
   ModelInfo info_;
   std::string provider_name_, out_name_;
-  bool cuda_ = false, spare_core_ = false;
+  std::unique_ptr<Ort::Allocator> cuda_allocator_;
+  OrtAllocator* device_allocator_ = nullptr;  // where x lives on the step-graph path
+  bool cuda_ = false, step_graph_ = false, spare_core_ = false;
 };
 
 }  // namespace ddpm

@@ -21,7 +21,7 @@ const char* kUsage =
     "usage: ddpm_runner --model MODEL.onnx --out FILE.png|FILE.npy [--n N] [--batch B]\n"
     "         [--sampler ancestral|ddim] [--steps S] [--eta E] [--spacing uniform|linspace|trailing|quadratic]\n"
     "         [--clip|--no-clip] [--seed SEED] [--provider cpu|cuda] [--threads K] [--json]\n"
-    "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or 50 (ddim), eta 0, spacing uniform,\n"
+    "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or min(50, T) (ddim), eta 0, spacing uniform,\n"
     "clip as the model says, seed 0, provider cpu. The same seed and batch give the same images as the\n"
     "Python sampler. .png: a grid, pixel = round((clamp(x, -1, 1) + 1) * 127.5); .npy: float32 [N, C, H, W].\n";
 
@@ -29,7 +29,7 @@ struct Args {
   std::string model, out, provider = "cpu";
   ddpm::PlanOptions plan;
   int64_t n = 16, batch = 0, threads = 0, dump_noise = -1, seed = 0;
-  bool json = false, help = false, dump_plan = false;
+  bool json = false, help = false, dump_plan = false, step_graph = false;
 };
 
 int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
@@ -39,7 +39,8 @@ int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_
 }
 
 Args parse_args(int argc, char** argv) {
-  static const std::set<std::string> switches = {"--clip", "--no-clip", "--json", "--dump-plan", "--help", "-h"};
+  static const std::set<std::string> switches = {"--clip", "--no-clip", "--json", "--dump-plan", "--step-graph",
+                                                 "--help", "-h"};
   static const std::set<std::string> valued = {"--model", "--out", "--n", "--batch", "--sampler", "--steps", "--eta",
                                                "--spacing", "--seed", "--provider", "--threads", "--dump-noise"};
   Args a;
@@ -65,6 +66,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--json") a.json = true;
     else if (f == "--dump-noise") a.dump_noise = int_in(f, v, 0, 1 << 30);  // testing aid
     else if (f == "--dump-plan") a.dump_plan = true;                        // testing aid
+    else if (f == "--step-graph") a.step_graph = true;  // the CUDA path's update, on the CPU: testing aid
     else a.help = true;
   }
   if (a.help || a.dump_noise >= 0) return a;
@@ -160,7 +162,7 @@ int run(int argc, char** argv) {
   }
   if (!a.dump_plan) check_writable(a.out);
   const auto t0 = std::chrono::steady_clock::now();
-  ddpm::Sampler sampler(a.model, a.provider, int(a.threads));
+  ddpm::Sampler sampler(a.model, a.provider, int(a.threads), a.step_graph);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ddpm::Plan plan = ddpm::make_plan(sampler.info(), a.plan);
   if (a.dump_plan) return dump_plan(plan), 0;
