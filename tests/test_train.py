@@ -1,0 +1,191 @@
+"""Data loading, Algorithm 1, checkpoints, resume (also after SIGKILL), DDP on CPU, CLI errors."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = dict(steps=40, batch_size=32, warmup=5, log_every=10, checkpoint_every=20, sample_every=10_000,
+            T=100, device="cpu")
+
+
+def cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_user_error(res, *words):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm: error:"), res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+# ---- data
+
+def test_digits_split_and_range():
+    train, held = ddpm.load_digits_data()
+    assert train.shape == (1437, 1, 8, 8) and held.shape == (360, 1, 8, 8) and train.dtype == np.uint8
+    assert train.max() == 255 and train.min() == 0 and len(np.unique(train)) == 17
+    x = ddpm.to_model_range(torch.from_numpy(train))
+    assert x.min() == -1 and x.max() == 1
+    np.testing.assert_array_equal(ddpm.to_uint8(x), train)
+    again, _ = ddpm.load_digits_data()
+    np.testing.assert_array_equal(train, again)
+
+
+def test_image_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((12, 16, 3), i * 40, np.uint8)).save(tmp_path / "sub" / f"{i}.png")
+    Image.fromarray(np.full((20, 10, 3), 7, np.uint8)).save(tmp_path / "x.jpg")
+    train, held = ddpm.load_dataset(str(tmp_path), image_size=8)
+    assert train.shape[1:] == (3, 8, 8) and len(train) + len(held) == 6
+    with pytest.raises(ddpm.UserError, match="different sizes"):
+        ddpm.load_dataset(str(tmp_path))
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ddpm.UserError, match="no .png"):
+        ddpm.load_dataset(str(tmp_path))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(ddpm.UserError, match="mixed grey and colour"):
+        ddpm.load_dataset(str(tmp_path))
+    (tmp_path / "b.png").unlink()
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    with pytest.raises(ddpm.UserError, match="unreadable image"):
+        ddpm.load_dataset(str(tmp_path))
+
+
+def test_cifar_folder_and_npz(tmp_path):
+    rng = np.random.RandomState(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": rng.randint(0, 256, (4, 3072)).astype(np.uint8)}, f)
+    train, test = ddpm.load_dataset(str(tmp_path))
+    assert train.shape == (20, 3, 32, 32) and test.shape == (4, 3, 32, 32)
+    arr = rng.randint(0, 256, (40, 6, 6, 3)).astype(np.uint8)
+    np.savez(tmp_path / "a.npz", arr)
+    train, held = ddpm.load_dataset(str(tmp_path / "a.npz"))
+    np.testing.assert_array_equal(np.concatenate([train, held]), arr.transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "b.npz", arr.astype(np.float32))
+    with pytest.raises(ddpm.UserError, match="expected uint8"):
+        ddpm.load_dataset(str(tmp_path / "b.npz"))
+
+
+# ---- training
+
+def test_loss_falls_and_checkpoint_round_trips(tmp_path):
+    cfg = ddpm.TrainConfig(**{**FAST, "steps": 60}, out=str(tmp_path))
+    res = ddpm.train(cfg, progress=False)
+    losses = [l for _, l in res["losses"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    model, diffusion, cfg2, shape = ddpm.load_model(res["checkpoint"])
+    assert shape == (1, 8, 8) and cfg2 == cfg and diffusion.T == 100
+    raw, _, _, _ = ddpm.load_model(res["checkpoint"], ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), raw.state_dict().values()))
+    x = ddpm.sample(model, ddpm.make_plan(diffusion, "ddim", 10), (4, *shape))
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    full = ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path / "a")), progress=False)
+    ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 20}, out=str(tmp_path / "b")), progress=False)
+    resumed = ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path / "b")), resume=True, progress=False)
+    assert resumed["losses"] == [x for x in full["losses"] if x[0] > 20]
+    a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sigkill_then_resume_continues_exactly(tmp_path):
+    args = ["train", "--steps", 200, "--batch-size", 16, "--T", 100, "--checkpoint-every", 20, "--log-every", 10,
+            "--sample-every", 100_000, "--device", "cpu", "--warmup", 5]
+    ref = cli(*args, "--steps", 60, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpm.py"), *map(str, args), "--out",
+                             str(tmp_path / "run")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ddpm.load_checkpoint(ckpt)["step"]
+    assert 20 <= killed_at < 200
+    res = cli(*args, "--steps", max(60, killed_at + 20), "--out", tmp_path / "run", "--resume")
+    assert res.returncode == 0, res.stderr
+    if killed_at + 20 <= 60:
+        a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("ref", "run"))
+        assert a["step"] == b["step"] == 60
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = ddpm.TrainConfig(**{**FAST, "steps": 20}, out=str(tmp_path))
+    ddpm.train(cfg, progress=False)
+    good = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
+    cfg = ddpm.TrainConfig(**{**FAST, "lr": 1e30, "grad_clip": 1e30}, out=str(tmp_path))
+    with pytest.raises(ddpm.UserError, match="NaN or inf"):
+        ddpm.train(cfg, resume=True, progress=False)
+    kept = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert kept["step"] == good["step"] and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", os.path.join(ROOT, "ddpm.py"), "train", "--steps", "10", "--batch-size", "8",
+                          "--T", "50", "--device", "cpu", "--checkpoint-every", "10", "--sample-every", "1000",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 10 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])  # ranks draw different data
+
+
+# ---- command line
+
+def test_cli_user_errors(tmp_path):
+    assert_user_error(cli("train", "--schedule", "cosin"), "schedule must be one of")
+    assert_user_error(cli("train", "--steps", "x"), "--steps")
+    assert_user_error(cli("train", "--data", tmp_path / "missing"), "no such file or folder")
+    assert_user_error(cli("train", "--variance", "learned_range"), "hybrid")
+    assert_user_error(cli("train", "--preset", "huge"), "preset must be one of")
+    assert_user_error(cli("sample", tmp_path / "missing.pt"), "no such checkpoint")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
+    assert_user_error(cli("sample", tmp_path / "junk.pt"), "not a readable checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert_user_error(cli("nll", tmp_path / "other.pt"), "not a ddpm checkpoint")
+    assert_user_error(cli("sample", tmp_path / "other.pt", "--out", "x.jpg"), "must end in")
+    assert_user_error(cli("bogus"), "No such command")
+
+
+def test_cli_train_sample_nll(tmp_path):
+    res = cli("train", "--steps", 20, "--batch-size", 16, "--T", 20, "--device", "cpu", "--out", tmp_path,
+              "--sample-every", 20)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "samples-20.png").exists()
+    ckpt = tmp_path / "checkpoint.pt"
+    res = cli("sample", ckpt, "--n", 5, "--batch-size", 2, "--out", tmp_path / "s.npz", "--sampler", "ddim", "--steps", 5)
+    assert res.returncode == 0, res.stderr
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (5, 8, 8, 1) and arr.dtype == np.uint8
+    res = cli("nll", ckpt, "--n", 8, "--json")
+    assert res.returncode == 0, res.stderr
+    import json
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["n"] == 8 and out["total"] > 0 and abs(out["total"] - out["prior"] - out["vb"] - out["decoder"]) < 1e-6
