@@ -1,0 +1,415 @@
+"""Sample from a DDPM exported by `ddpm export`, with numpy and onnxruntime only (no torch, no onnx).
+
+This file is meant to be copied into an application as it is. It reads the schedule from the ONNX
+file's metadata, builds the sampling plan of PLAN_SPEC.md (the same plan as ddpm.make_plan, written
+again here in numpy so that this file needs no torch; a test holds the two equal), and executes it:
+
+    sampler = OnnxSampler("model.onnx")               # provider "auto": CUDA if it loads, else CPU
+    x = sampler.sample(64, sampler="ddim", steps=50, seed=0)   # float32 [64, C, H, W] in about [-1, 1]
+    save_images(x, "samples.png")
+
+Each step runs the network, then a tiny second ONNX graph (built here, byte by byte, at load time)
+that applies the plan's update to x. Both run on the same execution provider with IO binding, so on
+CUDA x never leaves the device between steps; on the CPU the same code path costs a few microseconds
+per step over numpy. The noise is numpy.random.RandomState(seed).standard_normal, the stream the torch
+sampler (ddpm.numpy_noise) and the C++ runner draw: on CUDA each step's z is drawn on the host and
+copied to the device, one host->device copy per step, the price of bit-exact numpy noise.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import tempfile
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+SAMPLERS = ("ancestral", "ddim")
+SPACINGS = ("uniform", "linspace", "trailing", "quadratic")
+PARAMETERIZATIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+FORMAT = "1"
+
+
+class ModelError(ValueError):
+    """The file is not a DDPM model this sampler can run, or the requested provider cannot run it."""
+
+
+def _choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, valid))}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------- plan
+
+def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
+    """The kept timestep indices, ascending, as ddpm.space_timesteps: uniform i * (T // S); linspace
+    round(linspace(0, T-1, S)); trailing round(T - i T/S) - 1; quadratic int(linspace(0, sqrt(0.8 T), S)^2);
+    round is numpy's, half to even."""
+    _choice("spacing", spacing, SPACINGS)
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    if steps == T:
+        return np.arange(T, dtype=np.int64)
+    if spacing == "uniform":
+        ts = np.arange(steps) * (T // steps)
+    elif spacing == "linspace":
+        ts = np.round(np.linspace(0, T - 1, steps))
+    elif spacing == "trailing":
+        ts = np.round(T - np.arange(steps)[::-1] * (T / steps)) - 1
+    else:
+        ts = np.linspace(0, math.sqrt(0.8 * T), steps) ** 2
+    ts = ts.astype(np.int64)
+    if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] > T - 1:
+        raise ValueError(f"spacing {spacing!r} cannot give {steps} distinct steps for T={T}")
+    return ts
+
+
+def make_plan(betas, parameterization: str = "eps", variance: str = "fixed_small", sampler: str = "ancestral",
+              steps: int | None = None, eta: float = 0.0, spacing: str = "uniform", clip: bool = True) -> dict:
+    """The sampling plan of PLAN_SPEC.md in float64, in sampling order: arrays t, x0_x, x0_o, mean_x0,
+    mean_xt, sigma, log_var_min, log_var_max, add_noise and flags learned, clip. Ancestral is Algorithm 2
+    on the respaced process (posterior Eq. 6-7 of Ho et al.); ddim is Song et al. Eq. (12) with eta."""
+    _choice("sampler", sampler, SAMPLERS)
+    _choice("parameterization", parameterization, PARAMETERIZATIONS)
+    _choice("variance", variance, VARIANCES)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    betas = np.asarray(betas, dtype=np.float64)
+    T = len(betas)
+    steps = steps or (T if sampler == "ancestral" else min(50, T))
+    ts = space_timesteps(T, steps, spacing)
+    ab = np.cumprod(1.0 - betas)[ts]
+    ab_prev = np.append(1.0, ab[:-1])
+    beta = 1.0 - ab / ab_prev
+    if parameterization == "eps":
+        x0_x, x0_o = np.sqrt(1.0 / ab), -np.sqrt(1.0 / ab - 1.0)
+    elif parameterization == "v":
+        x0_x, x0_o = np.sqrt(ab), -np.sqrt(1.0 - ab)
+    else:
+        x0_x, x0_o = np.zeros(steps), np.ones(steps)
+    post_var = beta * (1.0 - ab_prev) / (1.0 - ab)
+    log_var_min = np.log(np.append(post_var[1] if steps > 1 else beta[0], post_var[1:]))
+    if sampler == "ancestral":
+        mean_x0 = beta * np.sqrt(ab_prev) / (1.0 - ab)
+        mean_xt = (1.0 - ab_prev) * np.sqrt(1.0 - beta) / (1.0 - ab)
+        sigma = np.sqrt(beta if variance == "fixed_large" else post_var)
+    else:
+        sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+        d = np.sqrt(np.maximum(1.0 - ab_prev - sigma ** 2, 0.0))
+        mean_x0, mean_xt = np.sqrt(ab_prev) - d * np.sqrt(ab) / np.sqrt(1.0 - ab), d / np.sqrt(1.0 - ab)
+    add_noise = (np.arange(steps) > 0) & (sampler == "ancestral" or eta > 0)
+    arrays = dict(t=ts, x0_x=x0_x, x0_o=x0_o, mean_x0=mean_x0, mean_xt=mean_xt, sigma=sigma,
+                  log_var_min=log_var_min, log_var_max=np.log(beta), add_noise=add_noise)
+    plan = {k: np.ascontiguousarray(v[::-1]) for k, v in arrays.items()}
+    return {**plan, "learned": variance == "learned_range" and sampler == "ancestral", "clip": bool(clip)}
+
+
+# ------------------------------------------------------------------- the per-step update as ONNX
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: int -> varint, str/bytes -> length-delimited, list -> repeated."""
+    if isinstance(value, list):
+        return b"".join(_field(number, v) for v in value)
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    value = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+# The update of PLAN_SPEC.md, "Executing the plan", in the torch sampler's order of operations. c holds
+# the step's coefficients as float32; z is all zeros on steps that add no noise.
+COEFFICIENTS = ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max", "lo", "hi", "one", "half")
+_UPDATE = """Mul x0_x x -> a; Mul x0_o o -> b; Add a b -> x0u; Max x0u lo -> x0l; Min x0l hi -> x0
+             Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean"""
+_LEARNED = """Add v one -> f1; Mul f1 half -> frac; Mul frac log_var_max -> p1; Sub one frac -> q
+              Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s"""
+
+
+def step_graph(learned: bool, split_output: bool) -> bytes:
+    """A serialised ONNX model (opset 17) x_next = update(x, out, z, c): x0 = clip(x0_x x + x0_o o),
+    x_next = mean_x0 x0 + mean_xt x + s z, with s = sigma, or Nichol & Dhariwal's Eq. (15) from the
+    variance channels v when learned. o, v = the two halves of out when split_output, else o = out."""
+    text = f"Split c -> {' '.join(COEFFICIENTS)}; " + ("Split out -> o v; " if split_output else "Identity out -> o; ")
+    text += _UPDATE + ";" + (_LEARNED if learned else "Identity sigma -> s") + "; Mul s z -> n; Add mean n -> x_next"
+    nodes = []
+    for statement in text.replace("\n", ";").split(";"):
+        op, *inputs = statement.split("->")[0].split()
+        outputs = statement.split("->")[1].split()
+        attribute = [_field(1, "axis") + _field(3, 1) + _field(20, 2)] if (op, inputs) == ("Split", ["out"]) else []
+        nodes.append(_field(1, inputs) + _field(2, outputs) + _field(4, op) + _field(5, attribute))
+
+    def tensor(name, dims):  # ValueInfoProto of a float tensor; str dims are symbolic
+        shape = _field(1, [_field(2 if isinstance(d, str) else 1, d) for d in dims])
+        return _field(1, name) + _field(2, _field(1, _field(1, 1) + _field(2, shape)))
+    image, output = ["B", "C", "H", "W"], ["B", "C_out", "H", "W"]
+    inputs = [tensor("x", image), tensor("out", output), tensor("z", image), tensor("c", [len(COEFFICIENTS)])]
+    graph = _field(1, nodes) + _field(2, "ddpm_step") + _field(11, inputs) + _field(12, [tensor("x_next", image)])
+    return _field(1, 8) + _field(8, _field(1, "") + _field(2, 17)) + _field(7, graph)
+
+
+def step_coefficients(plan: dict, k: int) -> np.ndarray:
+    """The float32 vector c of step k, in COEFFICIENTS order (lo, hi = -1, 1 when clipping, else +-inf)."""
+    lim = 1.0 if plan["clip"] else np.inf
+    values = [plan[key][k] for key in COEFFICIENTS[:7]] + [-lim, lim, 1.0, 0.5]
+    return np.array(values, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------- the sampler
+
+def _session(model, provider: str, threads: int | None):
+    """An InferenceSession on the requested provider; raises ModelError rather than falling back."""
+    _choice("provider", provider, ("auto", "cpu", "cuda"))
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    cuda = PROVIDERS["cuda"] in ort.get_available_providers()
+    if provider == "cuda" and not cuda:
+        raise ModelError("provider 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDAExecutionProvider "
+                         "(use provider='cpu')")
+    wanted = ["CPUExecutionProvider"] if provider == "cpu" or not cuda else [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    if provider == "auto" and cuda:
+        ort.set_default_logger_severity(4)  # a CUDA library that fails to load is normal for "auto": stay quiet
+    try:
+        session = ort.InferenceSession(model, options, providers=wanted)
+    finally:
+        if provider == "auto" and cuda:
+            ort.set_default_logger_severity(2)
+    if provider == "cuda" and session.get_providers()[0] != PROVIDERS["cuda"]:
+        raise ModelError("provider 'cuda' requested but CUDAExecutionProvider failed to load (CUDA, cuDNN or a GPU "
+                         "is missing; onnxruntime's message above says which); use provider='cpu'")
+    return session
+
+
+class OnnxSampler:
+    """A DDPM in an ONNX file written by `ddpm export`, ready to sample.
+
+    provider: "auto" (CUDA if it loads, else CPU), "cpu" or "cuda" (ModelError if CUDA cannot be used).
+    threads: onnxruntime's intra-op threads (None: its default). Attributes: provider (the one in use),
+    betas (float64), T, parameterization, variance, image_shape (C, H, W), clip_denoised, metadata.
+    """
+
+    def __init__(self, path, provider: str = "auto", threads: int | None = None):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ModelError(f"{self.path}: no such file")
+        try:
+            self.session = _session(self.path, provider, threads)
+        except ModelError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{self.path} is not a readable ONNX model ({reason[:200]})") from None
+        self.provider = self.session.get_providers()[0]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._read_metadata()
+        self._check_signature()
+        self._device = "cuda" if self.provider == PROVIDERS["cuda"] else "cpu"
+        split = self.out_channels == 2 * self.image_shape[0]
+        self._steps = {learned: _session(step_graph(learned, split), self._device, threads)
+                       for learned in ([False, True] if self.variance == "learned_range" else [False])}
+
+    def _meta(self, key: str) -> str:
+        if key not in self.metadata:
+            raise ModelError(f"{self.path} is not a DDPM model: missing metadata '{key}' "
+                             "(export it with `ddpm export`)")
+        return self.metadata[key]
+
+    def _read_metadata(self) -> None:
+        if self._meta("ddpm.format") != FORMAT:
+            raise ModelError(f"{self.path}: ddpm.format {self.metadata['ddpm.format']!r} is not supported "
+                             f"(this sampler reads format {FORMAT}; re-export the model)")
+        try:
+            self.betas = np.array([float(b) for b in self._meta("ddpm.betas").split(",")], dtype=np.float64)
+            self.T = int(self._meta("ddpm.num_timesteps"))
+            self.image_shape = tuple(int(s) for s in self._meta("ddpm.image_shape").split(","))
+        except ValueError as e:
+            raise ModelError(f"{self.path}: malformed DDPM metadata ({e})") from None
+        self.parameterization, self.variance = self._meta("ddpm.parameterization"), self._meta("ddpm.variance")
+        clip, timestep = self._meta("ddpm.clip_denoised"), self.metadata.get("ddpm.timestep_dtype", "int64")
+        checks = [
+            (self.T == len(self.betas), f"ddpm.num_timesteps is {self.T} but there are {len(self.betas)} betas"),
+            (((self.betas > 0) & (self.betas <= 1)).all(), "ddpm.betas must lie in (0, 1]"),
+            (self.parameterization in PARAMETERIZATIONS, f"ddpm.parameterization {self.parameterization!r} is unknown"),
+            (self.variance in VARIANCES, f"ddpm.variance {self.variance!r} is unknown"),
+            (len(self.image_shape) == 3, f"ddpm.image_shape must be C,H,W, got {self.metadata['ddpm.image_shape']!r}"),
+            (clip in ("true", "false"), f"ddpm.clip_denoised must be true or false, got {clip!r}"),
+            (timestep == "int64", f"ddpm.timestep_dtype must be int64, got {timestep!r}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ModelError(f"{self.path}: bad DDPM metadata: {problem}")
+        self.clip_denoised = clip == "true"
+        if self.parameterization == "eps" and np.cumprod(1.0 - self.betas)[-1] == 0.0:
+            raise ModelError(f"{self.path}: zero terminal SNR needs the v or x0 parameterization, not eps")
+
+    def _check_signature(self) -> None:
+        """The graph must be eps_theta of PLAN_SPEC.md: x float32 [B,C,H,W], t int64 [B] -> model_output."""
+        C, H, W = self.image_shape
+        self.out_channels = 2 * C if self.variance == "learned_range" else C
+        want = {"x": ("tensor(float)", [C, H, W]), "t": ("tensor(int64)", []),
+                "model_output": ("tensor(float)", [self.out_channels, H, W])}
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        have = {a.name: (a.type, a.shape[1:]) for a in inputs + outputs}
+
+        def fits(name):
+            dtype, dims = have.get(name, (None, None))
+            return dtype == want[name][0] and len(dims) == len(want[name][1]) and all(
+                not isinstance(d, int) or d == w for d, w in zip(dims, want[name][1]))
+
+        names = (sorted(a.name for a in inputs), [a.name for a in outputs])
+        if names != (["t", "x"], ["model_output"]) or not all(map(fits, want)):
+            found = ", ".join(f"{a.name} {a.type} {a.shape}" for a in inputs + outputs)
+            raise ModelError(f"{self.path} is not a DDPM eps_theta graph: expected inputs x float32 [B,{C},{H},{W}] "
+                             f"and t int64 [B] and output model_output float32 [B,{self.out_channels},{H},{W}]; "
+                             f"found {found}")
+
+    def plan(self, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
+             spacing: str = "uniform", clip: bool | None = None) -> dict:
+        """This model's plan (see make_plan); clip defaults to the file's ddpm.clip_denoised."""
+        return make_plan(self.betas, self.parameterization, self.variance, sampler, steps, eta, spacing,
+                         self.clip_denoised if clip is None else clip)
+
+    def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
+               spacing: str = "uniform", clip: bool | None = None, seed: int = 0, batch: int | None = None,
+               progress: Callable[[int, int], None] | None = None, return_timing: bool = False):
+        """n samples, float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one
+        RandomState(seed) stream: each batch in order draws x_T, then each noisy step's z. progress(k, K)
+        is called after every network step (K = steps x number of batches). With return_timing, returns
+        (x, {"total_s", "network_s", "steps", "provider"}); network_s is the time inside the network's runs."""
+        start = time.perf_counter()
+        plan = self.plan(sampler, steps, eta, spacing, clip)
+        batch = n if batch is None else batch
+        if int(n) != n or n < 1 or int(batch) != batch or batch < 1:
+            raise ValueError(f"n and batch must be positive integers, got n={n}, batch={batch}")
+        rng = np.random.RandomState(seed)
+        coefficients = [self._ortvalue(step_coefficients(plan, k)) for k in range(len(plan["t"]))]
+        x = np.empty((n, *self.image_shape), dtype=np.float32)
+        network_s, done, total = 0.0, 0, len(plan["t"]) * -(-n // batch)
+        for i in range(0, n, batch):
+            x[i:i + batch], seconds = self._run_batch(plan, coefficients, min(batch, n - i), rng,
+                                                      progress and (lambda k: progress(done + k, total)))
+            network_s, done = network_s + seconds, done + len(plan["t"])
+        if not return_timing:
+            return x
+        return x, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan["t"]),
+                   "provider": self.provider}
+
+    def _ortvalue(self, array: np.ndarray):
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
+
+    def _run_batch(self, plan: dict, coefficients: list, b: int, rng, tick):
+        """One batch of the plan: x stays in OrtValues on the provider's device; returns (x, network seconds)."""
+        C, H, W = self.image_shape
+        shape = (b, C, H, W)
+        new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)  # noqa: E731
+        x, x_next, z, out = new(shape), new(shape), new(shape), new((b, self.out_channels, H, W))
+        zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
+        timesteps = [self._ortvalue(np.full(b, t, dtype=np.int64)) for t in plan["t"]]
+        step = self._steps[plan["learned"]]
+        net, update = self.session.io_binding(), step.io_binding()
+        net.bind_ortvalue_output("model_output", out)
+        update.bind_ortvalue_input("out", out)
+        x.update_inplace(rng.standard_normal(shape).astype(np.float32))
+        network_s = 0.0
+        for k in range(len(timesteps)):
+            net.bind_ortvalue_input("x", x)
+            net.bind_ortvalue_input("t", timesteps[k])
+            t0 = time.perf_counter()
+            self.session.run_with_iobinding(net)
+            network_s += time.perf_counter() - t0
+            if plan["add_noise"][k]:
+                z.update_inplace(rng.standard_normal(shape).astype(np.float32))
+            update.bind_ortvalue_input("x", x)
+            update.bind_ortvalue_input("z", z if plan["add_noise"][k] else zeros)
+            update.bind_ortvalue_input("c", coefficients[k])
+            update.bind_ortvalue_output("x_next", x_next)
+            step.run_with_iobinding(update)
+            x, x_next = x_next, x
+            if tick:
+                tick(k + 1)
+        return x.numpy(), network_s
+
+
+# ---------------------------------------------------------------------------------- images
+
+def to_uint8(x) -> np.ndarray:
+    """[-1, 1] floats -> uint8 pixels, round((clamp(x, -1, 1) + 1) * 127.5), rounding half to even."""
+    return np.rint((np.clip(np.asarray(x, dtype=np.float32), -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+
+
+def _png(image: np.ndarray) -> bytes:
+    """A PNG (8-bit grey or RGB, no filtering) of a uint8 [H, W] or [H, W, 3] array."""
+    h, w = image.shape[:2]
+    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
+                               + struct.pack(">I", zlib.crc32(tag + data)))
+    rows = b"".join(b"\x00" + image[r].tobytes() for r in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 8, 2 if image.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+
+
+def image_grid(pixels: np.ndarray, pad: int = 2) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one image, ceil(sqrt(N)) columns with `pad`-pixel black gutters (as the C++ runner)."""
+    N, C, H, W = pixels.shape
+    cols = math.ceil(math.sqrt(N))
+    rows = -(-N // cols)
+    grid = np.zeros((rows * (H + pad) + pad, cols * (W + pad) + pad, C), dtype=np.uint8)
+    for i in range(N):
+        r, c = divmod(i, cols)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = \
+            pixels[i].transpose(1, 2, 0)
+    return grid[:, :, 0] if C == 1 else grid
+
+
+def write_atomically(path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
+    """Write `data` to a temporary file in path's folder, call before_replace(temporary path) if given
+    (it may raise to abandon the write), then rename it over `path`: readers never see half a file."""
+    path = os.fspath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if before_replace:
+            before_replace(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_images(x, path) -> None:
+    """Save samples x (float [N, C, H, W] in [-1, 1]) as a .png grid (C = 1 or 3) or a .npz whose arr_0 is
+    uint8 [N, H, W, C], both written atomically."""
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {x.shape}")
+    pixels, suffix = to_uint8(x), os.path.splitext(os.fspath(path))[1].lower()
+    if suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, arr_0=pixels.transpose(0, 2, 3, 1))
+        data = buffer.getvalue()
+    elif suffix == ".png":
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"a .png needs 1 or 3 channels, the images have {x.shape[1]}; use .npz")
+        data = _png(image_grid(pixels))
+    else:
+        raise ValueError(f"unknown image format {suffix!r} for {os.fspath(path)}; use .png or .npz")
+    write_atomically(path, data)

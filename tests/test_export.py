@@ -1,0 +1,369 @@
+"""export/: the torch -> ONNX round trip, the numpy plan of onnx_sampler against ddpm.make_plan, the onnxruntime
+sampler against the torch sampler on the same noise, the sampler without torch, and one-line errors for files
+that are not DDPM models."""
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import ddpm
+from export import onnx_sampler
+from export.onnx_export import FP16_TOLERANCE, ExportError, export_onnx, metadata
+from export.onnx_sampler import ModelError, OnnxSampler, save_images
+
+try:
+    import unet
+except ImportError:  # the U-Net module lives in unet.py; a conv net with the same call signature stands in
+    unet = None
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = (1, 8, 8)
+T = 100
+
+
+class StandIn(torch.nn.Module):
+    """A small conv eps_theta(x, t) that really depends on t, for when unet.py is absent."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(T, 16)
+        self.c1, self.c2 = torch.nn.Conv2d(IMAGE[0], 16, 3, padding=1), torch.nn.Conv2d(16, out_channels, 3, padding=1)
+
+    def forward(self, x, t):
+        return torch.tanh(self.c2(torch.nn.functional.silu(self.c1(x) + self.emb(t)[:, :, None, None])))
+
+
+def make_net(preset: str | None, out_channels: int = 1, seed: int = 0) -> torch.nn.Module:
+    """The digits U-Net (preset "digits") or a small U-Net (None), with every weight perturbed so that the
+    zero-initialised output layers give a non-trivial eps_theta."""
+    torch.manual_seed(seed)
+    if unet is None:
+        net = StandIn(out_channels)
+    elif preset:
+        net = unet.build_unet(preset, out_channels=out_channels)
+    else:
+        net = unet.UNet(in_channels=1, out_channels=out_channels, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                        attn_resolutions=(4,), dropout=0.0, image_size=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net.eval()
+
+
+def diffusion(parameterization="eps", variance="fixed_small", schedule="linear"):
+    return ddpm.Diffusion(ddpm.beta_schedule(schedule, T), parameterization, variance)
+
+
+def relabel(src: Path, dst: Path, d: ddpm.Diffusion, clip: bool = True, drop: str | None = None) -> Path:
+    """A copy of an exported file with the metadata of another diffusion (same network), optionally less one key."""
+    model = onnx.load(str(src))
+    model.ClearField("metadata_props")
+    for key, value in metadata(d, IMAGE, clip).items():
+        if key != drop:
+            model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches here are tiny: one torch thread is as fast, and does not stall on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    net, d = make_net("digits"), diffusion()
+    path = tmp_path_factory.mktemp("digits") / "model.onnx"
+    return net, d, path, export_onnx(net, d, IMAGE, path)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The small U-Net, exported once with C and once with 2C output channels (learned_range)."""
+    folder = tmp_path_factory.mktemp("small")
+    nets = {c: make_net(None, out_channels=c, seed=c) for c in (1, 2)}
+    export_onnx(nets[1], diffusion(), IMAGE, folder / "eps.onnx")
+    export_onnx(nets[2], diffusion(variance="learned_range"), IMAGE, folder / "learned.onnx")
+    return nets, folder
+
+
+# ------------------------------------------------------------------------------------------- export
+def test_export_round_trip(digits):
+    net, d, path, report = digits
+    onnx.checker.check_model(str(path), full_check=True)
+    assert report["path"] == str(path) and report["opset"] == 17 and report["exporter"] == "torchscript"
+    assert report["size_bytes"] == path.stat().st_size and not report["fp16"]
+    assert {(c["batch"], c["t"]) for c in report["checks"]} >= {(b, t) for b in (1, 7) for t in (0, T // 2, T - 1)}
+    assert report["max_abs_diff"] <= 1e-4 and not list(path.parent.glob(".tmp-*"))
+
+    model = onnx.load(str(path))
+    assert not any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta == metadata(d, IMAGE, True) and meta["ddpm.version"] == ddpm.__version__
+    betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")])
+    assert betas.dtype == np.float64 and np.array_equal(betas.view(np.uint64), d.betas.view(np.uint64))
+    assert [i.name for i in model.graph.input] == ["x", "t"] and model.graph.output[0].name == "model_output"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b, t in [(1, 37), (7, 81)]:
+        x, ts = torch.randn(b, *IMAGE), torch.full((b,), t)
+        with torch.no_grad():
+            want = net(x, ts).numpy()
+        assert np.abs(session.run(None, {"x": x.numpy(), "t": ts.numpy()})[0] - want).max() <= 1e-4
+
+
+def test_learned_range_export(small):
+    nets, folder = small
+    sampler = OnnxSampler(folder / "learned.onnx", provider="cpu", threads=1)
+    assert sampler.variance == "learned_range" and sampler.out_channels == 2
+    x, t = torch.randn(7, *IMAGE), torch.arange(7) * 13
+    with torch.no_grad():
+        want = nets[2](x, t).numpy()
+    got = sampler.session.run(None, {"x": x.numpy(), "t": t.numpy()})[0]
+    assert got.shape == (7, 2, 8, 8) and np.abs(got - want).max() <= 1e-4
+
+
+def test_fp16_export_within_tolerance(digits, tmp_path):
+    net, d, path32, _ = digits
+    report = export_onnx(net, d, IMAGE, tmp_path / "half.onnx", fp16=True)
+    assert report["fp16"] and report["tolerance"] == FP16_TOLERANCE and report["max_abs_diff"] <= FP16_TOLERANCE
+    model = onnx.load(str(tmp_path / "half.onnx"))
+    initializers = {i.name: i.data_type for i in model.graph.initializer}
+    weights = [name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") for name in n.input
+               if name in initializers]
+    assert weights and all(initializers[name] == TensorProto.FLOAT16 for name in weights)
+    assert report["size_bytes"] < path32.stat().st_size
+    io_types = [v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]]
+    assert io_types == [TensorProto.FLOAT, TensorProto.INT64, TensorProto.FLOAT]
+    assert {n.op_type for n in model.graph.node} >= {"Cast", "Conv"}
+    a = OnnxSampler(tmp_path / "half.onnx", provider="cpu", threads=1).sample(2, sampler="ddim", steps=5, clip=False)
+    b = OnnxSampler(path32, provider="cpu", threads=1).sample(2, sampler="ddim", steps=5, clip=False)
+    assert np.abs(a - b).max() <= 0.05
+
+
+class Loud(torch.nn.Module):
+    """Outputs of magnitude ~1e4, where float16's 11-bit mantissa cannot stay within 1e-2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        torch.nn.init.normal_(self.conv.weight, std=1e4)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+def test_fp16_refused_when_too_coarse_and_nothing_written(tmp_path):
+    with pytest.raises(ExportError, match="float16 is too coarse"):
+        export_onnx(Loud(), diffusion(), IMAGE, tmp_path / "loud.onnx", fp16=True)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+
+
+def test_export_errors(tmp_path):
+    net = make_net(None)
+    with pytest.raises(ExportError, match="cannot write"):
+        export_onnx(net, diffusion(), IMAGE, tmp_path / "missing" / "model.onnx")
+    with pytest.raises(ExportError, match="it is a folder"):
+        export_onnx(net, diffusion(), IMAGE, tmp_path)
+    with pytest.raises(ExportError, match="needs 2 output channels"):
+        export_onnx(net, diffusion(variance="learned_range"), IMAGE, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------- plan
+SCHEDULES = {"linear": lambda T: ddpm.beta_schedule("linear", T), "cosine": lambda T: ddpm.beta_schedule("cosine", T),
+             "jsd": lambda T: ddpm.beta_schedule("jsd", T),
+             "zero_snr": lambda T: ddpm.rescale_zero_terminal_snr(ddpm.beta_schedule("linear", T))}
+
+
+@pytest.mark.parametrize("schedule,T_", list(itertools.product(SCHEDULES, [1, 10, 100, 1000])))
+def test_numpy_plan_equals_ddpm_plan(schedule, T_):
+    betas = SCHEDULES[schedule](T_) if T_ > 1 or schedule != "zero_snr" else ddpm.beta_schedule("linear", 1)
+    cases = itertools.product(["eps", "x0", "v"], ["fixed_small", "fixed_large", "learned_range"],
+                              [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0)],
+                              [None, 1, 3, 10, T_], ["uniform", "linspace", "trailing", "quadratic"])
+    for i, (par, var, (sampler, eta), steps, spacing) in enumerate(cases):
+        if (steps or 0) > T_ or (par == "eps" and np.cumprod(1 - betas)[-1] == 0):
+            continue
+        args = (sampler, steps, eta, spacing, i % 2 == 0)
+        try:
+            want = ddpm.make_plan(ddpm.Diffusion(betas, par, var), *args)
+        except ValueError as e:
+            with pytest.raises(ValueError, match=re.escape(str(e))):
+                onnx_sampler.make_plan(betas, par, var, *args)
+            continue
+        got = onnx_sampler.make_plan(betas, par, var, *args)
+        assert np.array_equal(got["t"], want.t) and np.array_equal(got["add_noise"], want.add_noise)
+        assert (got["learned"], got["clip"]) == (want.learned, want.clip)
+        for key in ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max"):
+            g, w = got[key], getattr(want, key)
+            if key == "sigma":  # used only where noise is added; at k = 0 ddpm stores the clipped value
+                g, w = g[want.add_noise], w[want.add_noise]
+            # ddpm recomputes alpha_bar as the cumprod of the respaced betas (relative error ~1e-16 / alpha_bar);
+            # the contract takes alpha_bar at the kept steps directly. Equal to that rounding, and DDIM's
+            # sqrt(1 - ab_prev - sigma^2) to ~1e-8 where that difference cancels to 0.
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=f"{key} {par} {var} {args}")
+
+
+def test_plan_option_errors(small):
+    sampler = OnnxSampler(small[1] / "eps.onnx", provider="cpu", threads=1)
+    for kwargs, message in [({"sampler": "euler"}, "sampler must be one of"), ({"steps": T + 1}, "steps must be in"),
+                            ({"spacing": "log"}, "spacing must be one of"), ({"eta": 2.0}, "eta must be in"),
+                            ({"spacing": "quadratic", "steps": 20}, "cannot give 20 distinct steps"),
+                            ({"batch": 0}, "positive integers")]:
+        with pytest.raises(ValueError, match=message):
+            sampler.sample(2, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ sampler
+SAMPLE_CASES = [  # (parameterization, variance, sampler, steps, eta, spacing, clip, n, batch)
+    ("eps", "fixed_small", "ancestral", None, 0.0, "uniform", None, 2, None),
+    ("eps", "fixed_small", "ddim", 20, 0.0, "uniform", None, 5, 2),
+    ("eps", "fixed_large", "ancestral", 25, 0.0, "linspace", False, 3, 2),
+    ("v", "fixed_small", "ddim", 10, 0.5, "trailing", False, 3, None),
+    ("x0", "fixed_small", "ddim", 8, 1.0, "quadratic", True, 2, 1),
+    ("eps", "learned_range", "ancestral", 20, 0.0, "uniform", False, 3, 2),
+    ("eps", "learned_range", "ddim", 10, 0.5, "linspace", None, 2, None),
+]
+
+
+@pytest.mark.parametrize("par,var,sampler,steps,eta,spacing,clip,n,batch", SAMPLE_CASES)
+def test_onnx_sampler_matches_torch_sampler(small, tmp_path, par, var, sampler, steps, eta, spacing, clip, n, batch):
+    nets, folder = small
+    d = diffusion(par, var)
+    c = 2 if var == "learned_range" else 1
+    path = relabel(folder / ("learned.onnx" if c == 2 else "eps.onnx"), tmp_path / "m.onnx", d)
+    seed = 2**31 + 5
+    got = OnnxSampler(path, provider="cpu", threads=1).sample(n, sampler, steps, eta, spacing, clip, seed=seed, batch=batch)
+    plan = ddpm.make_plan(d, sampler, steps, eta, spacing, True if clip is None else clip)
+    noise = ddpm.numpy_noise(seed)  # one stream, batches in order, as the onnx sampler draws it
+    batch = batch or n
+    want = torch.cat([ddpm.sample(nets[c], plan, (min(batch, n - i), *IMAGE), noise) for i in range(0, n, batch)])
+    assert got.shape == (n, *IMAGE) and got.dtype == np.float32
+    assert np.abs(got - want.numpy()).max() <= 1e-3
+
+
+def test_progress_and_timing(small):
+    calls = []
+    x, timing = OnnxSampler(small[1] / "eps.onnx", provider="cpu", threads=1).sample(
+        3, sampler="ddim", steps=4, batch=2, progress=lambda k, total: calls.append((k, total)), return_timing=True)
+    assert calls == [(k, 8) for k in range(1, 9)]
+    assert set(timing) == {"total_s", "network_s", "steps", "provider"} and timing["steps"] == 4
+    assert 0 < timing["network_s"] <= timing["total_s"] and timing["provider"] == "CPUExecutionProvider"
+
+
+def test_step_graphs_are_valid_onnx():
+    for learned, split in itertools.product([False, True], [False, True]):
+        if learned and not split:
+            continue
+        model = onnx.load_from_string(onnx_sampler.step_graph(learned, split))
+        onnx.checker.check_model(model, full_check=True)
+        assert [i.name for i in model.graph.input] == ["x", "out", "z", "c"]
+
+
+def test_sampler_is_a_single_file_that_needs_no_torch(small, tmp_path):
+    """Copied alone into a folder and imported where torch and onnx cannot be imported, it samples the same."""
+    shutil.copy(ROOT / "export" / "onnx_sampler.py", tmp_path / "onnx_sampler.py")
+    model = small[1] / "eps.onnx"
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "onnx", "ddpm", "unet", "export"):
+                    raise ImportError(name + " is not available here")
+        sys.meta_path.insert(0, Block())
+        sys.path = [{str(tmp_path)!r}] + [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+        import numpy as np, onnx_sampler
+        x = onnx_sampler.OnnxSampler({str(model)!r}, provider="cpu", threads=1).sample(2, "ddim", 3, seed=7)
+        np.save({str(tmp_path / "x.npy")!r}, x)
+        assert not {{"torch", "onnx"}} & set(sys.modules), sorted(sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    want = OnnxSampler(model, provider="cpu", threads=1).sample(2, "ddim", 3, seed=7)
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), want, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_files_that_are_not_ours(small, tmp_path):
+    good = small[1] / "eps.onnx"
+    foreign = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])]), opset_imports=[helper.make_opsetid("", 17)])
+    foreign.ir_version = 8
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    for key, value in metadata(diffusion(), IMAGE).items():
+        foreign.metadata_props.add(key=key, value=value)
+    onnx.save(foreign, str(tmp_path / "wrong_io.onnx"))
+    (tmp_path / "truncated.onnx").write_bytes(good.read_bytes()[:5000])
+    torch.save({"model": small[0][1].state_dict(), "step": 3}, tmp_path / "checkpoint.pt")
+    cases = [
+        (tmp_path / "foreign.onnx", "is not a DDPM model: missing metadata 'ddpm.format' .export it with `ddpm export`"),
+        (relabel(good, tmp_path / "no_betas.onnx", diffusion(), drop="ddpm.betas"), "missing metadata 'ddpm.betas'"),
+        (tmp_path / "wrong_io.onnx", "is not a DDPM eps_theta graph: expected inputs x float32"),
+        (tmp_path / "truncated.onnx", "is not a readable ONNX model"),
+        (tmp_path / "checkpoint.pt", "is not a readable ONNX model"),
+        (tmp_path / "absent.onnx", "no such file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ModelError, match=message) as info:
+            OnnxSampler(path, provider="cpu", threads=1)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_cuda_provider_is_used_or_refused_plainly(small):
+    """Where CUDA loads (a GPU machine) the CUDA path must agree with the CPU path; elsewhere it is a
+    ModelError, never a silent fall back to the CPU."""
+    path = small[1] / "eps.onnx"
+    try:
+        sampler = OnnxSampler(path, provider="cuda")
+    except ModelError as e:
+        assert "cuda" in str(e) and "provider='cpu'" in str(e) and "\n" not in str(e)
+        assert OnnxSampler(path, provider="auto").provider == "CPUExecutionProvider"
+        return
+    assert sampler.provider == "CUDAExecutionProvider"
+    got = sampler.sample(3, "ancestral", 20, batch=2, seed=1)
+    want = OnnxSampler(path, provider="cpu", threads=1).sample(3, "ancestral", 20, batch=2, seed=1)
+    assert np.abs(got - want).max() <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------- images
+def test_save_images(tmp_path):
+    from PIL import Image
+
+    x = np.random.RandomState(0).uniform(-1.2, 1.2, size=(5, 1, 8, 8)).astype(np.float32)
+    pixels = np.rint((np.clip(x, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
+    save_images(x, tmp_path / "x.npz")
+    assert np.array_equal(np.load(tmp_path / "x.npz")["arr_0"], pixels.transpose(0, 2, 3, 1))
+    save_images(x, tmp_path / "x.png")
+    grid = np.asarray(Image.open(tmp_path / "x.png"))
+    assert grid.shape == (2 + 2 * 10, 2 + 3 * 10)  # ceil(sqrt(5)) = 3 columns, 2 rows, 2-pixel gutters
+    for i in range(5):
+        r, c = divmod(i, 3)
+        assert np.array_equal(grid[2 + 10 * r: 10 + 10 * r, 2 + 10 * c: 10 + 10 * c], pixels[i, 0])
+    rgb = np.random.RandomState(1).uniform(-1, 1, size=(2, 3, 4, 6))
+    save_images(rgb, tmp_path / "rgb.png")
+    assert np.asarray(Image.open(tmp_path / "rgb.png")).shape == (8, 18, 3)
+    with pytest.raises(ValueError, match="use .png or .npz"):
+        save_images(x, tmp_path / "x.jpg")
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        save_images(np.zeros((1, 2, 4, 4)), tmp_path / "y.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.png", "x.npz", "x.png"]
