@@ -10,8 +10,10 @@ again here in numpy so that this file needs no torch; a test holds the two equal
 
 Each step runs the network, then a tiny second ONNX graph (built here, byte by byte, at load time)
 that applies the plan's update to x. Both run on the same execution provider with IO binding, so on
-CUDA x never leaves the device between steps; on the CPU the same code path costs a few microseconds
-per step over numpy. The noise is numpy.random.RandomState(seed).standard_normal, the stream the torch
+CUDA x never leaves the device between steps; on the CPU the same code path costs about 10 us per step
+more than numpy would (batch 64 of 8x8 images), against ~20 ms for the network. The CUDA path relies on
+onnxruntime synchronising the provider at the end of each run (its default), which also makes
+network_s the real network time; it has the CPU path's tests, and a GPU test where CUDA loads. The noise is numpy.random.RandomState(seed).standard_normal, the stream the torch
 sampler (ddpm.numpy_noise) and the C++ runner draw: on CUDA each step's z is drawn on the host and
 copied to the device, one host->device copy per step, the price of bit-exact numpy noise.
 """
