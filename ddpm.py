@@ -94,7 +94,7 @@ class Diffusion:
     """
 
     def __init__(self, betas, parameterization: Parameterization = "eps",
-                 variance: Variance = "fixed_small"):
+                 variance: Variance = "fixed_small", alphas_cumprod=None):
         check_choice("parameterization", parameterization, Parameterization)
         check_choice("variance", variance, Variance)
         betas = np.asarray(betas, dtype=np.float64)
@@ -103,7 +103,8 @@ class Diffusion:
         self.betas, self.parameterization, self.variance = betas, parameterization, variance
         self.T = len(betas)
         self.alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(self.alphas)
+        # alphas_cumprod may be given exactly (respace) rather than re-accumulated from rounded betas.
+        self.alphas_cumprod = np.cumprod(self.alphas) if alphas_cumprod is None else np.asarray(alphas_cumprod, np.float64)
         if self.alphas_cumprod[-1] == 0 and parameterization == "eps":
             raise ValueError("zero terminal SNR (alpha_bar_T = 0) needs the v or x0 parameterization")
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
@@ -207,7 +208,7 @@ class Diffusion:
         ts = np.asarray(timesteps, dtype=np.int64)
         ab = self.alphas_cumprod[ts]
         betas = 1.0 - ab / np.append(1.0, ab[:-1])
-        return Diffusion(betas, self.parameterization, self.variance)
+        return Diffusion(betas, self.parameterization, self.variance, alphas_cumprod=ab)
 
 
 # ------------------------------------------------------------------------------ losses and bits/dim
@@ -362,23 +363,23 @@ def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | N
 # --------------------------------------------------------------------- sampling plans and samplers
 
 def space_timesteps(T: int, steps: int, spacing: Spacing = "uniform") -> np.ndarray:
-    """The kept timestep indices, ascending. uniform: i * (T // S) (DDIM's "uniform", diffusers'
-    "leading"); linspace: round(i (T-1)/(S-1)) (improved DDPM); trailing: Lin et al. 2023 (ends at T);
-    quadratic: int((i sqrt(0.8 T)/(S-1))^2) (DDIM). Rounding is floor(x + 0.5) everywhere."""
+    """The kept timestep indices, ascending, as the reference implementations choose them:
+    uniform: i * (T // S) (DDIM's "uniform", diffusers' "leading"); linspace: round(linspace(0, T-1, S))
+    (diffusers); trailing: round(T - i T/S) - 1 (Lin et al. 2023; always keeps T-1); quadratic:
+    int(linspace(0, sqrt(0.8 T), S)^2) (DDIM). round is numpy's, half to even."""
     check_choice("spacing", spacing, Spacing)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
-    i = np.arange(steps, dtype=np.float64)
     if steps == T:
         return np.arange(T, dtype=np.int64)
     if spacing == "uniform":
-        ts = i * (T // steps)
+        ts = np.arange(steps) * (T // steps)
     elif spacing == "linspace":
-        ts = np.floor(i * (T - 1) / max(steps - 1, 1) + 0.5)
+        ts = np.round(np.linspace(0, T - 1, steps))
     elif spacing == "trailing":
-        ts = np.sort(np.floor(T - i * (T / steps) + 0.5) - 1)
+        ts = np.round(T - np.arange(steps)[::-1] * (T / steps)) - 1
     else:
-        ts = np.floor((i * math.sqrt(0.8 * T) / max(steps - 1, 1)) ** 2)
+        ts = np.linspace(0, math.sqrt(0.8 * T), steps) ** 2
     ts = ts.astype(np.int64)
     if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] > T - 1:
         raise ValueError(f"spacing {spacing!r} cannot give {steps} distinct steps for T={T}")

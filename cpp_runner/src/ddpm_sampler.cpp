@@ -231,15 +231,19 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spa
   std::vector<int64_t> ts(S);
   std::iota(ts.begin(), ts.end(), 0);
   if (S == T) return ts;
+  // numpy's linspace (i * step, the last value exactly `stop`) and round (half to even: nearbyint).
+  auto linspace = [S](double stop, int64_t i) {
+    return S == 1 ? 0.0 : i == S - 1 ? stop : double(i) * (stop / double(S - 1));
+  };
   for (int64_t i = 0; i < S; ++i) {
     if (spacing == "uniform") {
       ts[i] = i * (T / S);
     } else if (spacing == "linspace") {
-      ts[i] = S == 1 ? 0 : int64_t(std::floor(double(i * (T - 1)) / double(S - 1) + 0.5));
-    } else if (spacing == "trailing") {  // floor(T - j T/S + 0.5) - 1 with j = S-1-i: already ascending
-      ts[i] = int64_t(std::floor(double(T) - double(S - 1 - i) * (double(T) / double(S)) + 0.5)) - 1;
+      ts[i] = int64_t(std::nearbyint(linspace(double(T - 1), i)));
+    } else if (spacing == "trailing") {  // round(T - j T/S) - 1 with j = S-1-i: already ascending
+      ts[i] = int64_t(std::nearbyint(double(T) - double(S - 1 - i) * (double(T) / double(S)))) - 1;
     } else {
-      const double r = S == 1 ? 0.0 : double(i) * std::sqrt(0.8 * double(T)) / double(S - 1);
+      const double r = linspace(std::sqrt(0.8 * double(T)), i);
       ts[i] = int64_t(r * r);
     }
   }
