@@ -638,8 +638,8 @@ class TrainConfig:
     data: str = "digits"
     preset: str = "digits"
     image_size: int | None = None
-    steps: int = 3000
-    batch_size: int = 128
+    steps: int = 2000
+    batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.0
@@ -791,6 +791,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = resolve_device(cfg.device)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    os.makedirs(cfg.out, exist_ok=True)
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         cfg = TrainConfig(**{**state["config"], "steps": cfg.steps, "out": cfg.out})
@@ -924,8 +925,8 @@ def train_cmd(
     data: str = Opt("digits", help="'digits', an image folder, a cifar-10-batches-py folder, or a .npz"),
     preset: str = Opt("digits", help="U-Net preset (see `ddpm info`)"),
     image_size: int = Opt(None, help="resize and centre-crop folder images to this size"),
-    steps: int = Opt(3000, help="optimizer steps in total (with --resume: the new total)"),
-    batch_size: int = Opt(128), lr: float = Opt(1e-3), warmup: int = Opt(200),
+    steps: int = Opt(2000, help="optimizer steps in total (with --resume: the new total)"),
+    batch_size: int = Opt(64), lr: float = Opt(1e-3), warmup: int = Opt(200),
     weight_decay: float = Opt(0.0), grad_clip: float = Opt(1.0), accum: int = Opt(1, help="gradient accumulation"),
     ema_decay: float = Opt(0.999),
     schedule: str = Opt("linear", help="linear|cosine|quad|sigmoid|const|jsd"), T: int = Opt(1000, "--T"),

@@ -1,6 +1,6 @@
 """torch -> ONNX export of eps_theta, with the diffusion schedule written into the file's metadata.
 
-The file is what export/onnx_sampler.py and cpp_runner/ read (PLAN_SPEC.md): inputs x float32 [B,C,H,W]
+The file is what export/onnx_sampler.py and cpp_runner/ read (README, "The sampling plan and the ONNX file"): inputs x float32 [B,C,H,W]
 and t int64 [B] (timestep index 0..T-1), output model_output float32 [B,C_out,H,W], batch dynamic, the
 metadata keys ddpm.*, everything in one .onnx file. Before the file appears it has passed the ONNX
 checker and shape inference, and onnxruntime's outputs have been compared with PyTorch's.
@@ -33,7 +33,7 @@ class ExportError(ValueError):
 
 
 def metadata(diffusion: ddpm.Diffusion, image_shape, clip_denoised: bool = True) -> dict[str, str]:
-    """The ddpm.* metadata of PLAN_SPEC.md; betas as Python reprs of float64, which round-trip exactly."""
+    """The ddpm.* metadata the README specifies; betas as Python reprs of float64, which round-trip exactly."""
     return {"ddpm.format": FORMAT, "ddpm.betas": ",".join(repr(float(b)) for b in diffusion.betas),
             "ddpm.num_timesteps": str(diffusion.T), "ddpm.parameterization": diffusion.parameterization,
             "ddpm.variance": diffusion.variance, "ddpm.image_shape": ",".join(str(int(s)) for s in image_shape),

@@ -1,7 +1,7 @@
 """Sample from a DDPM exported by `ddpm export`, with numpy and onnxruntime only (no torch, no onnx).
 
 This file is meant to be copied into an application as it is. It reads the schedule from the ONNX
-file's metadata, builds the sampling plan of PLAN_SPEC.md (the same plan as ddpm.make_plan, written
+file's metadata, builds the sampling plan of the README (section "The sampling plan and the ONNX file"; the same plan as ddpm.make_plan, written
 again here in numpy so that this file needs no torch; a test holds the two equal), and executes it:
 
     sampler = OnnxSampler("model.onnx")               # provider "auto": CUDA if it loads, else CPU
@@ -75,7 +75,7 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
 
 def make_plan(betas, parameterization: str = "eps", variance: str = "fixed_small", sampler: str = "ancestral",
               steps: int | None = None, eta: float = 0.0, spacing: str = "uniform", clip: bool = True) -> dict:
-    """The sampling plan of PLAN_SPEC.md in float64, in sampling order: arrays t, x0_x, x0_o, mean_x0,
+    """The sampling plan (README, "The sampling plan and the ONNX file") in float64, in sampling order: arrays t, x0_x, x0_o, mean_x0,
     mean_xt, sigma, log_var_min, log_var_max, add_noise and flags learned, clip. Ancestral is Algorithm 2
     on the respaced process (posterior Eq. 6-7 of Ho et al.); ddim is Song et al. Eq. (12) with eta."""
     _choice("sampler", sampler, SAMPLERS)
@@ -133,7 +133,7 @@ def _field(number: int, value) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(value)) + value
 
 
-# The update of PLAN_SPEC.md, "Executing the plan", in the torch sampler's order of operations. c holds
+# The update of the README's "Executing the plan", in the torch sampler's order of operations. c holds
 # the step's coefficients as float32; z is all zeros on steps that add no noise.
 COEFFICIENTS = ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max", "lo", "hi", "one", "half")
 _UPDATE = """Mul x0_x x -> a; Mul x0_o o -> b; Add a b -> x0u; Max x0u lo -> x0l; Min x0l hi -> x0
@@ -260,7 +260,7 @@ class OnnxSampler:
             raise ModelError(f"{self.path}: zero terminal SNR needs the v or x0 parameterization, not eps")
 
     def _check_signature(self) -> None:
-        """The graph must be eps_theta of PLAN_SPEC.md: x float32 [B,C,H,W], t int64 [B] -> model_output."""
+        """The graph must be eps_theta as the README specifies: x float32 [B,C,H,W], t int64 [B] -> model_output."""
         C, H, W = self.image_shape
         self.out_channels = 2 * C if self.variance == "learned_range" else C
         want = {"x": ("tensor(float)", [C, H, W]), "t": ("tensor(int64)", []),

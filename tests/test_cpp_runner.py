@@ -1,9 +1,8 @@
 """The C++ runner (cpp_runner/) against the sampling contract: same noise stream as numpy's RandomState,
 same plan, same samples as a Python executor of the same ONNX file, and one-line errors with exit status 2.
 
-The Python side is `python_reference` below: the plan of ddpm.make_plan, executed by a direct numpy +
-onnxruntime reading of the contract. Once the project's onnxruntime sampler exists, point
-`python_reference` at it; the tests stay as they are.
+The Python side is `python_reference` below: the project's onnxruntime sampler (export/onnx_sampler.py);
+plans are also compared with ddpm.make_plan directly.
 """
 from __future__ import annotations
 
@@ -124,45 +123,11 @@ def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: f
     return ddpm.make_plan(diffusion, sampler, steps, eta, spacing, clip)
 
 
-def contract_sample(model: Path, plan, n: int, batch: int, seed: int) -> np.ndarray:
-    """The contract's executor in numpy + onnxruntime: float32 arithmetic, one RandomState for all batches."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    C, H, W = (int(v) for v in sess.get_modelmeta().custom_metadata_map["ddpm.image_shape"].split(","))
-    f = {k: np.asarray(getattr(plan, k), dtype=np.float32) for k in
-         ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max")}
-    rng, samples = np.random.RandomState(seed), []
-    for start in range(0, n, batch):
-        b = min(batch, n - start)
-        x = rng.standard_normal((b, C, H, W)).astype(np.float32)
-        for k, t in enumerate(plan.t.tolist()):
-            out = sess.run(None, {"x": x, "t": np.full(b, t, dtype=np.int64)})[0]
-            x0 = f["x0_x"][k] * x + f["x0_o"][k] * out[:, :C]
-            if plan.clip:
-                x0 = np.clip(x0, -1, 1)
-            if plan.learned:
-                frac = (out[:, C:] + 1) / 2
-                s = np.exp(np.float32(0.5) * (frac * f["log_var_max"][k] + (1 - frac) * f["log_var_min"][k]))
-            else:
-                s = f["sigma"][k]
-            x = f["mean_x0"][k] * x0 + f["mean_xt"][k] * x
-            if plan.add_noise[k]:
-                x = x + s * rng.standard_normal((b, C, H, W)).astype(np.float32)
-        samples.append(x)
-    return np.concatenate(samples)
-
-
 def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
                      spacing: str = "uniform", clip: bool | None = None, seed: int = 0) -> tuple[list[int], np.ndarray]:
     """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime
-    sampler (export/onnx_sampler.py) where it exists, else ddpm.make_plan run by contract_sample."""
-    try:
-        from export.onnx_sampler import OnnxSampler
-    except ImportError:
-        meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
-        plan = reference_plan(meta, sampler, steps, eta, spacing, clip)
-        return plan.t.tolist(), contract_sample(model, plan, n, batch, seed)
+    sampler, export/onnx_sampler.py."""
+    from export.onnx_sampler import OnnxSampler
     python = OnnxSampler(model, provider="cpu", threads=1)
     x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch)
     return python.plan(sampler, steps, eta, spacing, clip)["t"].tolist(), x
