@@ -12,6 +12,7 @@ the closed-form oracles of the tests are others.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal, get_args
 
@@ -778,7 +779,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     warm-up, gradient clipping, EMA, optional autocast / torch.compile / DDP (under torchrun).
     Writes cfg.out/checkpoint.pt every checkpoint_every steps and at the end. Returns a summary."""
     import os
-    import time
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     cfg.validate()
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -895,6 +895,182 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         dist.destroy_process_group()
     return {"steps": step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
             "images_per_s": (step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
+
+
+# ------------------------------------------------------------------------- measurement (fd, bench)
+
+def digits_features():
+    """A feature map for 8x8 digits: the 64-unit hidden layer of a small classifier trained on the
+    training split, deterministically (fixed seed, full-batch, float64, CPU). The digits analogue of the
+    Inception features of FID: it measures what this classifier sees, and nothing about other data."""
+    train, _ = load_digits_data()
+    from sklearn.datasets import load_digits
+    labels_all = load_digits().target
+    order = np.random.RandomState(0).permutation(len(labels_all))
+    labels = torch.from_numpy(labels_all[order[:-360]])
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.nn.Linear(64, 64, dtype=torch.float64)
+    head = torch.nn.Linear(64, 10, dtype=torch.float64)
+    for layer in (hidden, head):
+        torch.nn.init.normal_(layer.weight, std=0.1, generator=gen)
+        torch.nn.init.zeros_(layer.bias)
+    x = to_model_range(torch.from_numpy(train)).reshape(len(train), -1).double()
+    opt = torch.optim.Adam([*hidden.parameters(), *head.parameters()], lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(torch.tanh(hidden(x))), labels)
+        loss.backward()
+        opt.step()
+
+    def features(images_uint8: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            flat = to_model_range(torch.from_numpy(images_uint8)).reshape(len(images_uint8), -1).double()
+            return torch.tanh(hidden(flat)).numpy()
+    return features
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets;
+    the trace of the root is the sum of sqrt(eig(S_a^(1/2) S_b S_a^(1/2))), which is symmetric."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
+def _median_spread(times):
+    return {"median_s": float(np.median(times)), "min_s": float(min(times)), "max_s": float(max(times))}
+
+
+def _timed(fn, repeats: int, sync=lambda: None):
+    fn()  # warm-up, excluded
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "ort", "cpp"), repeats: int = 3,
+                 runs=(("ancestral", 1000), ("ddim", 50)), device: str = "auto", threads: int | None = None):
+    """Images/s and network evaluations/s of each backend for each (sampler, steps), and the loop overhead:
+    the loop's time / the time of the same number of bare network calls. Weights are the preset's
+    initialisation with a random output layer (speed does not depend on them)."""
+    import os
+    import subprocess
+    import tempfile
+    import unet
+    dev = resolve_device(device)
+    model = unet.build_unet(preset)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
+    model = model.to(dev).eval()
+    C, S = model.config["in_channels"], model.config["image_size"]
+    shape = (batch, C, S, S)
+    diffusion = Diffusion(beta_schedule("linear", 1000))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows, tmp = [], tempfile.mkdtemp()
+    onnx_path = os.path.join(tmp, "model.onnx")
+    if {"ort", "cpp"} & set(backends):
+        from export.onnx_export import export_onnx
+        export_onnx(model.cpu(), diffusion, (C, S, S), onnx_path, check=False)
+        model.to(dev)
+    x = torch.randn(shape, device=dev)
+    t = torch.full((batch,), 500, device=dev, dtype=torch.long)
+    for backend in backends:
+        if backend in ("torch", "compile"):
+            net = torch.compile(model) if backend == "compile" else model
+            for sampler, steps in runs:
+                with torch.no_grad():
+                    bare = _timed(lambda: [net(x, t) for _ in range(steps)], repeats, sync)
+                plan = make_plan(diffusion, sampler, steps)
+                gen = torch.Generator(dev).manual_seed(0)
+                times = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync)
+                rows.append(_bench_row(backend, sampler, steps, batch, times, np.median(bare), str(dev)))
+        elif backend == "ort":
+            from export.onnx_sampler import OnnxSampler
+            ort_sampler = OnnxSampler(onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads)
+            feed = {"x": x.cpu().numpy(), "t": t.cpu().numpy()}
+            for sampler, steps in runs:
+                bare = _timed(lambda: [ort_sampler.session.run(None, feed) for _ in range(steps)], repeats)
+                times = _timed(lambda: ort_sampler.sample(batch, sampler, steps), repeats)
+                rows.append(_bench_row(backend, sampler, steps, batch, times, np.median(bare), ort_sampler.provider))
+        elif backend == "cpp":
+            runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
+            if not os.path.exists(runner):
+                raise UserError(f"{runner} not built: run `make cpp` (or drop cpp from --backends)")
+            for sampler, steps in runs:
+                cmd = [runner, "--model", onnx_path, "--n", str(batch), "--sampler", sampler, "--steps", str(steps),
+                       "--json", "--out", os.path.join(tmp, "x.npy"), "--provider", "cuda" if dev.type == "cuda" else "cpu"]
+                cmd += ["--threads", str(threads)] if threads else []
+                import json
+                runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+                                        .splitlines()[-1]) for _ in range(repeats + 1)][1:]
+                times = [r["total_s"] for r in runs_json]
+                network = float(np.median([r["network_s"] for r in runs_json]))
+                rows.append(_bench_row("cpp", sampler, steps, batch, times, network, runs_json[0]["provider"]))
+        else:
+            raise ValueError(f"backends must be among torch, compile, ort, cpp, got {backend!r}")
+    return rows
+
+
+def _bench_row(backend, sampler, steps, batch, times, network_s, where):
+    med = float(np.median(times))
+    return {"backend": backend, "sampler": sampler, "steps": steps, "batch": batch, "device": where,
+            **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": batch * steps / med,
+            "network_s": float(network_s), "overhead": med / network_s}
+
+
+def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32", compile: bool = False,
+                channels_last: bool = False, synthetic: bool = True, steps: int = 20, repeats: int = 3,
+                device: str = "auto"):
+    """Training images/s after warm-up (median of `repeats` timings of `steps` steps), peak memory and the
+    achieved FLOP/s, counting a training step as 3 forward passes (forward + backward)."""
+    import resource
+    import unet
+    check_choice("precision", precision, Precision)
+    dev = resolve_device(device)
+    model = unet.build_unet(preset).to(dev)
+    C, S = model.config["in_channels"], model.config["image_size"]
+    if synthetic or preset != "digits":
+        data = torch.randint(0, 256, (max(batch, 256), C, S, S), dtype=torch.uint8, device=dev)
+    else:
+        data = torch.from_numpy(load_digits_data()[0]).to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    net = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    diffusion = Diffusion(beta_schedule("linear", 1000))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    gen = torch.Generator(dev).manual_seed(0)
+
+    def call(x_t, t):
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            return net(x_t.contiguous(memory_format=fmt), t).float()
+
+    def run():
+        for _ in range(steps):
+            x0 = to_model_range(data[torch.randint(0, len(data), (batch,), device=dev, generator=gen)])
+            t = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
+            training_losses(diffusion, call, x0, t, torch.randn(x0.shape, device=dev, generator=gen)).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = _timed(run, repeats, sync)
+    images_per_s = batch * steps / float(np.median(times))
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    flops = 3 * unet.flops_per_forward(model) * images_per_s
+    return {"preset": preset, "batch": batch, "precision": precision, "compile": compile, "device": str(dev),
+            **_median_spread([t / steps for t in times]), "images_per_s": images_per_s, "peak_memory_bytes": int(peak),
+            "achieved_tflops": flops / 1e12}
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -1031,6 +1207,75 @@ def onnx_sample_cmd(
     _samples_to_file(x, out)
     typer.echo(f"wrote {n} samples to {out}: {timing['steps']} steps on {timing['provider']}, "
                f"{n / timing['total_s']:.1f} images/s, loop/network time {timing['total_s'] / timing['network_s']:.3f}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Speed: sampling per backend, training throughput.")
+app.add_typer(bench_app, name="bench")
+
+
+def _print_table(rows: list[dict], json_: bool) -> None:
+    """Rows as JSON, or as a plain fixed-width table (it stays readable in a log or a narrow terminal)."""
+    import json
+    if json_:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(rows[0])]
+    for line in [list(rows[0])] + cells:
+        typer.echo("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+@bench_app.command("sample")
+def bench_sample_cmd(preset: str = Opt("digits"), batch: int = Opt(64), steps: int = Opt(None, help="override both runs' steps"),
+                     backends: str = Opt("torch,ort,cpp", help="comma-separated: torch,compile,ort,cpp"),
+                     repeats: int = Opt(3), device: str = Opt("auto"), threads: int = Opt(None, help="onnxruntime/C++ threads"),
+                     json_: bool = Opt(False, "--json")):
+    """Images/s, network evaluations/s and loop overhead (loop time / bare network time) for 1000-step
+    ancestral and 50-step DDIM sampling."""
+    runs = (("ancestral", steps or 1000), ("ddim", steps or 50))
+    _print_table(bench_sample(preset, batch, tuple(backends.split(",")), repeats, runs, device, threads), json_)
+
+
+@bench_app.command("train")
+def bench_train_cmd(preset: str = Opt("digits"), batch: int = Opt(64), precision: str = Opt("fp32"),
+                    compile: bool = Opt(False), channels_last: bool = Opt(False),
+                    synthetic: bool = Opt(False, help="random data of the preset's shape (always for non-digits presets)"),
+                    steps: int = Opt(20, help="steps per timing"), repeats: int = Opt(3), device: str = Opt("auto"),
+                    json_: bool = Opt(False, "--json")):
+    """Training images/s after warm-up, peak memory and achieved FLOP/s."""
+    _print_table([bench_train(preset, batch, precision, compile, channels_last, synthetic, steps, repeats, device)], json_)
+
+
+@app.command("fd")
+def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
+           n: int = Opt(360, "--n", help="samples to draw from a checkpoint"), sampler: str = Opt("ancestral"),
+           steps: int = Opt(None), eta: float = Opt(0.0), variance: str = Opt(None, help="override the sampler's variance"),
+           seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json")):
+    """Frechet distance to the digits training split in the features of a small digits classifier, with
+    the real-vs-real floor (held-out vs training) to judge it by."""
+    import json
+    features = digits_features()
+    train, held = load_digits_data()
+    if source.endswith(".npz"):
+        arr = _load_npz(source)
+    else:
+        dev = resolve_device(device)
+        model, diffusion, _, shape = load_model(source, True, dev)
+        if shape != (1, 8, 8):
+            raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
+        if variance:
+            diffusion = Diffusion(diffusion.betas, diffusion.parameterization, variance)
+        plan = make_plan(diffusion, sampler, steps, eta)
+        gen = torch.Generator(dev).manual_seed(seed)
+        arr = to_uint8(sample(model, plan, (n, 1, 8, 8), torch_noise(gen, dev), progress=True))
+    if arr.shape[1:] != (1, 8, 8):
+        raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
+    ref = features(train)
+    res = {"fd": frechet_distance(features(arr), ref), "floor": frechet_distance(features(held), ref),
+           "n": len(arr), "n_floor": len(held)}
+    typer.echo(json.dumps(res) if json_ else
+               f"FD {res['fd']:.3f} ({res['n']} samples vs the training split); real-vs-real floor {res['floor']:.3f} "
+               f"({res['n_floor']} held-out images)")
 
 
 @app.command("info")

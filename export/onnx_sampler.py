@@ -365,7 +365,10 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def image_grid(pixels: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one image, ceil(sqrt(N)) columns with `pad`-pixel black gutters (as the C++ runner)."""
+    """uint8 [N, C, H, W] -> one image, ceil(sqrt(N)) columns with `pad`-pixel black gutters (as the C++ runner).
+    Images under 32 pixels are enlarged by an integer factor (nearest neighbour) so that 8x8 digits can be seen."""
+    s = max(1, 32 // max(pixels.shape[2:]))
+    pixels = pixels.repeat(s, axis=2).repeat(s, axis=3)
     N, C, H, W = pixels.shape
     cols = math.ceil(math.sqrt(N))
     rows = -(-N // cols)

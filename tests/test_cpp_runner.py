@@ -229,11 +229,12 @@ def test_png_is_the_clamped_rounded_grid(runner, models, tmp_path):
     run(runner, *args, "--out", tmp_path / "x.png")
     x = np.load(tmp_path / "x.npy")
     grid = np.asarray(Image.open(tmp_path / "x.png"))
-    assert grid.shape == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2)  # 2 columns, 2 rows, 2-pixel gutters
+    assert grid.shape == (2 * (32 + 2) + 2, 2 * (32 + 2) + 2)  # 2 columns, 2 rows, 8x8 enlarged 4x, 2-pixel gutters
     pixels = np.rint((np.clip(x, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
     for i in range(3):
         r, c = divmod(i, 2)
-        np.testing.assert_array_equal(grid[2 + r * 10: 10 + r * 10, 2 + c * 10: 10 + c * 10], pixels[i, 0])
+        tile = grid[2 + r * 34: 34 + r * 34, 2 + c * 34: 34 + c * 34]
+        np.testing.assert_array_equal(tile, pixels[i, 0].repeat(4, 0).repeat(4, 1))
 
 
 def test_json_summary(runner, models, tmp_path):

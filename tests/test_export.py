@@ -355,13 +355,15 @@ def test_save_images(tmp_path):
     assert np.array_equal(np.load(tmp_path / "x.npz")["arr_0"], pixels.transpose(0, 2, 3, 1))
     save_images(x, tmp_path / "x.png")
     grid = np.asarray(Image.open(tmp_path / "x.png"))
-    assert grid.shape == (2 + 2 * 10, 2 + 3 * 10)  # ceil(sqrt(5)) = 3 columns, 2 rows, 2-pixel gutters
+    # ceil(sqrt(5)) = 3 columns, 2 rows, 8x8 images enlarged 4x to 32x32, 2-pixel gutters
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34)
     for i in range(5):
         r, c = divmod(i, 3)
-        assert np.array_equal(grid[2 + 10 * r: 10 + 10 * r, 2 + 10 * c: 10 + 10 * c], pixels[i, 0])
+        tile = grid[2 + 34 * r: 34 + 34 * r, 2 + 34 * c: 34 + 34 * c]
+        assert np.array_equal(tile, pixels[i, 0].repeat(4, 0).repeat(4, 1))
     rgb = np.random.RandomState(1).uniform(-1, 1, size=(2, 3, 4, 6))
     save_images(rgb, tmp_path / "rgb.png")
-    assert np.asarray(Image.open(tmp_path / "rgb.png")).shape == (8, 18, 3)
+    assert np.asarray(Image.open(tmp_path / "rgb.png")).shape == (2 + 20 + 2, 2 + 2 * (30 + 2), 3)  # enlarged 5x
     with pytest.raises(ValueError, match="use .png or .npz"):
         save_images(x, tmp_path / "x.jpg")
     with pytest.raises(ValueError, match="1 or 3 channels"):

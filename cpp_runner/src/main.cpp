@@ -114,18 +114,20 @@ void write_npy(const std::string& path, const std::vector<float>& x, const ddpm:
 }
 
 // A grid of ceil(sqrt(N)) columns with 2-pixel black gutters; pixel = round((clamp(x, -1, 1) + 1) * 127.5),
-// rounding half to even as numpy does.
+// rounding half to even as numpy does. Images under 32 pixels are enlarged by an integer factor
+// (nearest neighbour) so that a grid of 8x8 digits can be seen; the same as export/onnx_sampler.py.
 void write_png(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n) {
   if (m.C != 1 && m.C != 3) throw UsageError("a .png needs 1 or 3 channels, the model has " + std::to_string(m.C) + "; use .npy");
+  const int64_t s = std::max<int64_t>(1, 32 / std::max(m.H, m.W)), th = m.H * s, tw = m.W * s;
   const int64_t pad = 2, cols = int64_t(std::ceil(std::sqrt(double(n)))), rows = (n + cols - 1) / cols;
-  const int64_t gw = cols * (m.W + pad) + pad, gh = rows * (m.H + pad) + pad;
+  const int64_t gw = cols * (tw + pad) + pad, gh = rows * (th + pad) + pad;
   std::vector<png_byte> img(gw * gh * m.C, 0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < m.C; ++c)
-      for (int64_t y = 0; y < m.H; ++y)
-        for (int64_t u = 0; u < m.W; ++u) {
-          const float v = std::min(std::max(x[((i * m.C + c) * m.H + y) * m.W + u], -1.0f), 1.0f);
-          const int64_t gy = (i / cols) * (m.H + pad) + pad + y, gx = (i % cols) * (m.W + pad) + pad + u;
+      for (int64_t y = 0; y < th; ++y)
+        for (int64_t u = 0; u < tw; ++u) {
+          const float v = std::min(std::max(x[((i * m.C + c) * m.H + y / s) * m.W + u / s], -1.0f), 1.0f);
+          const int64_t gy = (i / cols) * (th + pad) + pad + y, gx = (i % cols) * (tw + pad) + pad + u;
           img[(gy * gw + gx) * m.C + c] = png_byte(std::nearbyint((v + 1.0f) * 127.5f));
         }
   write_atomically(path, [&](const std::string& tmp) {

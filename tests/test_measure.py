@@ -1,0 +1,75 @@
+"""`ddpm fd` and `ddpm bench`: the metric's basic properties and the reports' structure (never the speed)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import ddpm
+from test_train import ROOT, assert_user_error, cli
+
+
+def test_frechet_distance_closed_form_and_identity():
+    rng = np.random.RandomState(0)
+    a = rng.standard_normal((500, 3))
+    a = (a - a.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(a, rowvar=False))).T  # mean 0, covariance I
+    b = a * [1.5, 2.0, 0.5] + [1.0, 0.0, 0.0]
+    # diagonal covariances: FD = ||mu_a - mu_b||^2 + sum (s_a - s_b)^2
+    assert abs(ddpm.frechet_distance(a, b) - (1.0 + 0.25 + 1.0 + 0.25)) < 1e-9
+    assert abs(ddpm.frechet_distance(a, a)) < 1e-8
+    assert abs(ddpm.frechet_distance(a, b) - ddpm.frechet_distance(b, a)) < 1e-8
+
+
+@pytest.fixture(scope="module")
+def features():
+    return ddpm.digits_features()
+
+
+def test_digits_fd_properties(features):
+    train, held = ddpm.load_digits_data()
+    ref = features(train)
+    np.testing.assert_array_equal(ref, ddpm.digits_features()(train))  # trained deterministically
+    assert abs(ddpm.frechet_distance(ref, ref)) < 1e-8
+    floor = ddpm.frechet_distance(features(held), ref)
+    rng = np.random.RandomState(0)
+    fds = []
+    for sigma in (20, 60, 150):
+        noised = np.clip(held + rng.normal(0, sigma, held.shape), 0, 255).astype(np.uint8)
+        fds.append(ddpm.frechet_distance(features(noised), ref))
+    assert fds[0] < fds[1] < fds[2] and fds[2] > 3 * floor, (floor, fds)
+    noise = rng.randint(0, 256, held.shape).astype(np.uint8)
+    assert ddpm.frechet_distance(features(noise), ref) > 10 * floor
+
+
+def test_fd_cli_on_npz(tmp_path):
+    _, held = ddpm.load_digits_data()
+    np.savez(tmp_path / "held.npz", held.transpose(0, 2, 3, 1))
+    res = cli("fd", tmp_path / "held.npz", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["n"] == 360 and abs(out["fd"] - out["floor"]) < 1e-9
+    np.savez(tmp_path / "rgb.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    assert_user_error(cli("fd", tmp_path / "rgb.npz"), "8x8 grey digits")
+
+
+def test_bench_sample_report():
+    backends = ("torch", "ort") + (("cpp",) if os.path.exists(os.path.join(ROOT, "cpp_runner/build/ddpm_runner")) else ())
+    rows = ddpm.bench_sample("digits", batch=4, backends=backends, repeats=1, runs=(("ancestral", 3), ("ddim", 2)),
+                             device="cpu")
+    assert [(r["backend"], r["sampler"], r["steps"]) for r in rows] == [
+        (b, s, n) for b in backends for s, n in (("ancestral", 3), ("ddim", 2))]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["network_s"] > 0 and r["overhead"] > 0
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert abs(r["net_evals_per_s"] - r["images_per_s"] * r["steps"]) < 1e-6 * r["net_evals_per_s"]
+    with pytest.raises(ValueError, match="backends"):
+        ddpm.bench_sample("digits", batch=2, backends=("tpu",), repeats=1, runs=(("ddim", 1),), device="cpu")
+
+
+def test_bench_train_cli_json():
+    res = cli("bench", "train", "--batch", 4, "--steps", 2, "--repeats", 1, "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert row["preset"] == "digits" and row["images_per_s"] > 0 and row["peak_memory_bytes"] > 0
+    assert row["achieved_tflops"] > 0
+    assert_user_error(cli("bench", "train", "--precision", "fp8"), "precision must be one of")
