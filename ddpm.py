@@ -1246,36 +1246,58 @@ def bench_train_cmd(preset: str = Opt("digits"), batch: int = Opt(64), precision
     _print_table([bench_train(preset, batch, precision, compile, channels_last, synthetic, steps, repeats, device)], json_)
 
 
+FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
+
+
 @app.command("fd")
 def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
            n: int = Opt(360, "--n", help="samples to draw from a checkpoint"), sampler: str = Opt("ancestral"),
            steps: int = Opt(None), eta: float = Opt(0.0), variance: str = Opt(None, help="override the sampler's variance"),
+           table: bool = Opt(False, help="the DDIM table: S in 10,20,50,100,1000 x eta in 0,0.5,1, and ancestral "
+                                         "with fixed_small and fixed_large, as a Markdown table"),
            seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json")):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by."""
     import json
     features = digits_features()
     train, held = load_digits_data()
+    ref = features(train)
+    floor = frechet_distance(features(held), ref)
     if source.endswith(".npz"):
         arr = _load_npz(source)
-    else:
-        dev = resolve_device(device)
-        model, diffusion, _, shape = load_model(source, True, dev)
-        if shape != (1, 8, 8):
-            raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
-        if variance:
-            diffusion = Diffusion(diffusion.betas, diffusion.parameterization, variance)
-        plan = make_plan(diffusion, sampler, steps, eta)
-        gen = torch.Generator(dev).manual_seed(seed)
-        arr = to_uint8(sample(model, plan, (n, 1, 8, 8), torch_noise(gen, dev), progress=True))
-    if arr.shape[1:] != (1, 8, 8):
-        raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
-    ref = features(train)
-    res = {"fd": frechet_distance(features(arr), ref), "floor": frechet_distance(features(held), ref),
-           "n": len(arr), "n_floor": len(held)}
-    typer.echo(json.dumps(res) if json_ else
-               f"FD {res['fd']:.3f} ({res['n']} samples vs the training split); real-vs-real floor {res['floor']:.3f} "
-               f"({res['n_floor']} held-out images)")
+        if arr.shape[1:] != (1, 8, 8):
+            raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
+        res = {"fd": frechet_distance(features(arr), ref), "floor": floor, "n": len(arr), "n_floor": len(held)}
+        typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({res['n']} samples vs the training split); "
+                   f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+        return
+    dev = resolve_device(device)
+    model, diffusion, _, shape = load_model(source, True, dev)
+    if shape != (1, 8, 8):
+        raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
+
+    def fd_of(sampler, steps, eta, variance=None):
+        d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
+        x = sample(model, make_plan(d, sampler, steps, eta), (n, *shape),
+                   torch_noise(torch.Generator(dev).manual_seed(seed), dev), progress=True)
+        return frechet_distance(features(to_uint8(x)), ref)
+
+    if not table:
+        res = {"fd": fd_of(sampler, steps, eta, variance), "floor": floor, "n": n, "n_floor": len(held)}
+        typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({n} samples vs the training split); "
+                   f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+        return
+    rows = {f"DDIM eta = {e:g}": [fd_of("ddim", s, e) for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
+    rows.update({f"ancestral, {v}": ["", "", "", "", fd_of("ancestral", diffusion.T, 0.0, v)]
+                 for v in ("fixed_small", "fixed_large")})
+    if json_:
+        typer.echo(json.dumps({"steps": FD_TABLE_STEPS, "rows": rows, "floor": floor, "n": n}))
+        return
+    typer.echo("| sampler | " + " | ".join(f"S = {s}" for s in FD_TABLE_STEPS) + " |")
+    typer.echo("|---" * (len(FD_TABLE_STEPS) + 1) + "|")
+    for name, values in rows.items():
+        typer.echo(f"| {name} | " + " | ".join(v if v == "" else f"{v:.3f}" for v in values) + " |")
+    typer.echo(f"\nreal-vs-real floor (360 held-out vs training): {floor:.3f}; {n} samples per cell")
 
 
 @app.command("info")
