@@ -11,7 +11,9 @@ the closed-form oracles of the tests are others.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal, get_args
@@ -602,7 +604,6 @@ def load_dataset(data: str = "digits", image_size: int | None = None):
     """(train, held_out) uint8 NCHW numpy arrays. data: "digits", a folder of PNG/JPEG images, a
     cifar-10-batches-py folder, or a .npz file (uint8 NHWC under arr_0). Folders and .npz files keep
     their last 5% (at least 1 image) as the held-out split."""
-    import os
     if data == "digits":
         return load_digits_data()
     if not os.path.exists(data):
@@ -706,7 +707,6 @@ def make_model(cfg: TrainConfig, image_shape):
 
 def save_checkpoint(path, state: dict) -> None:
     """torch.save to a temporary file in the same folder, then an atomic rename."""
-    import os
     import tempfile
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -722,7 +722,6 @@ def save_checkpoint(path, state: dict) -> None:
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """A checkpoint written by `ddpm train`, or a UserError saying why it is not one."""
-    import os
     import pickle
     import zipfile
     if not os.path.isfile(path):
@@ -778,7 +777,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Algorithm 1: repeat { x0 ~ q(x0), t ~ U, eps ~ N(0, I), gradient step on the loss } with AdamW,
     warm-up, gradient clipping, EMA, optional autocast / torch.compile / DDP (under torchrun).
     Writes cfg.out/checkpoint.pt every checkpoint_every steps and at the end. Returns a summary."""
-    import os
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     cfg.validate()
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -792,6 +790,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     device = resolve_device(cfg.device)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     os.makedirs(cfg.out, exist_ok=True)
+    if not resume and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         cfg = TrainConfig(**{**state["config"], "steps": cfg.steps, "out": cfg.out})
@@ -827,19 +827,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             return net(x_t.contiguous(memory_format=memory_format), t).float()
 
     def checkpoint():
-        if rank != 0:
-            return
-        rng = _rng_state(gen)
-        if ddp:
+        rngs = [_rng_state(gen)]
+        if ddp:  # every rank takes part in the gather; rank 0 writes
             import torch.distributed as dist
             rngs = [None] * dist.get_world_size()
-            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(rngs, _rng_state(gen))
+        if rank != 0:
+            return
         save_checkpoint(ckpt_path, {
             "format": CHECKPOINT_FORMAT, "version": __version__, "config": vars(cfg).copy(),
             "image_shape": list(image_shape), "step": step, "model": model.state_dict(),
             "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
             "timesteps": {k: torch.from_numpy(v) for k, v in timesteps.state_dict().items()},
-            "rng": rngs if ddp else [rng]})
+            "rng": rngs})
 
     losses, bad = [], torch.zeros((), dtype=torch.bool, device=device)
     running = torch.zeros((), device=device)
@@ -961,7 +961,6 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     """Images/s and network evaluations/s of each backend for each (sampler, steps), and the loop overhead:
     the loop's time / the time of the same number of bare network calls. Weights are the preset's
     initialisation with a random output layer (speed does not depend on them)."""
-    import os
     import subprocess
     import tempfile
     import unet
@@ -1007,7 +1006,6 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                 cmd = [runner, "--model", onnx_path, "--n", str(batch), "--sampler", sampler, "--steps", str(steps),
                        "--json", "--out", os.path.join(tmp, "x.npy"), "--provider", "cuda" if dev.type == "cuda" else "cpu"]
                 cmd += ["--threads", str(threads)] if threads else []
-                import json
                 runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
                                         .splitlines()[-1]) for _ in range(repeats + 1)][1:]
                 times = [r["total_s"] for r in runs_json]
@@ -1153,7 +1151,6 @@ def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint
             seed: int = Opt(0), ema: bool = Opt(True), device: str = Opt("auto"),
             json_: bool = Opt(False, "--json", help="print JSON")):
     """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
-    import json
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
     _, held_out = load_dataset(data or cfg.data, cfg.image_size)
@@ -1215,7 +1212,6 @@ app.add_typer(bench_app, name="bench")
 
 def _print_table(rows: list[dict], json_: bool) -> None:
     """Rows as JSON, or as a plain fixed-width table (it stays readable in a log or a narrow terminal)."""
-    import json
     if json_:
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -1258,7 +1254,6 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
            seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json")):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by."""
-    import json
     features = digits_features()
     train, held = load_digits_data()
     ref = features(train)

@@ -134,15 +134,26 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
         assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = ddpm.TrainConfig(**{**FAST, "steps": 20}, out=str(tmp_path))
-    ddpm.train(cfg, progress=False)
-    good = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
-    cfg = ddpm.TrainConfig(**{**FAST, "lr": 1e30, "grad_clip": 1e30}, out=str(tmp_path))
-    with pytest.raises(ddpm.UserError, match="NaN or inf"):
-        ddpm.train(cfg, resume=True, progress=False)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+    real = ddpm.training_losses
+
+    def diverging(*args, **kwargs):  # the loss turns NaN from the 26th step on
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 25 else loss
+    monkeypatch.setattr(ddpm, "training_losses", diverging)
+    cfg = ddpm.TrainConfig(**{**FAST, "checkpoint_every": 10, "log_every": 10}, out=str(tmp_path))
+    with pytest.raises(ddpm.UserError, match="NaN or inf before step 30"):
+        ddpm.train(cfg, progress=False)
     kept = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert kept["step"] == good["step"] and all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert kept["step"] == 20 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 10, "checkpoint_every": 10}, out=str(tmp_path)), progress=False)
+    with pytest.raises(ddpm.UserError, match="pass --resume"):
+        ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path)), progress=False)
 
 
 def test_ddp_two_cpu_processes(tmp_path):
