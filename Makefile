@@ -24,7 +24,7 @@ cpp: $(STAMP)
 	PYTHON=$(abspath $(PY)) sh cpp_runner/build.sh
 
 test: $(STAMP) cpp
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 demo: $(STAMP) cpp
 	$(DDPM) train --out $(RUN)

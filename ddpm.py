@@ -216,6 +216,12 @@ class Diffusion:
 
 # ------------------------------------------------------------------------------ losses and bits/dim
 
+def _stderr():
+    """Progress bars go to stderr: stdout carries results (tables, JSON) that users redirect."""
+    from rich.console import Console
+    return Console(stderr=True)
+
+
 def mean_flat(x):
     """Mean over every dimension but the batch one: losses here are per pixel (per dimension)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -349,7 +355,7 @@ def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | N
     terms = torch.zeros(B, diffusion.T, dtype=torch.float64)
     mse = torch.zeros(B, diffusion.T, dtype=torch.float64)
     steps = range(diffusion.T - 1, -1, -1)
-    for i in track(steps, description="bits/dim", disable=not progress, transient=True):
+    for i in track(steps, description="bits/dim", disable=not progress, transient=True, console=_stderr()):
         t = torch.full((B,), i, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0, t, noise)
@@ -501,7 +507,7 @@ def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.
     t_all = torch.as_tensor(plan.t, device=dev)
     history = []
     for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add) in enumerate(
-            track(rows, description="sampling", disable=not progress, transient=True)):
+            track(rows, description="sampling", disable=not progress, transient=True, console=_stderr())):
         out = model(x, t_all[k].expand(B)).float()
         x0 = ax * x + ao * out[:, :C]
         if plan.clip:
@@ -845,7 +851,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     running = torch.zeros((), device=device)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress or rank != 0, transient=False)
+                   TimeRemainingColumn(), disable=not progress or rank != 0, transient=False, console=_stderr())
     start_step, t0 = step, time.perf_counter()
     with bar:
         task = bar.add_task("train", total=cfg.steps, completed=step, info="")
@@ -1196,7 +1202,7 @@ def onnx_sample_cmd(
     _check_out(out)
     check_choice("provider", provider, Literal["auto", "cpu", "cuda"])
     onnx_sampler = OnnxSampler(model, provider, threads)
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, console=_stderr()) as bar:
         task = bar.add_task("sampling", total=None)
         x, timing = onnx_sampler.sample(n, sampler, steps, eta, spacing, clip, seed, batch_size,
                                         progress=lambda k, K: bar.update(task, completed=k, total=K),
