@@ -950,16 +950,19 @@ def _median_spread(times):
     return {"median_s": float(np.median(times)), "min_s": float(min(times)), "max_s": float(max(times))}
 
 
-def _timed(fn, repeats: int, sync=lambda: None):
+def _timed(fn, repeats: int, sync=lambda: None, bare=None):
+    """Seconds of `repeats` calls of fn after one warm-up call. With `bare`, each repeat also times bare()
+    right after fn(), and the pairs are returned: a shared machine drifts less within a pair."""
     fn()  # warm-up, excluded
     sync()
-    times = []
+    times, bare_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
+        for f, out in ((fn, times), (bare, bare_times))[:2 if bare else 1]:
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return (times, bare_times) if bare else times
 
 
 def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "ort", "cpp"), repeats: int = 3,
@@ -990,20 +993,18 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
         if backend in ("torch", "compile"):
             net = torch.compile(model) if backend == "compile" else model
             for sampler, steps in runs:
-                with torch.no_grad():
-                    bare = _timed(lambda: [net(x, t) for _ in range(steps)], repeats, sync)
                 plan = make_plan(diffusion, sampler, steps)
                 gen = torch.Generator(dev).manual_seed(0)
-                times = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync)
-                rows.append(_bench_row(backend, sampler, steps, batch, times, np.median(bare), str(dev)))
+                times, bare = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync,
+                                     bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
+                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, str(dev)))
         elif backend == "ort":
             from export.onnx_sampler import OnnxSampler
             ort_sampler = OnnxSampler(onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads)
-            feed = {"x": x.cpu().numpy(), "t": t.cpu().numpy()}
-            for sampler, steps in runs:
-                bare = _timed(lambda: [ort_sampler.session.run(None, feed) for _ in range(steps)], repeats)
-                times = _timed(lambda: ort_sampler.sample(batch, sampler, steps), repeats)
-                rows.append(_bench_row(backend, sampler, steps, batch, times, np.median(bare), ort_sampler.provider))
+            for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
+                timings = [ort_sampler.sample(batch, sampler, steps, return_timing=True)[1] for _ in range(repeats + 1)]
+                times, bare = [r["total_s"] for r in timings[1:]], [r["network_s"] for r in timings[1:]]
+                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, ort_sampler.provider))
         elif backend == "cpp":
             runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
             if not os.path.exists(runner):
@@ -1014,19 +1015,20 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                 cmd += ["--threads", str(threads)] if threads else []
                 runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
                                         .splitlines()[-1]) for _ in range(repeats + 1)][1:]
-                times = [r["total_s"] for r in runs_json]
-                network = float(np.median([r["network_s"] for r in runs_json]))
-                rows.append(_bench_row("cpp", sampler, steps, batch, times, network, runs_json[0]["provider"]))
+                times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
+                rows.append(_bench_row("cpp", sampler, steps, batch, times, bare, runs_json[0]["provider"]))
         else:
             raise ValueError(f"backends must be among torch, compile, ort, cpp, got {backend!r}")
     return rows
 
 
-def _bench_row(backend, sampler, steps, batch, times, network_s, where):
+def _bench_row(backend, sampler, steps, batch, times, network_times, where):
+    """One report row; overhead is the median over repeats of loop time / network time of that repeat."""
     med = float(np.median(times))
     return {"backend": backend, "sampler": sampler, "steps": steps, "batch": batch, "device": where,
             **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": batch * steps / med,
-            "network_s": float(network_s), "overhead": med / network_s}
+            "network_s": float(np.median(network_times)),
+            "overhead": float(np.median(np.array(times) / np.array(network_times)))}
 
 
 def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32", compile: bool = False,
