@@ -810,6 +810,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema.eval()  # only ever sampled from: no dropout, and no draws from the global RNG that training uses
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")
     timesteps = TimestepSampler(diffusion.T, cfg.importance)

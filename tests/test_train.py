@@ -150,6 +150,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert kept["step"] == 20 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
+def test_sample_grids_do_not_change_training(tmp_path):
+    for name, every in (("a", 10_000), ("b", 5)):
+        ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 20, "sample_every": every}, out=str(tmp_path / name)),
+                   progress=False)
+    assert (tmp_path / "b" / "samples-5.png").exists()
+    a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_a_finished_run_is_not_overwritten(tmp_path):
     ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 10, "checkpoint_every": 10}, out=str(tmp_path)), progress=False)
     with pytest.raises(ddpm.UserError, match="pass --resume"):
