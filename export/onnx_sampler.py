@@ -380,6 +380,12 @@ def image_grid(pixels: np.ndarray, pad: int = 2) -> np.ndarray:
     return grid[:, :, 0] if C == 1 else grid
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
     """Write `data` to a temporary file in path's folder, call before_replace(temporary path) if given
     (it may raise to abandon the write), then rename it over `path`: readers never see half a file."""
@@ -389,6 +395,7 @@ def write_atomically(path, data: bytes, before_replace: Callable[[str], None] | 
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if before_replace:
