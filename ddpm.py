@@ -787,8 +787,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     Writes cfg.out/checkpoint.pt every checkpoint_every steps and at the end. Returns a summary."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     cfg.validate()
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    ddp = world > 1
     if ddp:
         import torch.distributed as dist
         dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
