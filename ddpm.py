@@ -81,10 +81,22 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- diffusion
 
+_DEVICE_TABLES: dict = {}  # (id(table), device) -> (table, its copy on the device): one copy, not one per step
+
+
+def _on_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.from_numpy(table)  # shares the numpy memory
+    key = (id(table), str(device))
+    if key not in _DEVICE_TABLES:  # the table is kept in the value, so its id cannot be reused
+        _DEVICE_TABLES[key] = (table, torch.from_numpy(table).to(device))
+    return _DEVICE_TABLES[key][1]
+
+
 def _broadcast(table: np.ndarray, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """table[t] as a [B, 1, ..., 1] tensor in x's dtype and device (the float64 -> working dtype step)."""
     assert t.ndim == 1 and t.shape[0] == x.shape[0], (t.shape, x.shape)
-    values = torch.from_numpy(table).to(x.device)[t.to(x.device).long()]
+    values = _on_device(table, x.device)[t.to(x.device).long()]
     return values.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -126,6 +138,7 @@ class Diffusion:
         first = self.posterior_variance[1] if self.T > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.fixed_large_log_variance = np.log(np.append(first, betas[1:]))
+        self.log_betas = np.log(betas)
 
     # forward process
     def q_mean_variance(self, x0, t):
@@ -184,7 +197,7 @@ class Diffusion:
         if self.variance == "fixed_large":
             return _broadcast(self.fixed_large_log_variance, t, x_t).expand_as(x_t)
         frac = (var_out + 1) / 2
-        return (frac * _broadcast(np.log(self.betas), t, x_t)
+        return (frac * _broadcast(self.log_betas, t, x_t)
                 + (1 - frac) * _broadcast(self.posterior_log_variance_clipped, t, x_t))
 
     def p_mean_variance(self, output, x_t, t, clip_denoised: bool = False):
@@ -452,7 +465,7 @@ def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int |
     sub = diffusion.respace(ts)
     ab, ab_prev = sub.alphas_cumprod, sub.alphas_cumprod_prev
     x0_x, x0_o = x0_coefficients(ab, diffusion.parameterization)
-    log_var_min, log_var_max = sub.posterior_log_variance_clipped, np.log(sub.betas)
+    log_var_min, log_var_max = sub.posterior_log_variance_clipped, sub.log_betas
     if sampler == "ancestral":
         mean_x0, mean_xt = sub.posterior_mean_coef1, sub.posterior_mean_coef2
         log_var = sub.fixed_large_log_variance if diffusion.variance == "fixed_large" else log_var_min
