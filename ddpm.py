@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Literal, get_args
 
 import numpy as np
@@ -217,6 +218,11 @@ class Diffusion:
         eps = self.from_x0(x_t, t, self.to_x0(x_t, t, pred, self.parameterization), "eps")
         return -eps / _broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t)
 
+    @cached_property
+    def lambda_vlb(self) -> np.ndarray:
+        """vlb_weights(self), computed once (training reads it every step)."""
+        return vlb_weights(self)
+
     def respace(self, timesteps) -> "Diffusion":
         """The process restricted to the kept `timesteps` (improved DDPM, Section 4): new betas
         1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}} keep alpha_bar at every kept step. The model is still
@@ -309,7 +315,7 @@ def training_losses(diffusion: Diffusion, model, x0, t, noise=None, loss: LossTy
     target = diffusion.from_x0(x_t, t, x0, diffusion.parameterization)
     mse = mean_flat((target - pred) ** 2)
     if weighting == "vlb":
-        mse = mse * torch.from_numpy(vlb_weights(diffusion)).to(mse)[t]
+        mse = mse * _broadcast(diffusion.lambda_vlb, t, mse[:, None]).flatten()
     if loss == "simple":
         return mse
     frozen = pred.detach() if var_out is None else torch.cat([pred.detach(), var_out], dim=1)
@@ -640,10 +646,10 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(x):
-    """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch); the same
+    rounding as the onnxruntime sampler and the C++ runner."""
+    from export.onnx_sampler import to_uint8 as pixels
+    return pixels(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
 # ---------------------------------------------------------------------------------- training (Alg. 1)
