@@ -2,7 +2,8 @@
 
 Sections, in order: schedules -> Diffusion (forward process, posterior, parameterisations, variances)
 -> losses and bits/dim -> sampling plans and samplers (Algorithm 2, DDIM) -> data -> training
-(Algorithm 1) -> command line (`ddpm ...`).
+(Algorithm 1) -> measurement (fd, bench) -> command line (`ddpm ...`). The sampling plan is built in
+export/onnx_sampler.py (numpy, no torch), which the onnxruntime sampler shares; this module executes it.
 
 Conventions. Timesteps are stored 0..T-1: index 0 is the paper's t=1 and index T-1 its t=T. Every
 per-timestep table is numpy float64, computed once; it is cast to the working dtype only when it is
@@ -11,26 +12,28 @@ the closed-form oracles of the tests are others.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Literal, get_args
 
 import numpy as np
 import torch
 
-__version__ = "0.1.0"
+from . import unet
+from .export import onnx_sampler
+from .export.onnx_sampler import (Plan, ddim_coefficients, ddim_sigma, posterior_coefficients,  # noqa: F401
+                                  save_images, space_timesteps, write_atomically, x0_coefficients)
 
-Parameterization = Literal["eps", "x0", "v"]
-Variance = Literal["fixed_small", "fixed_large", "learned_range"]
-LossType = Literal["simple", "vlb", "hybrid"]
-Weighting = Literal["constant", "vlb"]
-Sampler = Literal["ancestral", "ddim"]
-Spacing = Literal["uniform", "linspace", "trailing", "quadratic"]
-Schedule = Literal["linear", "cosine", "quad", "sigmoid", "const", "jsd"]
+__version__ = importlib.metadata.version("ddpm-reference")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad file, bad option): one line, exit status 2."""
 
 
 def check_choice(name: str, value, kind) -> None:
@@ -40,6 +43,9 @@ def check_choice(name: str, value, kind) -> None:
 
 
 # ----------------------------------------------------------------------------------------- schedules
+
+Schedule = Literal["linear", "cosine", "quad", "sigmoid", "const", "jsd"]
+
 
 def beta_schedule(name: Schedule, T: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
                   s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
@@ -81,6 +87,9 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- diffusion
+
+Parameterization = Literal[onnx_sampler.PARAMETERIZATIONS]  # eps | x0 | v
+Variance = Literal[onnx_sampler.VARIANCES]  # fixed_small | fixed_large | learned_range
 
 _DEVICE_TABLES: dict = {}  # (id(table), device) -> (table, its copy on the device): one copy, not one per step
 
@@ -235,10 +244,8 @@ class Diffusion:
 
 # ------------------------------------------------------------------------------ losses and bits/dim
 
-def _stderr():
-    """Progress bars go to stderr: stdout carries results (tables, JSON) that users redirect."""
-    from rich.console import Console
-    return Console(stderr=True)
+LossType = Literal["simple", "vlb", "hybrid"]
+Weighting = Literal["constant", "vlb"]
 
 
 def mean_flat(x):
@@ -365,139 +372,51 @@ class TimestepSampler:
 
 @torch.no_grad()
 def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | None = None,
-                 progress: bool = False):
+                 callback: Callable[[dict], None] | None = None):
     """The full variational bound of Ho et al., Eq. (5), in bits/dim per example: L_T + sum_{t>1} L_{t-1}
     + L_0, each term evaluated at one x_t ~ q(x_t | x_0) (improved-diffusion's calc_bpd_loop).
-    Returns total, prior (L_T), vb (sum of the KL terms), decoder (L_0), terms [B, T] and mse [B, T]."""
-    from rich.progress import track
+    Returns total, prior (L_T), vb (sum of the KL terms), decoder (L_0), terms [B, T] and mse [B, T]
+    (float64, on the CPU). callback({"i", "t"}) is called after each of the T evaluations."""
     B = x0.shape[0]
-    terms = torch.zeros(B, diffusion.T, dtype=torch.float64)
-    mse = torch.zeros(B, diffusion.T, dtype=torch.float64)
-    steps = range(diffusion.T - 1, -1, -1)
-    for i in track(steps, description="bits/dim", disable=not progress, transient=True, console=_stderr()):
+    terms = torch.zeros(B, diffusion.T, dtype=torch.float64, device=x0.device)  # on the device: no sync per t
+    mse = torch.zeros_like(terms)
+    for k, i in enumerate(range(diffusion.T - 1, -1, -1)):
         t = torch.full((B,), i, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0, t, noise)
         output = model(x_t, t)
-        terms[:, i] = vlb_terms(diffusion, output, x0, x_t, t).double().cpu()
+        terms[:, i] = vlb_terms(diffusion, output, x0, x_t, t).double()
         pred, _ = diffusion.split_output(output, x_t)
         eps = diffusion.from_x0(x_t, t, diffusion.to_x0(x_t, t, pred, diffusion.parameterization), "eps")
-        mse[:, i] = mean_flat((eps - noise) ** 2).double().cpu()
-    prior = prior_bpd(diffusion, x0).double().cpu()
+        mse[:, i] = mean_flat((eps - noise) ** 2).double()
+        if callback:
+            callback({"i": k, "t": i})
+    prior, terms, mse = prior_bpd(diffusion, x0).double().cpu(), terms.cpu(), mse.cpu()
     return {"total": prior + terms.sum(1), "prior": prior, "vb": terms[:, 1:].sum(1),
             "decoder": terms[:, 0], "terms": terms, "mse": mse}
 
 
 # --------------------------------------------------------------------- sampling plans and samplers
+# A sampler is a Plan: plain numpy arrays of per-step coefficients (Plan, space_timesteps, x0_coefficients,
+# posterior_coefficients, ddim_sigma and ddim_coefficients live in export/onnx_sampler.py, which needs no
+# torch). run_plan executes one in torch; the onnxruntime sampler and the C++ runner execute the same plan.
 
-def space_timesteps(T: int, steps: int, spacing: Spacing = "uniform") -> np.ndarray:
-    """The kept timestep indices, ascending, as the reference implementations choose them:
-    uniform: i * (T // S) (DDIM's "uniform", diffusers' "leading"); linspace: round(linspace(0, T-1, S))
-    (diffusers); trailing: round(T - i T/S) - 1 (Lin et al. 2023; always keeps T-1); quadratic:
-    int(linspace(0, sqrt(0.8 T), S)^2) (DDIM). round is numpy's, half to even."""
-    check_choice("spacing", spacing, Spacing)
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
-    if steps == T:
-        return np.arange(T, dtype=np.int64)
-    if spacing == "uniform":
-        ts = np.arange(steps) * (T // steps)
-    elif spacing == "linspace":
-        ts = np.round(np.linspace(0, T - 1, steps))
-    elif spacing == "trailing":
-        ts = np.round(T - np.arange(steps)[::-1] * (T / steps)) - 1
-    else:
-        ts = np.linspace(0, math.sqrt(0.8 * T), steps) ** 2
-    ts = ts.astype(np.int64)
-    if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] > T - 1:
-        raise ValueError(f"spacing {spacing!r} cannot give {steps} distinct steps for T={T}")
-    return ts
-
-
-@dataclass
-class Plan:
-    """A sampler as plain data, in sampling order (step k uses network timestep t[k]). One step:
-        x0 = clip?(x0_x * x + x0_o * out[:, :C])
-        x  = mean_x0 * x0 + mean_xt * x  (+ sigma * z when add_noise)
-    with sigma = exp((frac * log_var_max + (1 - frac) * log_var_min) / 2), frac = (out[:, C:] + 1) / 2,
-    when `learned`. The torch sampler, the onnxruntime sampler and the C++ runner all execute this."""
-    t: np.ndarray
-    x0_x: np.ndarray
-    x0_o: np.ndarray
-    mean_x0: np.ndarray
-    mean_xt: np.ndarray
-    sigma: np.ndarray
-    log_var_min: np.ndarray
-    log_var_max: np.ndarray
-    add_noise: np.ndarray
-    learned: bool
-    clip: bool
-
-    def __len__(self):
-        return len(self.t)
-
-
-def x0_coefficients(ab: np.ndarray, parameterization: Parameterization):
-    """(a, b) with x0 = a x_t + b * output, for each parameterisation (Eq. 4 solved for x_0)."""
-    if parameterization == "eps":
-        return np.sqrt(1.0 / ab), -np.sqrt(1.0 / ab - 1.0)
-    if parameterization == "v":
-        return np.sqrt(ab), -np.sqrt(1.0 - ab)
-    return np.zeros_like(ab), np.ones_like(ab)
-
-
-def ddim_coefficients(ab: np.ndarray, ab_to: np.ndarray, sigma: np.ndarray):
-    """DDIM's update, Song et al. Eq. (12), x_to = sqrt(ab_to) x0 + sqrt(1 - ab_to - sigma^2) eps + sigma z,
-    with eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab) re-derived from the (clipped) x0: returns the
-    coefficients of x0 and of x_t."""
-    d = np.sqrt(np.maximum(1.0 - ab_to - sigma ** 2, 0.0))
-    return np.sqrt(ab_to) - d * np.sqrt(ab) / np.sqrt(1.0 - ab), d / np.sqrt(1.0 - ab)
-
-
-def ddim_sigma(ab: np.ndarray, ab_prev: np.ndarray, eta: float) -> np.ndarray:
-    """sigma_t(eta) of DDIM, Eq. (16): eta = 1 is the DDPM posterior standard deviation, eta = 0 none."""
-    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+Sampler = Literal[onnx_sampler.SAMPLERS]  # ancestral | ddim
+Spacing = Literal[onnx_sampler.SPACINGS]  # uniform | linspace | trailing | quadratic
 
 
 def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int | None = None,
               eta: float = 0.0, spacing: Spacing = "uniform", clip: bool = True) -> Plan:
-    """The plan of Algorithm 2 (ancestral, over all T steps or a respaced subset) or of DDIM with eta.
-    steps defaults to T for ancestral and to min(50, T) for DDIM."""
-    check_choice("sampler", sampler, Sampler)
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    steps = steps or (diffusion.T if sampler == "ancestral" else min(50, diffusion.T))
-    ts = space_timesteps(diffusion.T, steps, spacing)
-    sub = diffusion.respace(ts)
-    ab, ab_prev = sub.alphas_cumprod, sub.alphas_cumprod_prev
-    x0_x, x0_o = x0_coefficients(ab, diffusion.parameterization)
-    log_var_min, log_var_max = sub.posterior_log_variance_clipped, sub.log_betas
-    if sampler == "ancestral":
-        mean_x0, mean_xt = sub.posterior_mean_coef1, sub.posterior_mean_coef2
-        log_var = sub.fixed_large_log_variance if diffusion.variance == "fixed_large" else log_var_min
-        sigma = np.exp(0.5 * log_var)
-    else:
-        sigma = ddim_sigma(ab, ab_prev, eta)
-        mean_x0, mean_xt = ddim_coefficients(ab, ab_prev, sigma)
-    add_noise = (np.arange(steps) > 0) & (sampler == "ancestral" or eta > 0)
-    learned = diffusion.variance == "learned_range" and sampler == "ancestral"
-    rev = [np.ascontiguousarray(a[::-1]) for a in
-           (ts, x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, add_noise)]
-    return Plan(*rev, learned=learned, clip=clip)
+    """The plan of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM Section 4) or of DDIM
+    with eta (Song et al. Eq. 12, 16) for `diffusion`; steps defaults to T (ancestral) and min(50, T) (DDIM)."""
+    return onnx_sampler.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance,
+                                  sampler, steps, eta, spacing, clip)
 
 
 def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing = "uniform") -> Plan:
-    """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3): the data is taken as x at the
-    first kept step, and each step runs Eq. (12) with eta = 0 forward, from t_k to t_{k+1}. Decoding the
-    result with the DDIM plan of the same steps reconstructs the data."""
-    steps = steps or min(50, diffusion.T)
-    ts = space_timesteps(diffusion.T, steps, spacing)
-    ab = diffusion.alphas_cumprod[ts]
-    x0_x, x0_o = x0_coefficients(ab[:-1], diffusion.parameterization)
-    mean_x0, mean_xt = ddim_coefficients(ab[:-1], ab[1:], np.zeros(steps - 1))
-    zeros = np.zeros(steps - 1)
-    return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros,
-                np.zeros(steps - 1, dtype=bool), learned=False, clip=False)
+    """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3); decoding the result with the DDIM
+    plan of the same steps reconstructs the data."""
+    return onnx_sampler.ddim_inversion_plan(diffusion.alphas_cumprod, diffusion.parameterization, steps, spacing)
 
 
 def numpy_noise(seed: int, device="cpu") -> Callable[[tuple], torch.Tensor]:
@@ -514,19 +433,17 @@ def torch_noise(generator: torch.Generator | None = None, device="cpu") -> Calla
 
 @torch.no_grad()
 def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.Tensor] | None = None,
-             progress: bool = False, intermediates: bool = False):
-    """Execute a plan from x (x_T for sampling, data for DDIM inversion). Per step the arithmetic is a
-    handful of fused elementwise ops on the device; no host synchronisation. Returns x, or (x, [x after
-    each step]) when intermediates is set."""
-    from rich.progress import track
+             callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Execute a plan from x (x_T for sampling, data for DDIM inversion) and return the final x. Per step
+    the arithmetic is a handful of fused elementwise ops on the device; no host synchronisation.
+    callback({"i", "t", "x", "x0"}) is called after each step with the step's index, its timestep, the new
+    x and the (clipped) x_0 prediction (new tensors at every step: keep them without copying)."""
     C, B, dev = x.shape[1], x.shape[0], x.device
-    rows = list(zip(plan.t.tolist(), plan.x0_x.tolist(), plan.x0_o.tolist(), plan.mean_x0.tolist(),
-                    plan.mean_xt.tolist(), plan.sigma.tolist(), plan.log_var_min.tolist(),
-                    plan.log_var_max.tolist(), plan.add_noise.tolist()))
+    rows = zip(plan.t.tolist(), plan.x0_x.tolist(), plan.x0_o.tolist(), plan.mean_x0.tolist(),
+               plan.mean_xt.tolist(), plan.sigma.tolist(), plan.log_var_min.tolist(),
+               plan.log_var_max.tolist(), plan.add_noise.tolist())
     t_all = torch.as_tensor(plan.t, device=dev)
-    history = []
-    for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add) in enumerate(
-            track(rows, description="sampling", disable=not progress, transient=True, console=_stderr())):
+    for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add) in enumerate(rows):
         out = model(x, t_all[k].expand(B)).float()
         x0 = ax * x + ao * out[:, :C]
         if plan.clip:
@@ -539,35 +456,35 @@ def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.
                 x = x + torch.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z
             else:
                 x = x + sigma * z
-        if intermediates:
-            history.append(x.clone())
-    return (x, history) if intermediates else x
+        if callback:
+            callback({"i": k, "t": t, "x": x, "x0": x0})
+    return x
 
 
 def sample(model, plan: Plan, shape: tuple, noise: Callable[[tuple], torch.Tensor] | None = None,
-           progress: bool = False, intermediates: bool = False):
+           callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Draw x_T ~ N(0, I) of `shape` and run the plan: Algorithm 2, or DDIM (see make_plan).
     `noise` is a callable shape -> tensor (torch_noise(generator) or numpy_noise(seed))."""
     noise = noise or torch_noise()
-    return run_plan(model, plan, noise(tuple(shape)), noise, progress, intermediates)
+    return run_plan(model, plan, noise(tuple(shape)), noise, callback)
 
 
 # ---------------------------------------------------------------------------------------------- data
 
-class UserError(Exception):
-    """A mistake the user can fix (bad path, bad file, bad option): one line, exit status 2."""
-
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_digits_data():
+def load_digits_data(labels: bool = False):
     """scikit-learn's bundled 8x8 digits (17 grey levels 0..16) as uint8 [N, 1, 8, 8] on 0..255, split
-    into 1437 training and 360 held-out images by a fixed permutation."""
+    into 1437 training and 360 held-out images by a fixed permutation: (train, held_out), or with labels
+    (train, held_out, train_labels, held_out_labels), the digit of each image as int64."""
     from sklearn.datasets import load_digits
-    images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     order = np.random.RandomState(0).permutation(len(images))
-    return images[order[:-360]], images[order[-360:]]
+    train, held = order[:-360], order[-360:]
+    split = (images[train], images[held])
+    return (*split, digits.target[train].astype(np.int64), digits.target[held].astype(np.int64)) if labels else split
 
 
 def _load_image_folder(path, image_size: int | None):
@@ -648,8 +565,7 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 def to_uint8(x):
     """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch); the same
     rounding as the onnxruntime sampler and the C++ runner."""
-    from export.onnx_sampler import to_uint8 as pixels
-    return pixels(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    return onnx_sampler.to_uint8(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
 # ---------------------------------------------------------------------------------- training (Alg. 1)
@@ -659,38 +575,44 @@ Device = Literal["auto", "cpu", "cuda"]
 CHECKPOINT_FORMAT = "ddpm-reference-checkpoint-1"
 
 
-@dataclass
+def _option(default, help: str | None = None):
+    """A TrainConfig field: its default and the help of its `ddpm train` option (the CLI is built from these)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
 class TrainConfig:
-    """Everything a run depends on; saved in every checkpoint so that a run can be resumed or rebuilt."""
-    data: str = "digits"
-    preset: str = "digits"
-    image_size: int | None = None
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    accum: int = 1
-    ema_decay: float = 0.999
-    schedule: str = "linear"
-    T: int = 1000
-    zero_terminal_snr: bool = False
-    parameterization: str = "eps"
-    variance: str = "fixed_small"
-    loss: str = "simple"
-    weighting: str = "constant"
-    importance: bool = False
-    flip: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    compile: bool = False
-    channels_last: bool = False
-    checkpoint_every: int = 500
-    sample_every: int = 1000
-    log_every: int = 25
-    out: str = "runs/digits"
+    """Everything a run depends on; saved in every checkpoint so that a run can be resumed or rebuilt.
+    Each field is also an option of `ddpm train` (--batch-size for batch_size), with this default."""
+    data: str = _option("digits", "'digits', an image folder, a cifar-10-batches-py folder, or a .npz")
+    preset: str = _option("digits", "U-Net preset (see `ddpm info`)")
+    image_size: int | None = _option(None, "resize and centre-crop folder images to this size")
+    steps: int = _option(2000, "optimizer steps in total (with --resume: the new total)")
+    batch_size: int = _option(64)
+    lr: float = _option(1e-3)
+    warmup: int = _option(200, "linear learning-rate warm-up steps")
+    weight_decay: float = _option(0.0)
+    grad_clip: float = _option(1.0, "clip the gradient norm to this")
+    accum: int = _option(1, "gradient accumulation: micro-batches per optimizer step")
+    ema_decay: float = _option(0.999)
+    schedule: str = _option("linear", "linear|cosine|quad|sigmoid|const|jsd")
+    T: int = _option(1000, "diffusion steps")
+    zero_terminal_snr: bool = _option(False, "rescale the schedule to alpha_bar_T = 0 (needs v or x0)")
+    parameterization: str = _option("eps", "eps|x0|v")
+    variance: str = _option("fixed_small", "fixed_small|fixed_large|learned_range")
+    loss: str = _option("simple", "simple|vlb|hybrid")
+    weighting: str = _option("constant", "constant|vlb")
+    importance: bool = _option(False, "importance-sample t by the loss second moment")
+    flip: bool = _option(False, "random horizontal flips")
+    seed: int = _option(0)
+    device: str = _option("auto", "auto|cpu|cuda")
+    precision: str = _option("fp32", "fp32|bf16|fp16 autocast")
+    compile: bool = _option(False, "torch.compile the network")
+    channels_last: bool = _option(False)
+    checkpoint_every: int = _option(500)
+    sample_every: int = _option(1000, "write a grid of DDIM samples every this many steps")
+    log_every: int = _option(25, "check the loss for NaN and report it every this many steps")
+    out: str = _option("runs/digits", "run folder: checkpoint.pt and samples-STEP.png")
 
     def validate(self) -> None:
         for name, kind in (("schedule", Schedule), ("parameterization", Parameterization), ("variance", Variance),
@@ -719,32 +641,24 @@ def make_diffusion(cfg: TrainConfig) -> Diffusion:
     return Diffusion(betas, cfg.parameterization, cfg.variance)
 
 
+def preset_config(preset: str) -> dict:
+    """The U-Net keyword arguments of a preset (unet.PRESETS), or ValueError naming the presets."""
+    if preset not in unet.PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(unet.PRESETS)}, got {preset!r}")
+    return unet.PRESETS[preset]
+
+
 def make_model(cfg: TrainConfig, image_shape):
     """The preset's U-Net for `image_shape` (C, H, W); 2C output channels for learned_range."""
-    import unet
-    if cfg.preset not in unet.PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(unet.PRESETS)}, got {cfg.preset!r}")
     C, H, _ = image_shape
-    kwargs = dict(unet.PRESETS[cfg.preset], in_channels=C, image_size=H)
+    kwargs = dict(preset_config(cfg.preset), in_channels=C, image_size=H)
     kwargs["out_channels"] = 2 * C if cfg.variance == "learned_range" else C
     return unet.UNet(**kwargs)
 
 
 def save_checkpoint(path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename."""
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        from export.onnx_sampler import _umask
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save, written atomically: a run killed while saving keeps its previous checkpoint."""
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -793,18 +707,89 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
 
 def save_grid(model, diffusion: Diffusion, image_shape, path, n: int = 64, seed: int = 0, steps: int = 50):
     """A grid of n DDIM samples (eta = 0, `steps` steps) written as a PNG."""
-    from export.onnx_sampler import save_images
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     plan = make_plan(diffusion, "ddim", min(steps, diffusion.T))
     save_images(sample(model, plan, (n, *image_shape), torch_noise(gen, device)).cpu().numpy(), path)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Algorithm 1: repeat { x0 ~ q(x0), t ~ U, eps ~ N(0, I), gradient step on the loss } with AdamW,
-    warm-up, gradient clipping, EMA, optional autocast / torch.compile / DDP (under torchrun).
-    Writes cfg.out/checkpoint.pt every checkpoint_every steps and at the end. Returns a summary."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+class Trainer:
+    """The state of a run (network, EMA, optimizer, timestep sampler, RNG, step) and its optimizer step:
+    Algorithm 1 with AdamW, warm-up, gradient clipping and accumulation, EMA, autocast and optional
+    torch.compile / DDP. `ddpm train` and `ddpm bench train` both run Trainer.train_step."""
+
+    def __init__(self, cfg: TrainConfig, image_shape, device: torch.device, rank: int = 0, ddp: bool = False):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.cfg, self.device, self.image_shape = cfg, device, tuple(image_shape)
+        self.diffusion = make_diffusion(cfg)
+        torch.manual_seed(cfg.seed + rank)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = make_model(cfg, image_shape).to(device, memory_format=self.memory_format)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema.eval()  # only ever sampled from: no dropout, and no draws from the global RNG that training uses
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=device.type == "cuda")
+        self.timesteps = TimestepSampler(self.diffusion.T, cfg.importance)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed + rank)
+        net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
+        self.net = torch.compile(net) if cfg.compile else net
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.running = torch.zeros((), device=device)  # summed loss since the last report, kept on the device
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/inf loss since the start
+
+    def eps_theta(self, x_t, t):
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.net(x_t.contiguous(memory_format=self.memory_format), t).float()
+
+    def train_step(self, data: torch.Tensor) -> None:
+        """One optimizer step on cfg.accum batches drawn from `data` (uint8 NCHW on the device), without
+        a host synchronisation: the loss is added to `running` and a non-finite loss sets `bad`."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        for _ in range(cfg.accum):
+            idx = torch.randint(0, len(data), (cfg.batch_size,), device=self.device, generator=self.gen)
+            x0 = to_model_range(data[idx])
+            if cfg.flip:
+                flip = torch.rand(cfg.batch_size, device=self.device, generator=self.gen) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            t, weights = self.timesteps.sample(cfg.batch_size, self.gen, self.device)
+            noise = torch.randn(x0.shape, device=self.device, generator=self.gen)
+            per_example = training_losses(self.diffusion, self.eps_theta, x0, t, noise, cfg.loss, cfg.weighting)
+            loss = (per_example * weights).mean()
+            self.scaler.scale(loss / cfg.accum).backward()
+            self.timesteps.update(t, per_example)
+            self.running += loss.detach() / cfg.accum
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.bad |= ~torch.isfinite(self.running)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update_parameters(self.model)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "timesteps": {k: torch.from_numpy(v) for k, v in self.timesteps.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.module.load_state_dict(state["ema"])
+        self.ema.n_averaged.fill_(state["step"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.timesteps.load_state_dict({k: v.numpy() for k, v in state["timesteps"].items()})
+        self.step = state["step"]
+
+
+def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], None] | None = None) -> dict:
+    """Algorithm 1: repeat { x0 ~ q(x0), t ~ U, eps ~ N(0, I), gradient step on the loss } (Trainer), on
+    every process under torchrun (DDP). Writes cfg.out/checkpoint.pt every checkpoint_every steps and at
+    the end, and a sample grid every sample_every steps. callback({"step", "steps", "loss", "images_per_s"})
+    is called on rank 0 once set up (loss None) and at each log step. Returns a summary."""
     cfg.validate()
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     ddp = world > 1
@@ -824,105 +809,49 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         cfg = TrainConfig(**{**state["config"], "steps": cfg.steps, "out": cfg.out})
     train_data, _ = load_dataset(cfg.data, cfg.image_size)
     data = torch.from_numpy(train_data).to(device)  # whole dataset on the device: no loader in the hot loop
-    image_shape = tuple(train_data.shape[1:])
-    diffusion = make_diffusion(cfg)
-    torch.manual_seed(cfg.seed + rank)
-    model = make_model(cfg, image_shape).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    ema.eval()  # only ever sampled from: no dropout, and no draws from the global RNG that training uses
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")
-    timesteps = TimestepSampler(diffusion.T, cfg.importance)
-    gen = torch.Generator(device).manual_seed(cfg.seed + rank)
-    step = 0
+    trainer = Trainer(cfg, train_data.shape[1:], device, rank, ddp)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(state["step"])
-        opt.load_state_dict(state["optimizer"])
-        timesteps.load_state_dict({k: v.numpy() for k, v in state["timesteps"].items()})
-        _set_rng_state(gen, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step = state["step"]
-    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    net = torch.compile(net) if cfg.compile else net
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-
-    def loss_fn(x_t, t):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return net(x_t.contiguous(memory_format=memory_format), t).float()
+        trainer.load_state_dict(state)
+        _set_rng_state(trainer.gen, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
 
     def checkpoint():
-        rngs = [_rng_state(gen)]
+        rngs = [_rng_state(trainer.gen)]
         if ddp:  # every rank takes part in the gather; rank 0 writes
             import torch.distributed as dist
             rngs = [None] * dist.get_world_size()
-            dist.all_gather_object(rngs, _rng_state(gen))
-        if rank != 0:
-            return
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "version": __version__, "config": vars(cfg).copy(),
-            "image_shape": list(image_shape), "step": step, "model": model.state_dict(),
-            "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
-            "timesteps": {k: torch.from_numpy(v) for k, v in timesteps.state_dict().items()},
-            "rng": rngs})
+            dist.all_gather_object(rngs, _rng_state(trainer.gen))
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "version": __version__, "config": vars(cfg).copy(),
+                                        "image_shape": list(trainer.image_shape), **trainer.state_dict(), "rng": rngs})
 
-    losses, bad = [], torch.zeros((), dtype=torch.bool, device=device)
-    running = torch.zeros((), device=device)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), disable=not progress or rank != 0, transient=False, console=_stderr())
-    start_step, t0 = step, time.perf_counter()
-    with bar:
-        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
-        while step < cfg.steps:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            for _ in range(cfg.accum):
-                idx = torch.randint(0, len(data), (cfg.batch_size,), device=device, generator=gen)
-                x0 = to_model_range(data[idx])
-                if cfg.flip:
-                    flip = torch.rand(cfg.batch_size, device=device, generator=gen) < 0.5
-                    x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-                t, weights = timesteps.sample(cfg.batch_size, gen, device)
-                noise = torch.randn(x0.shape, device=device, generator=gen)
-                per_example = training_losses(diffusion, loss_fn, x0, t, noise, cfg.loss, cfg.weighting)
-                loss = (per_example * weights).mean()
-                scaler.scale(loss / cfg.accum).backward()
-                timesteps.update(t, per_example)
-                running += loss.detach() / cfg.accum
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            bad |= ~torch.isfinite(running)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            ema.update_parameters(model)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.checkpoint_every == 0:
-                if bad.item():  # checked here only: a per-step check would sync the device every step
-                    raise UserError(f"loss is NaN or inf before step {step}; the last good checkpoint "
-                                    f"({ckpt_path}) is kept. Lower --lr or use --precision fp32")
-                mean_loss = running.item() / (step - (losses[-1][0] if losses else start_step))
-                losses.append((step, mean_loss))
-                running.zero_()
-                rate = (step - start_step) / (time.perf_counter() - t0)
-                bar.update(task, completed=step, info=f"loss {mean_loss:.4f}  {rate:.1f} steps/s  "
-                           f"{rate * cfg.batch_size * cfg.accum * world:.0f} img/s")
-            t_io = time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint()
-            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-                save_grid(ema.module, diffusion, image_shape, os.path.join(cfg.out, f"samples-{step}.png"))
-            t0 += time.perf_counter() - t_io  # throughput counts training steps only
+    losses, start_step, t0 = [], trainer.step, time.perf_counter()
+    if callback and rank == 0:
+        callback({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None})
+    while trainer.step < cfg.steps:
+        trainer.train_step(data)
+        step = trainer.step
+        if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.checkpoint_every == 0:
+            if trainer.bad.item():  # checked here only: a per-step check would sync the device every step
+                raise UserError(f"loss is NaN or inf before step {step}; the last good checkpoint "
+                                f"({ckpt_path}) is kept. Lower --lr or use --precision fp32")
+            losses.append((step, trainer.running.item() / (step - (losses[-1][0] if losses else start_step))))
+            trainer.running.zero_()
+            rate = (step - start_step) * cfg.batch_size * cfg.accum * world / (time.perf_counter() - t0)
+            if callback and rank == 0:
+                callback({"step": step, "steps": cfg.steps, "loss": losses[-1][1], "images_per_s": rate})
+        t_io = time.perf_counter()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+            save_grid(trainer.ema.module, trainer.diffusion, trainer.image_shape,
+                      os.path.join(cfg.out, f"samples-{step}.png"))
+        t0 += time.perf_counter() - t_io  # throughput counts training steps only
     elapsed = time.perf_counter() - t0
     if ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
-    return {"steps": step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
-            "images_per_s": (step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
+    return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
+            "images_per_s": (trainer.step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
 
 
 # ------------------------------------------------------------------------- measurement (fd, bench)
@@ -931,11 +860,8 @@ def digits_features():
     """A feature map for 8x8 digits: the 64-unit hidden layer of a small classifier trained on the
     training split, deterministically (fixed seed, full-batch, float64, CPU). The digits analogue of the
     Inception features of FID: it measures what this classifier sees, and nothing about other data."""
-    train, _ = load_digits_data()
-    from sklearn.datasets import load_digits
-    labels_all = load_digits().target
-    order = np.random.RandomState(0).permutation(len(labels_all))
-    labels = torch.from_numpy(labels_all[order[:-360]])
+    train, _, train_labels, _ = load_digits_data(labels=True)
+    labels = torch.from_numpy(train_labels)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.nn.Linear(64, 64, dtype=torch.float64)
     head = torch.nn.Linear(64, 10, dtype=torch.float64)
@@ -994,7 +920,6 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     initialisation with a random output layer (speed does not depend on them)."""
     import subprocess
     import tempfile
-    import unet
     dev = resolve_device(device)
     model = unet.build_unet(preset)
     torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
@@ -1006,7 +931,7 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     rows, tmp = [], tempfile.mkdtemp()
     onnx_path = os.path.join(tmp, "model.onnx")
     if {"ort", "cpp"} & set(backends):
-        from export.onnx_export import export_onnx
+        from .export.onnx_export import export_onnx
         export_onnx(model.cpu(), diffusion, (C, S, S), onnx_path, check=False)
         model.to(dev)
     x = torch.randn(shape, device=dev)
@@ -1021,8 +946,7 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                                      bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
                 rows.append(_bench_row(backend, sampler, steps, batch, times, bare, str(dev)))
         elif backend == "ort":
-            from export.onnx_sampler import OnnxSampler
-            ort_sampler = OnnxSampler(onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads)
+            ort_sampler = onnx_sampler.OnnxSampler(onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads)
             for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
                 timings = [ort_sampler.sample(batch, sampler, steps, return_timing=True)[1] for _ in range(repeats + 1)]
                 times, bare = [r["total_s"] for r in timings[1:]], [r["network_s"] for r in timings[1:]]
@@ -1056,46 +980,28 @@ def _bench_row(backend, sampler, steps, batch, times, network_times, where):
 def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32", compile: bool = False,
                 channels_last: bool = False, synthetic: bool = True, steps: int = 20, repeats: int = 3,
                 device: str = "auto"):
-    """Training images/s after warm-up (median of `repeats` timings of `steps` steps), peak memory and the
-    achieved FLOP/s, counting a training step as 3 forward passes (forward + backward)."""
+    """Training images/s after warm-up (median of `repeats` timings of `steps` steps of Trainer.train_step,
+    the step `ddpm train` runs, with the default TrainConfig otherwise), peak memory and the achieved
+    FLOP/s, counting a training step as 3 forward passes (forward + backward)."""
     import resource
-    import unet
-    check_choice("precision", precision, Precision)
+    cfg = TrainConfig(preset=preset, batch_size=batch, precision=precision, compile=compile,
+                      channels_last=channels_last, device=device)
+    cfg.validate()
     dev = resolve_device(device)
-    model = unet.build_unet(preset).to(dev)
-    C, S = model.config["in_channels"], model.config["image_size"]
+    C, S = preset_config(preset)["in_channels"], preset_config(preset)["image_size"]
     if synthetic or preset != "digits":
         data = torch.randint(0, 256, (max(batch, 256), C, S, S), dtype=torch.uint8, device=dev)
     else:
         data = torch.from_numpy(load_digits_data()[0]).to(dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    net = torch.compile(model) if compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    diffusion = Diffusion(beta_schedule("linear", 1000))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    gen = torch.Generator(dev).manual_seed(0)
-
-    def call(x_t, t):
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            return net(x_t.contiguous(memory_format=fmt), t).float()
-
-    def run():
-        for _ in range(steps):
-            x0 = to_model_range(data[torch.randint(0, len(data), (batch,), device=dev, generator=gen)])
-            t = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
-            training_losses(diffusion, call, x0, t, torch.randn(x0.shape, device=dev, generator=gen)).mean().backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    trainer = Trainer(cfg, data.shape[1:], dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = _timed(run, repeats, sync)
+    times = _timed(lambda: [trainer.train_step(data) for _ in range(steps)], repeats, sync)
     images_per_s = batch * steps / float(np.median(times))
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    flops = 3 * unet.flops_per_forward(model) * images_per_s
+    flops = 3 * unet.flops_per_forward(trainer.model) * images_per_s
     return {"preset": preset, "batch": batch, "precision": precision, "compile": compile, "device": str(dev),
             **_median_spread([t / steps for t in times]), "images_per_s": images_per_s, "peak_memory_bytes": int(peak),
             "achieved_tflops": flops / 1e12}
@@ -1103,11 +1009,53 @@ def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32"
 
 # ---------------------------------------------------------------------------------------- command line
 
-import typer  # noqa: E402  (the CLI is the last section; the library above does not need typer)
+import contextlib  # noqa: E402  (the CLI is the last section; the library above needs neither typer nor rich)
+import inspect  # noqa: E402
+import typing  # noqa: E402
+
+import typer  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
 Opt = typer.Option
+FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
+
+
+def _console():
+    """Progress bars go to stderr: stdout carries results (tables, JSON) that users redirect."""
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int):
+    """A transient progress bar on stderr; yields a callback that advances it by one (any arguments)."""
+    from rich.progress import Progress
+    with Progress(transient=True, console=_console()) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda *_: bar.advance(task)
+
+
+@contextlib.contextmanager
+def _train_progress():
+    """The training bar (it stays: it is the run's log), shown from train()'s first report on; yields
+    train()'s callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=_console())
+    task = None
+
+    def report(r):
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("train", total=r["steps"], completed=r["step"], info="")
+        info = "" if r["loss"] is None else f"loss {r['loss']:.4f}  {r['images_per_s']:.0f} img/s"
+        bar.update(task, completed=r["step"], info=info)
+    try:
+        yield report
+    finally:
+        bar.stop()
 
 
 def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
@@ -1117,40 +1065,37 @@ def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
 
 
 def _samples_to_file(x: np.ndarray, out: str) -> None:
-    from export.onnx_sampler import save_images
     try:
         save_images(x, out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
 
 
-@app.command("train")
-def train_cmd(
-    data: str = Opt("digits", help="'digits', an image folder, a cifar-10-batches-py folder, or a .npz"),
-    preset: str = Opt("digits", help="U-Net preset (see `ddpm info`)"),
-    image_size: int = Opt(None, help="resize and centre-crop folder images to this size"),
-    steps: int = Opt(2000, help="optimizer steps in total (with --resume: the new total)"),
-    batch_size: int = Opt(64), lr: float = Opt(1e-3), warmup: int = Opt(200),
-    weight_decay: float = Opt(0.0), grad_clip: float = Opt(1.0), accum: int = Opt(1, help="gradient accumulation"),
-    ema_decay: float = Opt(0.999),
-    schedule: str = Opt("linear", help="linear|cosine|quad|sigmoid|const|jsd"), T: int = Opt(1000, "--T"),
-    zero_terminal_snr: bool = Opt(False, help="rescale the schedule to alpha_bar_T = 0 (needs v or x0)"),
-    parameterization: str = Opt("eps", help="eps|x0|v"),
-    variance: str = Opt("fixed_small", help="fixed_small|fixed_large|learned_range"),
-    loss: str = Opt("simple", help="simple|vlb|hybrid"), weighting: str = Opt("constant", help="constant|vlb"),
-    importance: bool = Opt(False, help="importance-sample t by the loss second moment"),
-    flip: bool = Opt(False, help="random horizontal flips"), seed: int = Opt(0),
-    device: str = Opt("auto", help="auto|cpu|cuda"), precision: str = Opt("fp32", help="fp32|bf16|fp16 autocast"),
-    compile: bool = Opt(False, help="torch.compile the network"), channels_last: bool = Opt(False),
-    checkpoint_every: int = Opt(500), sample_every: int = Opt(1000), log_every: int = Opt(25),
-    out: str = Opt("runs/digits", help="run folder: checkpoint.pt and samples-STEP.png"),
-    resume: bool = Opt(False, help="continue OUT/checkpoint.pt"),
-):
+def _config_options(config) -> list[inspect.Parameter]:
+    """A keyword-only typer option for every field of the dataclass `config`, with the field's type, default
+    and help: the dataclass is the one place where an option and its default are written."""
+    hints = typing.get_type_hints(config)
+    params = []
+    for f in dataclasses.fields(config):
+        flag = "--" + f.name.replace("_", "-")
+        decl = f"{flag}/--no-{flag[2:]}" if hints[f.name] is bool else flag
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                        default=Opt(f.default, decl, help=f.metadata.get("help"))))
+    return params
+
+
+def train_cmd(*, resume: bool = Opt(False, help="continue OUT/checkpoint.pt"), **options):
     """Train eps_theta (Algorithm 1). Under torchrun it trains with DDP on every process."""
-    cfg = TrainConfig(**{k: v for k, v in locals().items() if k != "resume"})
-    result = train(cfg, resume=resume)
+    cfg = TrainConfig(**options)
+    with _train_progress() as callback:
+        result = train(cfg, resume=resume, callback=callback)
     typer.echo(f"trained to step {result['steps']} ({result['images_per_s']:.0f} images/s); "
                f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}")
+
+
+train_cmd.__signature__ = inspect.Signature([*_config_options(TrainConfig),
+                                             inspect.signature(train_cmd).parameters["resume"]])
+app.command("train")(train_cmd)
 
 
 @app.command("sample")
@@ -1169,8 +1114,8 @@ def sample_cmd(
     model, diffusion, _, shape = load_model(checkpoint, ema, dev)
     plan = make_plan(diffusion, sampler, steps, eta, spacing, clip)
     noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)
-    xs = [sample(model, plan, (min(batch_size, n - i), *shape), noise, progress=True).cpu()
-          for i in range(0, n, batch_size)]
+    with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
+        xs = [sample(model, plan, (min(batch_size, n - i), *shape), noise, tick).cpu() for i in range(0, n, batch_size)]
     _samples_to_file(torch.cat(xs).numpy(), out)
     typer.echo(f"wrote {n} samples ({sampler}, {len(plan)} steps) to {out}")
 
@@ -1188,8 +1133,9 @@ def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint
         raise UserError(f"data images are {held_out.shape[1:]}, the model's are {shape}")
     x0 = to_model_range(torch.from_numpy(held_out[:n]))
     gen = torch.Generator(dev).manual_seed(seed)
-    parts = [bits_per_dim(diffusion, model, x0[i:i + batch_size].to(dev), gen, progress=True)
-             for i in range(0, len(x0), batch_size)]
+    with _progress("bits/dim", diffusion.T * -(-len(x0) // batch_size)) as tick:
+        parts = [bits_per_dim(diffusion, model, x0[i:i + batch_size].to(dev), gen, tick)
+                 for i in range(0, len(x0), batch_size)]
     res = {k: torch.cat([p[k] for p in parts]).mean().item() for k in ("total", "prior", "vb", "decoder")}
     res["n"] = len(x0)
     typer.echo(json.dumps(res) if json_ else
@@ -1203,7 +1149,7 @@ def export_cmd(checkpoint: str, out: str = Opt("model.onnx", help="the .onnx fil
                fp16: bool = Opt(False, help="float16 weights and compute, float32 inputs/outputs"),
                clip: bool = Opt(True, help="the file's default for clipping the predicted x0")):
     """Export eps_theta and its schedule to one self-describing ONNX file, checked against PyTorch."""
-    from export.onnx_export import export_onnx
+    from .export.onnx_export import export_onnx
     model, diffusion, _, shape = load_model(checkpoint, ema)
     report = export_onnx(model, diffusion, shape, out, opset=opset, fp16=fp16, clip_denoised=clip)
     typer.echo(f"wrote {out} ({report['size_bytes'] / 1e6:.1f} MB, opset {opset}, {report['exporter']} exporter); "
@@ -1221,16 +1167,13 @@ def onnx_sample_cmd(
     out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC)"),
 ):
     """Sample from an exported .onnx file with onnxruntime (no torch in the loop)."""
-    from rich.progress import Progress
-    from export.onnx_sampler import OnnxSampler
     _check_out(out)
     check_choice("provider", provider, Literal["auto", "cpu", "cuda"])
-    onnx_sampler = OnnxSampler(model, provider, threads)
-    with Progress(transient=True, console=_stderr()) as bar:
-        task = bar.add_task("sampling", total=None)
-        x, timing = onnx_sampler.sample(n, sampler, steps, eta, spacing, clip, seed, batch_size,
-                                        progress=lambda k, K: bar.update(task, completed=k, total=K),
-                                        return_timing=True)
+    ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads)
+    total = len(ort_sampler.plan(sampler, steps, eta, spacing, clip)) * -(-n // batch_size)
+    with _progress("sampling", total) as tick:
+        x, timing = ort_sampler.sample(n, sampler, steps, eta, spacing, clip, seed, batch_size, progress=tick,
+                                       return_timing=True)
     _samples_to_file(x, out)
     typer.echo(f"wrote {n} samples to {out}: {timing['steps']} steps on {timing['provider']}, "
                f"{n / timing['total_s']:.1f} images/s, loop/network time {timing['total_s'] / timing['network_s']:.3f}")
@@ -1272,9 +1215,6 @@ def bench_train_cmd(preset: str = Opt("digits"), batch: int = Opt(64), precision
     _print_table([bench_train(preset, batch, precision, compile, channels_last, synthetic, steps, repeats, device)], json_)
 
 
-FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
-
-
 @app.command("fd")
 def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
            n: int = Opt(360, "--n", help="samples to draw from a checkpoint"), sampler: str = Opt("ancestral"),
@@ -1303,8 +1243,9 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
 
     def fd_of(sampler, steps, eta, variance=None):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
-        x = sample(model, make_plan(d, sampler, steps, eta), (n, *shape),
-                   torch_noise(torch.Generator(dev).manual_seed(seed), dev), progress=True)
+        plan = make_plan(d, sampler, steps, eta)
+        with _progress("sampling", len(plan)) as tick:
+            x = sample(model, plan, (n, *shape), torch_noise(torch.Generator(dev).manual_seed(seed), dev), tick)
         return frechet_distance(features(to_uint8(x)), ref)
 
     if not table:
@@ -1328,7 +1269,6 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
 @app.command("info")
 def info_cmd(preset: str = Opt(None, help="one preset (default: all)")):
     """Parameters and FLOPs per forward pass of the U-Net presets."""
-    import unet
     names = [preset] if preset else list(unet.PRESETS)
     for name in names:
         model = unet.build_unet(name)

@@ -8,9 +8,11 @@ checker and shape inference, and onnxruntime's outputs have been compared with P
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import io
 import os
 import warnings
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -18,8 +20,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import ddpm
-from export.onnx_sampler import FORMAT, write_atomically
+from .onnx_sampler import FORMAT, write_atomically
 
 FP32_TOLERANCE = 1e-4
 # Measured on the digits U-Net (outputs of magnitude ~1.4): float16 convolutions and products differ from
@@ -28,17 +29,30 @@ FP16_TOLERANCE = 1e-2
 HALF_OPS = ("Conv", "Gemm", "MatMul")
 
 
+class Schedule(Protocol):
+    """What the export reads of a diffusion process (ddpm.Diffusion is one)."""
+    betas: np.ndarray
+    T: int
+    parameterization: str
+    variance: str
+
+
+def version() -> str:
+    """The package's version, from its installed metadata (pyproject.toml is the one place it is written)."""
+    return importlib.metadata.version("ddpm-reference")
+
+
 class ExportError(ValueError):
     """The export cannot be written, or the written graph does not compute what the PyTorch model does."""
 
 
-def metadata(diffusion: ddpm.Diffusion, image_shape, clip_denoised: bool = True) -> dict[str, str]:
+def metadata(diffusion: Schedule, image_shape, clip_denoised: bool = True) -> dict[str, str]:
     """The ddpm.* metadata the README specifies; betas as Python reprs of float64, which round-trip exactly."""
     return {"ddpm.format": FORMAT, "ddpm.betas": ",".join(repr(float(b)) for b in diffusion.betas),
             "ddpm.num_timesteps": str(diffusion.T), "ddpm.parameterization": diffusion.parameterization,
             "ddpm.variance": diffusion.variance, "ddpm.image_shape": ",".join(str(int(s)) for s in image_shape),
             "ddpm.data_range": "-1,1", "ddpm.clip_denoised": "true" if clip_denoised else "false",
-            "ddpm.timestep_dtype": "int64", "ddpm.version": ddpm.__version__}
+            "ddpm.timestep_dtype": "int64", "ddpm.version": version()}
 
 
 def _trace(net: torch.nn.Module, image_shape, opset: int) -> onnx.ModelProto:
@@ -140,7 +154,7 @@ def _verify(path: str, net: torch.nn.Module, T: int, image_shape, c_out: int, fp
     return checks
 
 
-def export_onnx(model: torch.nn.Module, diffusion: ddpm.Diffusion, image_shape, path, *, opset: int = 17,
+def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, *, opset: int = 17,
                 fp16: bool = False, clip_denoised: bool = True, check: bool = True) -> dict:
     """Write eps_theta `model` (called as model(x, t)) and `diffusion`'s schedule to one .onnx file at `path`.
 
@@ -168,7 +182,7 @@ def export_onnx(model: torch.nn.Module, diffusion: ddpm.Diffusion, image_shape, 
         graph = to_fp16(graph)
     for key, value in metadata(diffusion, image_shape, clip_denoised).items():
         graph.metadata_props.add(key=key, value=value)
-    graph.producer_name, graph.producer_version = "ddpm-reference", ddpm.__version__
+    graph.producer_name, graph.producer_version = "ddpm-reference", version()
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     report = {"path": path, "opset": opset, "exporter": "torchscript", "fp16": fp16,
               "tolerance": FP16_TOLERANCE if fp16 else FP32_TOLERANCE, "checks": []}

@@ -1,8 +1,8 @@
 """Sample from a DDPM exported by `ddpm export`, with numpy and onnxruntime only (no torch, no onnx).
 
 This file is meant to be copied into an application as it is. It reads the schedule from the ONNX
-file's metadata, builds the sampling plan of the README (section "The sampling plan and the ONNX file"; the same plan as ddpm.make_plan, written
-again here in numpy so that this file needs no torch; a test holds the two equal), and executes it:
+file's metadata, builds the sampling plan of the README (section "The sampling plan and the ONNX file";
+the project's one plan builder lives here, in numpy, and ddpm.make_plan calls it), and executes it:
 
     sampler = OnnxSampler("model.onnx")               # provider "auto": CUDA if it loads, else CPU
     x = sampler.sample(64, sampler="ddim", steps=50, seed=0)   # float32 [64, C, H, W] in about [-1, 1]
@@ -26,7 +26,8 @@ import struct
 import tempfile
 import time
 import zlib
-from typing import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -49,11 +50,37 @@ def _choice(name: str, value, valid) -> None:
 
 
 # ----------------------------------------------------------------------------------------- plan
+# The one sampling plan of the project, in numpy so that this file needs no torch; ddpm.make_plan is this
+# function given a Diffusion, and the C++ runner builds the same plan (its tests compare the two).
+
+@dataclass
+class Plan:
+    """A sampler as plain data, in sampling order (step k calls the network at timestep t[k]). One step:
+        x0 = clip?(x0_x * x + x0_o * out[:, :C])
+        x  = mean_x0 * x0 + mean_xt * x  (+ sigma * z when add_noise)
+    with sigma = exp((frac * log_var_max + (1 - frac) * log_var_min) / 2), frac = (out[:, C:] + 1) / 2,
+    when `learned`. The torch sampler, this file's sampler and the C++ runner all execute it."""
+    t: np.ndarray
+    x0_x: np.ndarray
+    x0_o: np.ndarray
+    mean_x0: np.ndarray
+    mean_xt: np.ndarray
+    sigma: np.ndarray
+    log_var_min: np.ndarray
+    log_var_max: np.ndarray
+    add_noise: np.ndarray
+    learned: bool
+    clip: bool
+
+    def __len__(self):
+        return len(self.t)
+
 
 def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
-    """The kept timestep indices, ascending, as ddpm.space_timesteps: uniform i * (T // S); linspace
-    round(linspace(0, T-1, S)); trailing round(T - i T/S) - 1; quadratic int(linspace(0, sqrt(0.8 T), S)^2);
-    round is numpy's, half to even."""
+    """The kept timestep indices, ascending, as the reference implementations choose them:
+    uniform: i * (T // S) (DDIM's "uniform", diffusers' "leading"); linspace: round(linspace(0, T-1, S))
+    (diffusers); trailing: round(T - i T/S) - 1 (Lin et al. 2023; always keeps T-1); quadratic:
+    int(linspace(0, sqrt(0.8 T), S)^2) (DDIM). round is numpy's, half to even."""
     _choice("spacing", spacing, SPACINGS)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
@@ -73,44 +100,85 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
     return ts
 
 
-def make_plan(betas, parameterization: str = "eps", variance: str = "fixed_small", sampler: str = "ancestral",
-              steps: int | None = None, eta: float = 0.0, spacing: str = "uniform", clip: bool = True) -> dict:
-    """The sampling plan (README, "The sampling plan and the ONNX file") in float64, in sampling order: arrays t, x0_x, x0_o, mean_x0,
-    mean_xt, sigma, log_var_min, log_var_max, add_noise and flags learned, clip. Ancestral is Algorithm 2
-    on the respaced process (posterior Eq. 6-7 of Ho et al.); ddim is Song et al. Eq. (12) with eta."""
+def x0_coefficients(ab: np.ndarray, parameterization: str):
+    """(a, b) with x0 = a x_t + b * output, for each parameterisation (Eq. 4 of Ho et al. solved for x_0;
+    v = sqrt(ab) eps - sqrt(1 - ab) x0 of Salimans & Ho)."""
+    if parameterization == "eps":
+        return np.sqrt(1.0 / ab), -np.sqrt(1.0 / ab - 1.0)
+    if parameterization == "v":
+        return np.sqrt(ab), -np.sqrt(1.0 - ab)
+    return np.zeros_like(ab), np.ones_like(ab)
+
+
+def posterior_coefficients(ab: np.ndarray, ab_prev: np.ndarray):
+    """(beta, beta-tilde, coefficient of x0, coefficient of x_t) of q(x_{t-1} | x_t, x_0), Eq. (6)-(7) of
+    Ho et al., between consecutive kept steps (beta = 1 - ab / ab_prev: the respaced process)."""
+    beta = 1.0 - ab / ab_prev
+    return (beta, beta * (1.0 - ab_prev) / (1.0 - ab), beta * np.sqrt(ab_prev) / (1.0 - ab),
+            (1.0 - ab_prev) * np.sqrt(1.0 - beta) / (1.0 - ab))
+
+
+def ddim_sigma(ab: np.ndarray, ab_prev: np.ndarray, eta: float) -> np.ndarray:
+    """sigma_t(eta) of DDIM, Song et al. Eq. (16): eta = 1 is the DDPM posterior standard deviation, eta = 0 none."""
+    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+
+
+def ddim_coefficients(ab: np.ndarray, ab_to: np.ndarray, sigma: np.ndarray):
+    """DDIM's update, Song et al. Eq. (12), x_to = sqrt(ab_to) x0 + sqrt(1 - ab_to - sigma^2) eps + sigma z,
+    with eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab) re-derived from the (clipped) x0: returns the
+    coefficients of x0 and of x_t."""
+    d = np.sqrt(np.maximum(1.0 - ab_to - sigma ** 2, 0.0))
+    return np.sqrt(ab_to) - d * np.sqrt(ab) / np.sqrt(1.0 - ab), d / np.sqrt(1.0 - ab)
+
+
+def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fixed_small",
+              sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, spacing: str = "uniform",
+              clip: bool = True) -> Plan:
+    """The plan (float64) of Algorithm 2 of Ho et al. (ancestral, over all T steps or on the process respaced
+    to the kept steps, improved DDPM Section 4) or of DDIM with eta, for the schedule alpha_bar_1..T.
+    steps defaults to T for ancestral and to min(50, T) for DDIM."""
     _choice("sampler", sampler, SAMPLERS)
     _choice("parameterization", parameterization, PARAMETERIZATIONS)
     _choice("variance", variance, VARIANCES)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    betas = np.asarray(betas, dtype=np.float64)
-    T = len(betas)
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(alphas_cumprod)
     steps = steps or (T if sampler == "ancestral" else min(50, T))
     ts = space_timesteps(T, steps, spacing)
-    ab = np.cumprod(1.0 - betas)[ts]
+    ab = alphas_cumprod[ts]
     ab_prev = np.append(1.0, ab[:-1])
-    beta = 1.0 - ab / ab_prev
-    if parameterization == "eps":
-        x0_x, x0_o = np.sqrt(1.0 / ab), -np.sqrt(1.0 / ab - 1.0)
-    elif parameterization == "v":
-        x0_x, x0_o = np.sqrt(ab), -np.sqrt(1.0 - ab)
-    else:
-        x0_x, x0_o = np.zeros(steps), np.ones(steps)
-    post_var = beta * (1.0 - ab_prev) / (1.0 - ab)
+    x0_x, x0_o = x0_coefficients(ab, parameterization)
+    beta, post_var, post_x0, post_xt = posterior_coefficients(ab, ab_prev)
+    # beta-tilde_1 = 0: its log is clipped to beta-tilde_2, as in the original implementation.
     log_var_min = np.log(np.append(post_var[1] if steps > 1 else beta[0], post_var[1:]))
     if sampler == "ancestral":
-        mean_x0 = beta * np.sqrt(ab_prev) / (1.0 - ab)
-        mean_xt = (1.0 - ab_prev) * np.sqrt(1.0 - beta) / (1.0 - ab)
+        mean_x0, mean_xt = post_x0, post_xt
         sigma = np.sqrt(beta if variance == "fixed_large" else post_var)
     else:
-        sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
-        d = np.sqrt(np.maximum(1.0 - ab_prev - sigma ** 2, 0.0))
-        mean_x0, mean_xt = np.sqrt(ab_prev) - d * np.sqrt(ab) / np.sqrt(1.0 - ab), d / np.sqrt(1.0 - ab)
+        sigma = ddim_sigma(ab, ab_prev, eta)
+        mean_x0, mean_xt = ddim_coefficients(ab, ab_prev, sigma)
     add_noise = (np.arange(steps) > 0) & (sampler == "ancestral" or eta > 0)
-    arrays = dict(t=ts, x0_x=x0_x, x0_o=x0_o, mean_x0=mean_x0, mean_xt=mean_xt, sigma=sigma,
-                  log_var_min=log_var_min, log_var_max=np.log(beta), add_noise=add_noise)
-    plan = {k: np.ascontiguousarray(v[::-1]) for k, v in arrays.items()}
-    return {**plan, "learned": variance == "learned_range" and sampler == "ancestral", "clip": bool(clip)}
+    columns = [ts, x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, np.log(beta), add_noise]
+    return Plan(*(c[::-1].copy() for c in columns),
+                learned=variance == "learned_range" and sampler == "ancestral", clip=bool(clip))
+
+
+def ddim_inversion_plan(alphas_cumprod, parameterization: str = "eps", steps: int | None = None,
+                        spacing: str = "uniform") -> Plan:
+    """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3): the data is taken as x at the
+    first kept step, and each step runs Eq. (12) with eta = 0 forward, from t_k to t_{k+1}. Decoding the
+    result with the DDIM plan of the same steps reconstructs the data."""
+    _choice("parameterization", parameterization, PARAMETERIZATIONS)
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    steps = steps or min(50, len(alphas_cumprod))
+    ts = space_timesteps(len(alphas_cumprod), steps, spacing)
+    ab = alphas_cumprod[ts]
+    x0_x, x0_o = x0_coefficients(ab[:-1], parameterization)
+    mean_x0, mean_xt = ddim_coefficients(ab[:-1], ab[1:], np.zeros(steps - 1))
+    zeros = np.zeros(steps - 1)
+    return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros, np.zeros(steps - 1, dtype=bool),
+                learned=False, clip=False)
 
 
 # ------------------------------------------------------------------- the per-step update as ONNX
@@ -164,10 +232,10 @@ def step_graph(learned: bool, split_output: bool) -> bytes:
     return _field(1, 8) + _field(8, _field(1, "") + _field(2, 17)) + _field(7, graph)
 
 
-def step_coefficients(plan: dict, k: int) -> np.ndarray:
+def step_coefficients(plan: Plan, k: int) -> np.ndarray:
     """The float32 vector c of step k, in COEFFICIENTS order (lo, hi = -1, 1 when clipping, else +-inf)."""
-    lim = 1.0 if plan["clip"] else np.inf
-    values = [plan[key][k] for key in COEFFICIENTS[:7]] + [-lim, lim, 1.0, 0.5]
+    lim = 1.0 if plan.clip else np.inf
+    values = [getattr(plan, key)[k] for key in COEFFICIENTS[:7]] + [-lim, lim, 1.0, 0.5]
     return np.array(values, dtype=np.float32)
 
 
@@ -202,7 +270,7 @@ class OnnxSampler:
 
     provider: "auto" (CUDA if it loads, else CPU), "cpu" or "cuda" (ModelError if CUDA cannot be used).
     threads: onnxruntime's intra-op threads (None: its default). Attributes: provider (the one in use),
-    betas (float64), T, parameterization, variance, image_shape (C, H, W), clip_denoised, metadata.
+    betas and alphas_cumprod (float64), T, parameterization, variance, image_shape (C, H, W), clip_denoised, metadata.
     """
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None):
@@ -256,7 +324,8 @@ class OnnxSampler:
             if not ok:
                 raise ModelError(f"{self.path}: bad DDPM metadata: {problem}")
         self.clip_denoised = clip == "true"
-        if self.parameterization == "eps" and np.cumprod(1.0 - self.betas)[-1] == 0.0:
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+        if self.parameterization == "eps" and self.alphas_cumprod[-1] == 0.0:
             raise ModelError(f"{self.path}: zero terminal SNR needs the v or x0 parameterization, not eps")
 
     def _check_signature(self) -> None:
@@ -281,9 +350,9 @@ class OnnxSampler:
                              f"found {found}")
 
     def plan(self, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
-             spacing: str = "uniform", clip: bool | None = None) -> dict:
+             spacing: str = "uniform", clip: bool | None = None) -> Plan:
         """This model's plan (see make_plan); clip defaults to the file's ddpm.clip_denoised."""
-        return make_plan(self.betas, self.parameterization, self.variance, sampler, steps, eta, spacing,
+        return make_plan(self.alphas_cumprod, self.parameterization, self.variance, sampler, steps, eta, spacing,
                          self.clip_denoised if clip is None else clip)
 
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
@@ -299,30 +368,30 @@ class OnnxSampler:
         if int(n) != n or n < 1 or int(batch) != batch or batch < 1:
             raise ValueError(f"n and batch must be positive integers, got n={n}, batch={batch}")
         rng = np.random.RandomState(seed)
-        coefficients = [self._ortvalue(step_coefficients(plan, k)) for k in range(len(plan["t"]))]
+        coefficients = [self._ortvalue(step_coefficients(plan, k)) for k in range(len(plan))]
         x = np.empty((n, *self.image_shape), dtype=np.float32)
-        network_s, done, total = 0.0, 0, len(plan["t"]) * -(-n // batch)
+        network_s, done, total = 0.0, 0, len(plan) * -(-n // batch)
         for i in range(0, n, batch):
             x[i:i + batch], seconds = self._run_batch(plan, coefficients, min(batch, n - i), rng,
                                                       progress and (lambda k: progress(done + k, total)))
-            network_s, done = network_s + seconds, done + len(plan["t"])
+            network_s, done = network_s + seconds, done + len(plan)
         if not return_timing:
             return x
-        return x, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan["t"]),
+        return x, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan),
                    "provider": self.provider}
 
     def _ortvalue(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
 
-    def _run_batch(self, plan: dict, coefficients: list, b: int, rng, tick):
+    def _run_batch(self, plan: Plan, coefficients: list, b: int, rng, tick):
         """One batch of the plan: x stays in OrtValues on the provider's device; returns (x, network seconds)."""
         C, H, W = self.image_shape
         shape = (b, C, H, W)
         new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)  # noqa: E731
         x, x_next, z, out = new(shape), new(shape), new(shape), new((b, self.out_channels, H, W))
         zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
-        timesteps = [self._ortvalue(np.full(b, t, dtype=np.int64)) for t in plan["t"]]
-        step = self._steps[plan["learned"]]
+        timesteps = [self._ortvalue(np.full(b, t, dtype=np.int64)) for t in plan.t]
+        step = self._steps[plan.learned]
         net, update = self.session.io_binding(), step.io_binding()
         net.bind_ortvalue_output("model_output", out)
         update.bind_ortvalue_input("out", out)
@@ -334,10 +403,10 @@ class OnnxSampler:
             t0 = time.perf_counter()
             self.session.run_with_iobinding(net)
             network_s += time.perf_counter() - t0
-            if plan["add_noise"][k]:
+            if plan.add_noise[k]:
                 z.update_inplace(rng.standard_normal(shape).astype(np.float32))
             update.bind_ortvalue_input("x", x)
-            update.bind_ortvalue_input("z", z if plan["add_noise"][k] else zeros)
+            update.bind_ortvalue_input("z", z if plan.add_noise[k] else zeros)
             update.bind_ortvalue_input("c", coefficients[k])
             update.bind_ortvalue_output("x_next", x_next)
             step.run_with_iobinding(update)
@@ -386,9 +455,11 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
-    """Write `data` to a temporary file in path's folder, call before_replace(temporary path) if given
-    (it may raise to abandon the write), then rename it over `path`: readers never see half a file."""
+def write_atomically(path, data: bytes | Callable[[BinaryIO], None],
+                     before_replace: Callable[[str], None] | None = None) -> None:
+    """Write `data` (bytes, or a function that writes into the open binary file) to a temporary file in
+    path's folder, call before_replace(temporary path) if given (it may raise to abandon the write), then
+    rename it over `path`: readers never see half a file, and a run that dies leaves the old file."""
     path = os.fspath(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
@@ -397,7 +468,7 @@ def write_atomically(path, data: bytes, before_replace: Callable[[str], None] | 
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
         if before_replace:
             before_replace(tmp)
         os.replace(tmp, path)

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-import ddpm
+from ddpm_reference import ddpm
 
 
 class GaussianOracle:

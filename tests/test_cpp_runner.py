@@ -77,7 +77,7 @@ def _export_net(path: Path, c_out: int) -> None:
 
 
 def _metadata(parameterization: str, variance: str, clip: bool = True, zero_snr: bool = False) -> dict[str, str]:
-    import ddpm
+    from ddpm_reference import ddpm
 
     betas = ddpm.beta_schedule("linear", T)
     if zero_snr:  # alpha_bar_T = 0: the last beta is exactly 1
@@ -115,7 +115,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: float, spacing: str,
                    clip: bool | None):
     """The project's plan (ddpm.make_plan) for the schedule written into an ONNX file."""
-    import ddpm
+    from ddpm_reference import ddpm
 
     betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")], dtype=np.float64)
     diffusion = ddpm.Diffusion(betas, meta["ddpm.parameterization"], meta["ddpm.variance"])
@@ -127,10 +127,10 @@ def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: in
                      spacing: str = "uniform", clip: bool | None = None, seed: int = 0) -> tuple[list[int], np.ndarray]:
     """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime
     sampler, export/onnx_sampler.py."""
-    from export.onnx_sampler import OnnxSampler
+    from ddpm_reference.export.onnx_sampler import OnnxSampler
     python = OnnxSampler(model, provider="cpu", threads=1)
     x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch)
-    return python.plan(sampler, steps, eta, spacing, clip)["t"].tolist(), x
+    return python.plan(sampler, steps, eta, spacing, clip).t.tolist(), x
 
 
 def plan_args(sampler, steps, eta, spacing, clip):
@@ -182,7 +182,7 @@ def test_plan_matches_contract(runner, models, model_name, sampler, steps, eta, 
 
 
 def test_spacing_that_cannot_give_distinct_steps_is_an_error(runner, models):
-    import ddpm
+    from ddpm_reference import ddpm
 
     with pytest.raises(ValueError):
         ddpm.space_timesteps(T, 14, "quadratic")

@@ -18,13 +18,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-import ddpm
-from export import onnx_sampler
-from export.onnx_export import FP16_TOLERANCE, ExportError, export_onnx, metadata
-from export.onnx_sampler import ModelError, OnnxSampler, save_images
+from ddpm_reference import ddpm
+from ddpm_reference.export import onnx_sampler
+from ddpm_reference.export.onnx_export import FP16_TOLERANCE, ExportError, export_onnx, metadata
+from ddpm_reference.export.onnx_sampler import ModelError, OnnxSampler, save_images
 
 try:
-    import unet
+    from ddpm_reference import unet
 except ImportError:  # the U-Net module lives in unet.py; a conv net with the same call signature stands in
     unet = None
 
@@ -194,32 +194,53 @@ SCHEDULES = {"linear": lambda T: ddpm.beta_schedule("linear", T), "cosine": lamb
 
 
 @pytest.mark.parametrize("schedule,T_", list(itertools.product(SCHEDULES, [1, 10, 100, 1000])))
-def test_numpy_plan_equals_ddpm_plan(schedule, T_):
+def test_plan_from_the_file_is_the_diffusion_formulas(schedule, T_):
+    """The plan the onnx sampler builds from a file's betas, checked against ddpm.Diffusion's own tables and
+    conversions: the respaced posterior (Eq. 6-7) for ancestral, Eq. (12) and (16) of DDIM, and x0 recovered
+    from any parameterisation (Diffusion.from_x0 / to_x0)."""
     betas = SCHEDULES[schedule](T_) if T_ > 1 or schedule != "zero_snr" else ddpm.beta_schedule("linear", 1)
+    ab_file = np.cumprod(1.0 - betas)  # what OnnxSampler computes from the file's betas (repr round-trips)
     cases = itertools.product(["eps", "x0", "v"], ["fixed_small", "fixed_large", "learned_range"],
                               [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0)],
                               [None, 1, 3, 10, T_], ["uniform", "linspace", "trailing", "quadratic"])
-    for i, (par, var, (sampler, eta), steps, spacing) in enumerate(cases):
-        if (steps or 0) > T_ or (par == "eps" and np.cumprod(1 - betas)[-1] == 0):
+    gen = torch.Generator().manual_seed(0)
+    for par, var, (sampler, eta), steps, spacing in cases:
+        if (steps or 0) > T_ or (par == "eps" and ab_file[-1] == 0):
             continue
-        args = (sampler, steps, eta, spacing, i % 2 == 0)
+        d = ddpm.Diffusion(betas, par, var)
         try:
-            want = ddpm.make_plan(ddpm.Diffusion(betas, par, var), *args)
+            plan = onnx_sampler.make_plan(ab_file, par, var, sampler, steps, eta, spacing)
         except ValueError as e:
-            with pytest.raises(ValueError, match=re.escape(str(e))):
-                onnx_sampler.make_plan(betas, par, var, *args)
+            assert spacing == "quadratic" and "distinct" in str(e)
             continue
-        got = onnx_sampler.make_plan(betas, par, var, *args)
-        assert np.array_equal(got["t"], want.t) and np.array_equal(got["add_noise"], want.add_noise)
-        assert (got["learned"], got["clip"]) == (want.learned, want.clip)
-        for key in ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max"):
-            g, w = got[key], getattr(want, key)
-            if key == "sigma":  # used only where noise is added; at k = 0 ddpm stores the clipped value
-                g, w = g[want.add_noise], w[want.add_noise]
-            # ddpm recomputes alpha_bar as the cumprod of the respaced betas (relative error ~1e-16 / alpha_bar);
-            # the contract takes alpha_bar at the kept steps directly. Equal to that rounding, and DDIM's
-            # sqrt(1 - ab_prev - sigma^2) to ~1e-8 where that difference cancels to 0.
-            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=f"{key} {par} {var} {args}")
+        sub = d.respace(plan.t[::-1])
+        k = torch.arange(len(plan) - 1, -1, -1)  # the respaced process's index of each step, in sampling order
+        t = torch.as_tensor(plan.t)
+        x, x0 = torch.randn(len(plan), 2, generator=gen, dtype=torch.float64).unbind(1)
+        x, x0 = x.view(-1, 1), x0.view(-1, 1)
+        col = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64).view(-1, 1)  # noqa: E731
+        check = lambda got, want, what: torch.testing.assert_close(  # noqa: E731
+            got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what} {par} {var} {sampler} {eta} {steps} {spacing}: {m}")
+        check(col(plan.x0_x) * x + col(plan.x0_o) * d.from_x0(x, t, x0, par), x0, "x0 from the output")
+        step = col(plan.mean_x0) * x0 + col(plan.mean_xt) * x
+        noisy = torch.as_tensor(plan.add_noise)
+        if sampler == "ancestral":
+            mean, variance, log_variance = sub.q_posterior(x0, x, k)
+            check(step, mean, "posterior mean")
+            want_var = torch.as_tensor(sub.betas[k.numpy()]).view(-1, 1) if var == "fixed_large" else variance
+            check(col(plan.sigma)[noisy] ** 2, want_var[noisy], "sigma^2")
+            check(col(plan.log_var_min), log_variance, "log beta-tilde (clipped)")
+            check(col(plan.log_var_max), torch.as_tensor(sub.log_betas[k.numpy()]).view(-1, 1), "log beta")
+        else:
+            ab_prev = torch.as_tensor(sub.alphas_cumprod_prev[k.numpy()]).view(-1, 1)
+            sigma = col(plan.sigma)
+            check(sigma, eta * sub.q_posterior(x0, x, k)[1].sqrt(), "Eq. (16)")
+            eps = d.from_x0(x, t, x0, "eps")
+            want = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            check(step, want, "Eq. (12)")
+        assert plan.learned == (var == "learned_range" and sampler == "ancestral")
+        assert plan.add_noise.tolist() == [i < len(plan) - 1 and (sampler == "ancestral" or eta > 0)
+                                           for i in range(len(plan))]
 
 
 def test_plan_option_errors(small):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import ddpm
+from ddpm_reference import ddpm
 from test_train import ROOT, assert_user_error, cli
 
 

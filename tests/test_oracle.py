@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-import ddpm
+from ddpm_reference import ddpm
 from oracle import GaussianOracle, MixtureOracle
 
 MU, S = 0.3, 0.5
@@ -77,13 +77,21 @@ def test_ddim_inversion_reconstructs():
     assert ((recon - x0) ** 2).mean().item() < 0.01 * S ** 2  # 1% of the data variance
 
 
-def test_intermediates_and_determinism():
+def test_callback_and_determinism():
     d = ddpm.Diffusion(ddpm.beta_schedule("linear", 100))
     oracle = GaussianOracle(d, MU, S)
     plan = ddpm.make_plan(d, "ddim", 10, eta=0.5)
-    a, hist = ddpm.sample(oracle, plan, (3, 1, 2, 2), ddpm.numpy_noise(7), intermediates=True)
+    hist = []
+    a = ddpm.sample(oracle, plan, (3, 1, 2, 2), ddpm.numpy_noise(7), callback=hist.append)
     b = ddpm.sample(oracle, plan, (3, 1, 2, 2), ddpm.numpy_noise(7))
-    assert len(hist) == 10 and torch.equal(hist[-1], a) and torch.equal(a, b)
+    assert [h["i"] for h in hist] == list(range(10)) and [h["t"] for h in hist] == plan.t.tolist()
+    assert torch.equal(hist[-1]["x"], a) and torch.equal(a, b)
+    assert not torch.equal(hist[-2]["x"], a)  # each step's x is its own tensor
+    # x0 is the clipped prediction of that step: the oracle's x0 at (x before the step, t)
+    x_before = hist[-2]["x"]
+    t_last = torch.full((3,), int(plan.t[-1]))
+    want = d.to_x0(x_before, t_last, oracle(x_before, t_last), "eps").float().clamp(-1, 1)
+    torch.testing.assert_close(hist[-1]["x0"], want, rtol=1e-5, atol=1e-6)
     c = ddpm.sample(oracle, plan, (3, 1, 2, 2), ddpm.numpy_noise(8))
     assert not torch.equal(a, c)
 

@@ -11,4 +11,5 @@ def test_readme_python_example_runs():
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["x"].shape == (16, 1, 4, 4) and len(scope["frames"]) == 1000
+    assert scope["frames"][-1] is scope["x"]
     assert ((scope["recon"] - scope["x0"]) ** 2).mean() < 0.01

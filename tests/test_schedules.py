@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import ddpm
+from ddpm_reference import ddpm
 
 SCHEDULES = ["linear", "cosine", "quad", "sigmoid", "const", "jsd"]
 schedules = st.sampled_from(SCHEDULES)

@@ -11,17 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-import ddpm
+from ddpm_reference import ddpm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(steps=40, batch_size=32, warmup=5, log_every=10, checkpoint_every=20, sample_every=10_000,
             T=100, device="cpu")
 
 
-def cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def cli(*args, timeout=600, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ddpm_reference.ddpm", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 def assert_user_error(res, *words):
@@ -89,7 +88,7 @@ def test_cifar_folder_and_npz(tmp_path):
 
 def test_loss_falls_and_checkpoint_round_trips(tmp_path):
     cfg = ddpm.TrainConfig(**{**FAST, "steps": 60}, out=str(tmp_path))
-    res = ddpm.train(cfg, progress=False)
+    res = ddpm.train(cfg)
     losses = [l for _, l in res["losses"]]
     assert losses[-1] < 0.7 * losses[0], losses
     model, diffusion, cfg2, shape = ddpm.load_model(res["checkpoint"])
@@ -101,9 +100,9 @@ def test_loss_falls_and_checkpoint_round_trips(tmp_path):
 
 
 def test_resume_gives_identical_losses(tmp_path):
-    full = ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path / "a")), progress=False)
-    ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 20}, out=str(tmp_path / "b")), progress=False)
-    resumed = ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path / "b")), resume=True, progress=False)
+    full = ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path / "a")))
+    ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 20}, out=str(tmp_path / "b")))
+    resumed = ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path / "b")), resume=True)
     assert resumed["losses"] == [x for x in full["losses"] if x[0] > 20]
     a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -112,9 +111,8 @@ def test_resume_gives_identical_losses(tmp_path):
 def test_sigkill_then_resume_continues_exactly(tmp_path):
     args = ["train", "--steps", 400, "--batch-size", 16, "--T", 100, "--checkpoint-every", 20, "--log-every", 10,
             "--sample-every", 100_000, "--device", "cpu", "--warmup", 5]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpm.py"), *map(str, args), "--out",
-                             str(tmp_path / "run")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_reference.ddpm", *map(str, args), "--out",
+                             str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline:
@@ -144,30 +142,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm, "training_losses", diverging)
     cfg = ddpm.TrainConfig(**{**FAST, "checkpoint_every": 10, "log_every": 10}, out=str(tmp_path))
     with pytest.raises(ddpm.UserError, match="NaN or inf before step 30"):
-        ddpm.train(cfg, progress=False)
+        ddpm.train(cfg)
     kept = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
     assert kept["step"] == 20 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
 def test_sample_grids_do_not_change_training(tmp_path):
     for name, every in (("a", 10_000), ("b", 5)):
-        ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 20, "sample_every": every}, out=str(tmp_path / name)),
-                   progress=False)
+        ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 20, "sample_every": every}, out=str(tmp_path / name)))
     assert (tmp_path / "b" / "samples-5.png").exists()
     a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path):
-    ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 10, "checkpoint_every": 10}, out=str(tmp_path)), progress=False)
+    ddpm.train(ddpm.TrainConfig(**{**FAST, "steps": 10, "checkpoint_every": 10}, out=str(tmp_path)))
     with pytest.raises(ddpm.UserError, match="pass --resume"):
-        ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path)), progress=False)
+        ddpm.train(ddpm.TrainConfig(**FAST, out=str(tmp_path)))
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", os.path.join(ROOT, "ddpm.py"), "train", "--steps", "10", "--batch-size", "8",
+                          "29517", "-m", "ddpm_reference.ddpm", "train", "--steps", "10", "--batch-size", "8",
                           "--T", "50", "--device", "cpu", "--checkpoint-every", "10", "--sample-every", "1000",
                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,0 +1,130 @@
+"""The package's shape: what it installs, its import graph, and the one-of-each rules (the CLI's train
+options are TrainConfig's fields, bench train times the step that train runs)."""
+import ast
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import typer
+
+from ddpm_reference import ddpm
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "export": "export/__init__.py",
+           "export.onnx_export": "export/onnx_export.py", "export.onnx_sampler": "export/onnx_sampler.py"}
+
+
+def our_imports(name: str) -> set[str]:
+    """The modules of ours (names as in MODULES) that module `name` imports, at any depth of its code."""
+    full = "ddpm_reference." + name
+    package = full if MODULES[name].endswith("__init__.py") else full.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / MODULES[name]).read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module
+            found |= {f"{base}.{a.name}" for a in node.names} | {base}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    assert not {m for m in found if m.split(".")[0] in MODULES}, f"{name} imports our files by a top-level name"
+    return {m.removeprefix("ddpm_reference.") for m in found} & set(MODULES) - {name}
+
+
+def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it():
+    graph = {name: our_imports(name) for name in MODULES}
+    assert graph["ddpm"] == {"unet", "export", "export.onnx_sampler", "export.onnx_export"}, graph
+    assert graph["unet"] == set() and graph["export.onnx_sampler"] == set(), graph
+    assert graph["export.onnx_export"] == {"export.onnx_sampler"}, graph
+
+    def visit(node, path):
+        assert node not in path, f"import cycle: {' -> '.join([*path, node])}"
+        for nxt in graph[node]:
+            visit(nxt, [*path, node])
+    for name in graph:
+        visit(name, [])
+
+
+def test_the_wheel_installs_one_unambiguous_top_level_package(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"ddpm_reference"}, top
+    assert {"ddpm_reference/ddpm.py", "ddpm_reference/unet.py", "ddpm_reference/export/onnx_sampler.py",
+            "ddpm_reference/export/onnx_export.py"} <= set(names)
+
+
+def test_a_users_unet_and_export_in_the_working_folder_change_nothing(tmp_path):
+    (tmp_path / "unet.py").write_text("raise SystemExit('the user unet.py was imported')\n")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "__init__.py").write_text("raise SystemExit('the user export/ was imported')\n")
+    (tmp_path / "ddpm.py").write_text("raise SystemExit('the user ddpm.py was imported')\n")
+    for cmd in ([sys.executable, "-m", "ddpm_reference.ddpm", "info", "--preset", "digits"],
+                [str(Path(sys.executable).parent / "ddpm"), "info", "--preset", "digits"]):
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and "params 1," in res.stdout, (cmd, res.stdout, res.stderr)
+    probe = ("import sys; sys.path.insert(0, '.'); from ddpm_reference import ddpm; "
+             "print(ddpm.unet.__file__); print(ddpm.onnx_sampler.__file__)")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert all(Path(line).resolve().is_relative_to(ROOT) for line in res.stdout.split()), res.stdout
+
+
+def test_the_core_imports_neither_rich_nor_typer_outside_the_cli():
+    """rich and typer are imported only in the command-line section, the last one."""
+    text = (ROOT / "ddpm.py").read_text()
+    library = text[:text.index(" command line\n")]
+    assert not [line for line in library.splitlines() if "import" in line and ("rich" in line or "typer" in line)]
+    res = subprocess.run([sys.executable, "-c", "import sys; from ddpm_reference import ddpm; "
+                          "print(any(m.split('.')[0] == 'rich' for m in sys.modules))"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+def test_train_options_are_the_fields_of_train_config():
+    command = typer.main.get_command(ddpm.app).commands["train"]
+    options = {p.name: p for p in command.params}
+    fields = {f.name: f for f in dataclasses.fields(ddpm.TrainConfig)}
+    assert set(options) == set(fields) | {"resume"}
+    for name, f in fields.items():
+        assert options[name].default == f.default, name
+        assert "--" + name.replace("_", "-") in options[name].opts, options[name].opts
+    ctx = command.make_context("train", ["--batch-size", "8", "--T", "50", "--flip", "--image-size", "16"])
+    assert (ctx.params["batch_size"], ctx.params["T"], ctx.params["flip"], ctx.params["image_size"]) == (8, 50, True, 16)
+
+
+def test_bench_train_times_the_step_that_train_runs(monkeypatch):
+    calls = []
+    step = ddpm.Trainer.train_step
+    monkeypatch.setattr(ddpm.Trainer, "train_step", lambda self, data: (calls.append(self.step), step(self, data)))
+    row = ddpm.bench_train("digits", batch=4, steps=2, repeats=1, device="cpu")
+    assert calls == [0, 1, 2, 3]  # a warm-up timing and one measured timing of 2 steps each
+    assert row["images_per_s"] > 0
+
+
+def test_save_checkpoint_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ddpm.save_checkpoint(path, {"step": 1})
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(ddpm.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ddpm.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert ddpm.torch.load(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_version_is_the_package_metadata():
+    import importlib.metadata
+    import tomllib
+    from ddpm_reference.export import onnx_export
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert ddpm.__version__ == onnx_export.version() == importlib.metadata.version("ddpm-reference") == declared
