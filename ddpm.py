@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from functools import cached_property
 from typing import Callable, Literal, get_args
 
@@ -26,8 +27,9 @@ import torch
 
 from . import unet
 from .export import onnx_sampler
-from .export.onnx_sampler import (Plan, ddim_coefficients, ddim_sigma, posterior_coefficients,  # noqa: F401
-                                  save_images, space_timesteps, write_atomically, x0_coefficients)
+from .export.onnx_sampler import (Plan, ddim_coefficients, ddim_sigma, dpmpp_2m_coefficients,  # noqa: F401
+                                  langevin_coefficients, log_snr, posterior_coefficients, save_images,
+                                  space_timesteps, write_atomically, x0_coefficients)
 
 __version__ = importlib.metadata.version("ddpm-reference")
 
@@ -401,22 +403,39 @@ def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | N
 # posterior_coefficients, ddim_sigma and ddim_coefficients live in export/onnx_sampler.py, which needs no
 # torch). run_plan executes one in torch; the onnxruntime sampler and the C++ runner execute the same plan.
 
-Sampler = Literal[onnx_sampler.SAMPLERS]  # ancestral | ddim
-Spacing = Literal[onnx_sampler.SPACINGS]  # uniform | linspace | trailing | quadratic
+Sampler = Literal[onnx_sampler.SAMPLERS]  # ancestral | ddim | dpmpp2m | dpmpp2m-sde
+Spacing = Literal[onnx_sampler.SPACINGS]  # uniform | linspace | trailing | quadratic | logsnr
 
 
 def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int | None = None,
-              eta: float = 0.0, spacing: Spacing = "uniform", clip: bool = True) -> Plan:
-    """The plan of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM Section 4) or of DDIM
-    with eta (Song et al. Eq. 12, 16) for `diffusion`; steps defaults to T (ancestral) and min(50, T) (DDIM)."""
+              eta: float = 0.0, spacing: Spacing = "uniform", clip: bool = True, corrector_steps: int = 0,
+              snr: float = 0.16) -> Plan:
+    """The plan for `diffusion` of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM
+    Section 4), DDIM with eta (Song et al. Eq. 12, 16), DPM-Solver++(2M) (dpmpp2m, Lu et al. 2022) or its
+    SDE variant (dpmpp2m-sde), optionally with K = corrector_steps Langevin rows per timestep (Song et al.
+    2021's predictor-corrector); steps defaults to T (ancestral) and min(50, T) (the others). See
+    export/onnx_sampler.make_plan."""
     return onnx_sampler.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance,
-                                  sampler, steps, eta, spacing, clip)
+                                  sampler, steps, eta, spacing, clip, corrector_steps, snr)
 
 
 def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing = "uniform") -> Plan:
     """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3); decoding the result with the DDIM
     plan of the same steps reconstructs the data."""
     return onnx_sampler.ddim_inversion_plan(diffusion.alphas_cumprod, diffusion.parameterization, steps, spacing)
+
+
+def ddim_reconstruct(model, diffusion: Diffusion, x0: torch.Tensor, steps: int | None = None,
+                     spacing: Spacing = "uniform") -> torch.Tensor:
+    """Encode x0 with DDIM inversion and decode the latent with DDIM (eta = 0) over the same `steps`
+    timesteps (Song et al. Section 5.4, Table 2): the reconstruction, close to x0 for a good model."""
+    latent = run_plan(model, ddim_inversion_plan(diffusion, steps, spacing), x0)
+    return run_plan(model, make_plan(diffusion, "ddim", steps, spacing=spacing, clip=False), latent)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
+    """Spherical interpolation between two latents, [len(alphas), *a.shape] (export/onnx_sampler.slerp)."""
+    return torch.from_numpy(onnx_sampler.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
 
 
 def numpy_noise(seed: int, device="cpu") -> Callable[[tuple], torch.Tensor]:
@@ -434,28 +453,33 @@ def torch_noise(generator: torch.Generator | None = None, device="cpu") -> Calla
 @torch.no_grad()
 def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.Tensor] | None = None,
              callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """Execute a plan from x (x_T for sampling, data for DDIM inversion) and return the final x. Per step
-    the arithmetic is a handful of fused elementwise ops on the device; no host synchronisation.
-    callback({"i", "t", "x", "x0"}) is called after each step with the step's index, its timestep, the new
-    x and the (clipped) x_0 prediction (new tensors at every step: keep them without copying)."""
+    """Execute a plan from x (x_T for sampling, data for DDIM inversion) and return the final x. Per row the
+    arithmetic is a handful of fused elementwise ops on the device; no host synchronisation. The last
+    plan.memory x0 predictions are kept for multistep rows (DPM-Solver++(2M)).
+    callback({"i", "t", "x", "x0"}) is called after each row with the row's index, its timestep, the new
+    x and the (clipped) x_0 prediction (new tensors at every row: keep them without copying)."""
     C, B, dev = x.shape[1], x.shape[0], x.device
     rows = zip(plan.t.tolist(), plan.x0_x.tolist(), plan.x0_o.tolist(), plan.mean_x0.tolist(),
                plan.mean_xt.tolist(), plan.sigma.tolist(), plan.log_var_min.tolist(),
-               plan.log_var_max.tolist(), plan.add_noise.tolist())
+               plan.log_var_max.tolist(), plan.add_noise.tolist(), plan.learned.tolist(), plan.mean_x0_prev.tolist())
     t_all = torch.as_tensor(plan.t, device=dev)
-    for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add) in enumerate(rows):
+    earlier = [torch.zeros_like(x)] * plan.memory  # x0 of the previous rows, the latest first
+    for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add, learned, weights) in enumerate(rows):
         out = model(x, t_all[k].expand(B)).float()
         x0 = ax * x + ao * out[:, :C]
         if plan.clip:
             x0 = x0.clamp(-1.0, 1.0)
         x = mx0 * x0 + mxt * x
+        for w, x0_j in zip(weights, earlier):
+            x = x + w * x0_j
         if add:
             z = noise(x.shape)
-            if plan.learned:
+            if learned:
                 frac = (out[:, C:] + 1.0) * 0.5
                 x = x + torch.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z
             else:
                 x = x + sigma * z
+        earlier = [x0, *earlier[:-1]] if earlier else earlier
         if callback:
             callback({"i": k, "t": t, "x": x, "x0": x0})
     return x
@@ -668,7 +692,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign file can make the unpickler warn before it fails
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable checkpoint (truncated or not written by torch.save): "
                         f"{str(e).splitlines()[0]}") from None

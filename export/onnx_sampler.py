@@ -32,8 +32,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 import onnxruntime as ort
 
-SAMPLERS = ("ancestral", "ddim")
-SPACINGS = ("uniform", "linspace", "trailing", "quadratic")
+SAMPLERS = ("ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde")
+SPACINGS = ("uniform", "linspace", "trailing", "quadratic", "logsnr")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -55,11 +55,13 @@ def _choice(name: str, value, valid) -> None:
 
 @dataclass
 class Plan:
-    """A sampler as plain data, in sampling order (step k calls the network at timestep t[k]). One step:
+    """A sampler as plain data, in sampling order (row k calls the network at timestep t[k]). One row:
         x0 = clip?(x0_x * x + x0_o * out[:, :C])
-        x  = mean_x0 * x0 + mean_xt * x  (+ sigma * z when add_noise)
-    with sigma = exp((frac * log_var_max + (1 - frac) * log_var_min) / 2), frac = (out[:, C:] + 1) / 2,
-    when `learned`. The torch sampler, this file's sampler and the C++ runner all execute it."""
+        x  = mean_x0 * x0 + mean_xt * x + sum_j mean_x0_prev[k, j] * x0 of row k-1-j  (+ s * z when add_noise)
+    with s = sigma, or s = exp((frac * log_var_max + (1 - frac) * log_var_min) / 2), frac = (out[:, C:] + 1) / 2,
+    on the rows where `learned`. mean_x0_prev is [rows, M]: M = 0 for one-step samplers, 1 for DPM-Solver++(2M)
+    (an order-3 multistep method is M = 2). The torch sampler, this file's sampler and the C++ runner all
+    execute it; each keeps the last M x0 predictions between rows."""
     t: np.ndarray
     x0_x: np.ndarray
     x0_o: np.ndarray
@@ -69,18 +71,40 @@ class Plan:
     log_var_min: np.ndarray
     log_var_max: np.ndarray
     add_noise: np.ndarray
-    learned: bool
+    learned: np.ndarray
+    mean_x0_prev: np.ndarray
     clip: bool
 
     def __len__(self):
         return len(self.t)
 
+    @property
+    def memory(self) -> int:
+        """M: how many earlier x0 predictions a row reads."""
+        return self.mean_x0_prev.shape[1]
 
-def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
+
+# DPM-Solver needs a finite lambda: its samplers keep the timesteps with lambda >= LAMBDA_MIN, and the
+# logsnr spacing spans lambda down to it at most (diffusers' lambda_min_clipped, the value recommended for
+# the cosine schedule, whose clipped betas reach lambda = -9.9; Ho et al.'s linear schedule has
+# lambda(T) = -5.06 and keeps all of its T steps).
+LAMBDA_MIN = -5.1
+
+
+def log_snr(ab: np.ndarray) -> np.ndarray:
+    """lambda = log(alpha / sigma) = log(ab / (1 - ab)) / 2, with alpha = sqrt(ab) and sigma = sqrt(1 - ab), the
+    time variable of DPM-Solver (Lu et al. 2022): +inf at ab = 1, -inf at ab = 0."""
+    with np.errstate(divide="ignore"):
+        return 0.5 * (np.log(ab) - np.log1p(-ab))
+
+
+def space_timesteps(T: int, steps: int, spacing: str = "uniform", alphas_cumprod=None) -> np.ndarray:
     """The kept timestep indices, ascending, as the reference implementations choose them:
     uniform: i * (T // S) (DDIM's "uniform", diffusers' "leading"); linspace: round(linspace(0, T-1, S))
     (diffusers); trailing: round(T - i T/S) - 1 (Lin et al. 2023; always keeps T-1); quadratic:
-    int(linspace(0, sqrt(0.8 T), S)^2) (DDIM). round is numpy's, half to even."""
+    int(linspace(0, sqrt(0.8 T), S)^2) (DDIM); logsnr: for each of linspace(lambda_0, max(lambda_{T-1},
+    LAMBDA_MIN), S) the timestep whose lambda is nearest (the first on a tie): uniform in lambda, as Lu et al.
+    recommend (needs alphas_cumprod). round is numpy's, half to even. An error when the S timesteps are not distinct."""
     _choice("spacing", spacing, SPACINGS)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
@@ -92,8 +116,11 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
         ts = np.round(np.linspace(0, T - 1, steps))
     elif spacing == "trailing":
         ts = np.round(T - np.arange(steps)[::-1] * (T / steps)) - 1
-    else:
+    elif spacing == "quadratic":
         ts = np.linspace(0, math.sqrt(0.8 * T), steps) ** 2
+    else:
+        lam = log_snr(np.asarray(alphas_cumprod, dtype=np.float64)[:T])
+        ts = np.array([np.argmin(np.abs(lam - v)) for v in np.linspace(lam[0], max(lam[T - 1], LAMBDA_MIN), steps)])
     ts = ts.astype(np.int64)
     if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] > T - 1:
         raise ValueError(f"spacing {spacing!r} cannot give {steps} distinct steps for T={T}")
@@ -131,37 +158,108 @@ def ddim_coefficients(ab: np.ndarray, ab_to: np.ndarray, sigma: np.ndarray):
     return np.sqrt(ab_to) - d * np.sqrt(ab) / np.sqrt(1.0 - ab), d / np.sqrt(1.0 - ab)
 
 
+def dpmpp_2m_coefficients(ab: np.ndarray, ab_to: np.ndarray, r: np.ndarray, sde: bool):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; its SDE variant, Lu et al. Eq. (4.x) as diffusers'
+    "sde-dpmsolver++" midpoint form) from ab to ab_to, with h = lambda_to - lambda and r = h_prev / h
+    (r = inf: the first-order step, which is DDIM for the ODE and the ancestral DDPM step for the SDE).
+    The x0 estimate is D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev. Returns the coefficients of x_t, x0, x0_prev and
+    the noise's standard deviation:
+        ODE: x_to = (sigma_to / sigma) x_t - alpha_to (e^-h - 1) D
+        SDE: x_to = (sigma_to / sigma) e^-h x_t + alpha_to (1 - e^-2h) D + sigma_to sqrt(1 - e^-2h) z
+    At ab_to = 1 (sigma_to = 0, h = inf) both return x_to = x0, and r must be inf there."""
+    alpha_to, sigma_to, sigma = np.sqrt(ab_to), np.sqrt(1.0 - ab_to), np.sqrt(1.0 - ab)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = log_snr(ab_to) - log_snr(ab)
+        weight = -np.expm1(-2.0 * h) if sde else -np.expm1(-h)  # 1 - e^-2h, or 1 - e^-h
+        half_r = np.where(np.isinf(r), 0.0, 0.5 / r)
+    mean_xt = sigma_to / sigma * (np.exp(-h) if sde else 1.0)
+    noise = sigma_to * np.sqrt(weight) if sde else np.zeros_like(ab)
+    return mean_xt, alpha_to * weight * (1.0 + half_r), -alpha_to * weight * half_r, noise
+
+
+def langevin_coefficients(ab: np.ndarray, snr: float):
+    """One Langevin corrector step at ab (Song et al. 2021, Algorithm 5), x' = x + e score + sqrt(2e) z with
+    the score -(x - sqrt(ab) x0) / (1 - ab) = -eps / sqrt(1 - ab) and the step e = 2 (r sqrt(1 - ab))^2: Song
+    et al.'s e = 2 (r ||z|| / ||score||)^2 with both norms at their expected values (sqrt(d) and
+    sqrt(d / (1 - ab))), so it depends neither on the batch nor on the image size. Returns the coefficients
+    of x_t and x0 and the noise's standard deviation: (1 - 2 r^2, 2 r^2 sqrt(ab), 2 r sqrt(1 - ab))."""
+    return np.full_like(ab, 1.0 - 2.0 * snr ** 2), 2.0 * snr ** 2 * np.sqrt(ab), 2.0 * snr * np.sqrt(1.0 - ab)
+
+
+
+
+def _dpmpp_rows(ab_ts: np.ndarray, sde: bool):
+    """(mean_xt, mean_x0, mean_x0_prev, sigma) of DPM-Solver++(2M) over the kept timesteps ab_ts (ascending t),
+    in sampling order: the first step first order (no x0_prev yet), the last step, to ab = 1, first order."""
+    ab = ab_ts[::-1]
+    h = np.diff(np.append(log_snr(ab), np.inf))  # h[k] = lambda_{k+1} - lambda_k in sampling order; inf at the end
+    r = np.full(len(ab), np.inf)
+    r[1:-1] = h[:-2] / h[1:-1]
+    return dpmpp_2m_coefficients(ab, np.append(ab[1:], 1.0), r, sde)
+
+
 def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fixed_small",
               sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, spacing: str = "uniform",
-              clip: bool = True) -> Plan:
-    """The plan (float64) of Algorithm 2 of Ho et al. (ancestral, over all T steps or on the process respaced
-    to the kept steps, improved DDPM Section 4) or of DDIM with eta, for the schedule alpha_bar_1..T.
-    steps defaults to T for ancestral and to min(50, T) for DDIM."""
+              clip: bool = True, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
+    """The plan (float64) for the schedule alpha_bar_1..T of: Algorithm 2 of Ho et al. (ancestral, over all T
+    steps or on the process respaced to the kept steps, improved DDPM Section 4); DDIM with eta; DPM-Solver++(2M)
+    (dpmpp2m) or its SDE variant (dpmpp2m-sde) over the kept timesteps with lambda >= LAMBDA_MIN. steps
+    (network calls of the predictor) defaults to T for ancestral and min(50, T) otherwise. corrector_steps K
+    adds K Langevin rows (langevin_coefficients, signal-to-noise ratio snr) at each kept timestep after the
+    first, before its predictor row: Song et al.'s predictor-corrector sampler (with ancestral or ddim)."""
     _choice("sampler", sampler, SAMPLERS)
     _choice("parameterization", parameterization, PARAMETERIZATIONS)
     _choice("variance", variance, VARIANCES)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-    T = len(alphas_cumprod)
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only, not {sampler}")
+    if int(corrector_steps) != corrector_steps or corrector_steps < 0 or not snr > 0:
+        raise ValueError(f"corrector_steps must be a whole number >= 0 and snr > 0, got {corrector_steps}, {snr}")
+    if corrector_steps and sampler.startswith("dpmpp"):
+        raise ValueError("the Langevin corrector runs with the one-step samplers (ancestral, ddim): a corrector "
+                         "row would replace the x0 that DPM-Solver++(2M) keeps from its previous step")
+    ab_all = np.asarray(alphas_cumprod, dtype=np.float64)
+    dpmpp = sampler.startswith("dpmpp")
+    T = int((log_snr(ab_all) >= LAMBDA_MIN).sum()) if dpmpp else len(ab_all)
     steps = steps or (T if sampler == "ancestral" else min(50, T))
-    ts = space_timesteps(T, steps, spacing)
-    ab = alphas_cumprod[ts]
+    ts = space_timesteps(T, steps, spacing, ab_all)
+    ab = ab_all[ts]
     ab_prev = np.append(1.0, ab[:-1])
+    if dpmpp and not (np.diff(log_snr(ab)) < 0).all():
+        raise ValueError(f"the kept timesteps' lambdas are not strictly decreasing ({spacing}, {steps} steps): "
+                         "DPM-Solver's step h would be 0; use fewer steps or another spacing")
     x0_x, x0_o = x0_coefficients(ab, parameterization)
     beta, post_var, post_x0, post_xt = posterior_coefficients(ab, ab_prev)
     # beta-tilde_1 = 0: its log is clipped to beta-tilde_2, as in the original implementation.
     log_var_min = np.log(np.append(post_var[1] if steps > 1 else beta[0], post_var[1:]))
+    prev = np.zeros((steps, 1 if dpmpp else 0))
     if sampler == "ancestral":
         mean_x0, mean_xt = post_x0, post_xt
         sigma = np.sqrt(beta if variance == "fixed_large" else post_var)
-    else:
+    elif sampler == "ddim":
         sigma = ddim_sigma(ab, ab_prev, eta)
         mean_x0, mean_xt = ddim_coefficients(ab, ab_prev, sigma)
-    add_noise = (np.arange(steps) > 0) & (sampler == "ancestral" or eta > 0)
-    columns = [ts, x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, np.log(beta), add_noise]
-    return Plan(*(c[::-1].copy() for c in columns),
-                learned=variance == "learned_range" and sampler == "ancestral", clip=bool(clip))
+    else:
+        mean_xt, mean_x0, prev[:, 0], sigma = (c[::-1] for c in _dpmpp_rows(ab, sampler == "dpmpp2m-sde"))
+    add_noise = (np.arange(steps) > 0) & (sampler in ("ancestral", "dpmpp2m-sde") or eta > 0)
+    learned = np.full(steps, variance == "learned_range" and sampler == "ancestral")
+    columns = [ts, x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, np.log(beta), add_noise, learned, prev]
+    rows = [c[::-1].copy() for c in columns]  # sampling order
+    if corrector_steps:
+        rows = _with_corrector(rows, ab[::-1], parameterization, corrector_steps, snr)
+    return Plan(*rows, clip=bool(clip))
+
+
+def _with_corrector(rows: list, ab: np.ndarray, parameterization: str, K: int, snr: float) -> list:
+    """The predictor rows (columns in sampling order, ab per row) with K Langevin rows at each row's timestep
+    before it, from the second row on (x_T needs no correction)."""
+    x0_x, x0_o = x0_coefficients(ab, parameterization)
+    mean_xt, mean_x0, sigma = langevin_coefficients(ab, snr)
+    corrector = [rows[0], x0_x, x0_o, mean_x0, mean_xt, sigma, 2 * np.log(sigma), 2 * np.log(sigma),
+                 np.ones(len(ab), bool), np.zeros(len(ab), bool), np.zeros_like(rows[10])]
+    order = [0] + [j for k in range(1, len(ab)) for j in [-k - 1] * K + [k]]  # -k-1: the corrector of row k
+    return [np.stack([p[k] if k >= 0 else c[-k - 1] for k in order]) for p, c in zip(rows, corrector)]
 
 
 def ddim_inversion_plan(alphas_cumprod, parameterization: str = "eps", steps: int | None = None,
@@ -172,13 +270,25 @@ def ddim_inversion_plan(alphas_cumprod, parameterization: str = "eps", steps: in
     _choice("parameterization", parameterization, PARAMETERIZATIONS)
     alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
     steps = steps or min(50, len(alphas_cumprod))
-    ts = space_timesteps(len(alphas_cumprod), steps, spacing)
+    ts = space_timesteps(len(alphas_cumprod), steps, spacing, alphas_cumprod)
     ab = alphas_cumprod[ts]
     x0_x, x0_o = x0_coefficients(ab[:-1], parameterization)
     mean_x0, mean_xt = ddim_coefficients(ab[:-1], ab[1:], np.zeros(steps - 1))
-    zeros = np.zeros(steps - 1)
-    return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros, np.zeros(steps - 1, dtype=bool),
-                learned=False, clip=False)
+    zeros, no = np.zeros(steps - 1), np.zeros(steps - 1, dtype=bool)
+    return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros, no, no, np.zeros((steps - 1, 0)),
+                clip=False)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, alphas) -> np.ndarray:
+    """Spherical interpolation of two latents (Shoemake 1985; Song et al. Section 5.4 interpolate DDIM latents
+    so): [len(alphas), *a.shape], sin((1 - w) theta) / sin(theta) a + sin(w theta) / sin(theta) b with theta the
+    angle between a and b; Gaussian latents keep their norm along the way, where a straight line shrinks it."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    w = np.asarray(alphas, np.float64).reshape(-1, *[1] * a.ndim)
+    theta = np.arccos(np.clip((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0))
+    if theta < 1e-7:  # (nearly) parallel: the straight line is the limit
+        return (1 - w) * a + w * b
+    return (np.sin((1 - w) * theta) * a + np.sin(w * theta) * b) / np.sin(theta)
 
 
 # ------------------------------------------------------------------- the per-step update as ONNX
@@ -202,20 +312,25 @@ def _field(number: int, value) -> bytes:
 
 
 # The update of the README's "Executing the plan", in the torch sampler's order of operations. c holds
-# the step's coefficients as float32; z is all zeros on steps that add no noise.
+# the row's coefficients as float32 (COEFFICIENTS, then the M weights of the earlier x0s); z is all zeros
+# on rows that add no noise.
 COEFFICIENTS = ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max", "lo", "hi", "one", "half")
 _UPDATE = """Mul x0_x x -> a; Mul x0_o o -> b; Add a b -> x0u; Max x0u lo -> x0l; Min x0l hi -> x0
-             Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean"""
+             Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean0"""
 _LEARNED = """Add v one -> f1; Mul f1 half -> frac; Mul frac log_var_max -> p1; Sub one frac -> q
               Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s"""
 
 
-def step_graph(learned: bool, split_output: bool) -> bytes:
-    """A serialised ONNX model (opset 17) x_next = update(x, out, z, c): x0 = clip(x0_x x + x0_o o),
-    x_next = mean_x0 x0 + mean_xt x + s z, with s = sigma, or Nichol & Dhariwal's Eq. (15) from the
-    variance channels v when learned. o, v = the two halves of out when split_output, else o = out."""
-    text = f"Split c -> {' '.join(COEFFICIENTS)}; " + ("Split out -> o v; " if split_output else "Identity out -> o; ")
-    text += _UPDATE + ";" + (_LEARNED if learned else "Identity sigma -> s") + "; Mul s z -> n; Add mean n -> x_next"
+def step_graph(learned: bool, split_output: bool, memory: int = 0) -> bytes:
+    """A serialised ONNX model (opset 17) of one plan row, x_next = update(x, out, z, c, x0_1..x0_M):
+    x0 = clip(x0_x x + x0_o o), x_next = mean_x0 x0 + mean_xt x + w_1 x0_1 + ... + w_M x0_M + s z, with
+    s = sigma, or Nichol & Dhariwal's Eq. (15) from the variance channels v when learned; o, v = the two
+    halves of out when split_output, else o = out. With memory M > 0 it also outputs x0, the next row's x0_1."""
+    weights = [f"w{j}" for j in range(1, memory + 1)]
+    text = f"Split c -> {' '.join(COEFFICIENTS + tuple(weights))}; "
+    text += ("Split out -> o v; " if split_output else "Identity out -> o; ") + _UPDATE + ";"
+    text += "".join(f"Mul {w} x0_{j} -> q{j}; Add mean{j - 1} q{j} -> mean{j};" for j, w in enumerate(weights, 1))
+    text += (_LEARNED if learned else "Identity sigma -> s") + f"; Mul s z -> n; Add mean{memory} n -> x_next"
     nodes = []
     for statement in text.replace("\n", ";").split(";"):
         op, *inputs = statement.split("->")[0].split()
@@ -227,15 +342,18 @@ def step_graph(learned: bool, split_output: bool) -> bytes:
         shape = _field(1, [_field(2 if isinstance(d, str) else 1, d) for d in dims])
         return _field(1, name) + _field(2, _field(1, _field(1, 1) + _field(2, shape)))
     image, output = ["B", "C", "H", "W"], ["B", "C_out", "H", "W"]
-    inputs = [tensor("x", image), tensor("out", output), tensor("z", image), tensor("c", [len(COEFFICIENTS)])]
-    graph = _field(1, nodes) + _field(2, "ddpm_step") + _field(11, inputs) + _field(12, [tensor("x_next", image)])
+    inputs = [tensor("x", image), tensor("out", output), tensor("z", image),
+              tensor("c", [len(COEFFICIENTS) + memory])] + [tensor(f"x0_{j}", image) for j in range(1, memory + 1)]
+    outputs = [tensor("x_next", image)] + ([tensor("x0", image)] if memory else [])
+    graph = _field(1, nodes) + _field(2, "ddpm_step") + _field(11, inputs) + _field(12, outputs)
     return _field(1, 8) + _field(8, _field(1, "") + _field(2, 17)) + _field(7, graph)
 
 
 def step_coefficients(plan: Plan, k: int) -> np.ndarray:
-    """The float32 vector c of step k, in COEFFICIENTS order (lo, hi = -1, 1 when clipping, else +-inf)."""
+    """The float32 vector c of row k, in COEFFICIENTS order (lo, hi = -1, 1 when clipping, else +-inf), then
+    the row's M weights of the earlier x0 predictions."""
     lim = 1.0 if plan.clip else np.inf
-    values = [getattr(plan, key)[k] for key in COEFFICIENTS[:7]] + [-lim, lim, 1.0, 0.5]
+    values = [getattr(plan, key)[k] for key in COEFFICIENTS[:7]] + [-lim, lim, 1.0, 0.5, *plan.mean_x0_prev[k]]
     return np.array(values, dtype=np.float32)
 
 
@@ -288,10 +406,8 @@ class OnnxSampler:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self._read_metadata()
         self._check_signature()
-        self._device = "cuda" if self.provider == PROVIDERS["cuda"] else "cpu"
-        split = self.out_channels == 2 * self.image_shape[0]
-        self._steps = {learned: _session(step_graph(learned, split), self._device, threads)
-                       for learned in ([False, True] if self.variance == "learned_range" else [False])}
+        self._device, self._threads = ("cuda" if self.provider == PROVIDERS["cuda"] else "cpu"), threads
+        self._steps = {}  # (learned, memory) -> the session of that row update, built once when first needed
 
     def _meta(self, key: str) -> str:
         if key not in self.metadata:
@@ -350,52 +466,75 @@ class OnnxSampler:
                              f"found {found}")
 
     def plan(self, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
-             spacing: str = "uniform", clip: bool | None = None) -> Plan:
+             spacing: str = "uniform", clip: bool | None = None, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
         """This model's plan (see make_plan); clip defaults to the file's ddpm.clip_denoised."""
         return make_plan(self.alphas_cumprod, self.parameterization, self.variance, sampler, steps, eta, spacing,
-                         self.clip_denoised if clip is None else clip)
+                         self.clip_denoised if clip is None else clip, corrector_steps, snr)
+
+    def inversion_plan(self, steps: int | None = None, spacing: str = "uniform") -> Plan:
+        """DDIM encoding x_0 -> x_T (see ddim_inversion_plan); decode with plan("ddim", steps, clip=False)."""
+        return ddim_inversion_plan(self.alphas_cumprod, self.parameterization, steps, spacing)
 
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
                spacing: str = "uniform", clip: bool | None = None, seed: int = 0, batch: int | None = None,
-               progress: Callable[[int, int], None] | None = None, return_timing: bool = False):
+               progress: Callable[[int, int], None] | None = None, return_timing: bool = False,
+               corrector_steps: int = 0, snr: float = 0.16):
         """n samples, float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one
-        RandomState(seed) stream: each batch in order draws x_T, then each noisy step's z. progress(k, K)
-        is called after every network step (K = steps x number of batches). With return_timing, returns
+        RandomState(seed) stream: each batch in order draws x_T, then each noisy row's z. progress(k, K)
+        is called after every network call (K = rows x number of batches). With return_timing, returns
         (x, {"total_s", "network_s", "steps", "provider"}); network_s is the time inside the network's runs."""
+        plan = self.plan(sampler, steps, eta, spacing, clip, corrector_steps, snr)
+        return self.run(plan, n, seed, batch, progress, return_timing)
+
+    def run(self, plan: Plan, x: np.ndarray | int, seed: int = 0, batch: int | None = None,
+            progress: Callable[[int, int], None] | None = None, return_timing: bool = False):
+        """Execute `plan` from x (float [n, C, H, W]: latents to decode, or images to encode), or from n
+        draws of x_T when x is a number n; noise from RandomState(seed), batch by batch (see sample)."""
         start = time.perf_counter()
-        plan = self.plan(sampler, steps, eta, spacing, clip)
+        given = not isinstance(x, (int, np.integer))
+        n = len(x) if given else x
         batch = n if batch is None else batch
         if int(n) != n or n < 1 or int(batch) != batch or batch < 1:
             raise ValueError(f"n and batch must be positive integers, got n={n}, batch={batch}")
+        if given and tuple(np.shape(x)[1:]) != self.image_shape:
+            raise ValueError(f"x must be [n, {', '.join(map(str, self.image_shape))}], got {list(np.shape(x))}")
         rng = np.random.RandomState(seed)
         coefficients = [self._ortvalue(step_coefficients(plan, k)) for k in range(len(plan))]
-        x = np.empty((n, *self.image_shape), dtype=np.float32)
+        result = np.empty((n, *self.image_shape), dtype=np.float32)
         network_s, done, total = 0.0, 0, len(plan) * -(-n // batch)
         for i in range(0, n, batch):
-            x[i:i + batch], seconds = self._run_batch(plan, coefficients, min(batch, n - i), rng,
-                                                      progress and (lambda k: progress(done + k, total)))
+            b = min(batch, n - i)
+            first = np.asarray(x[i:i + b], np.float32) if given else rng.standard_normal((b, *self.image_shape))
+            result[i:i + b], seconds = self._run_batch(plan, coefficients, first.astype(np.float32), rng,
+                                                       progress and (lambda k: progress(done + k, total)))
             network_s, done = network_s + seconds, done + len(plan)
         if not return_timing:
-            return x
-        return x, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan),
-                   "provider": self.provider}
+            return result
+        return result, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan),
+                        "provider": self.provider}
 
     def _ortvalue(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
 
-    def _run_batch(self, plan: Plan, coefficients: list, b: int, rng, tick):
-        """One batch of the plan: x stays in OrtValues on the provider's device; returns (x, network seconds)."""
+    def _step_session(self, learned: bool, memory: int):
+        if (learned, memory) not in self._steps:
+            graph = step_graph(learned, self.out_channels == 2 * self.image_shape[0], memory)
+            self._steps[learned, memory] = _session(graph, self._device, self._threads)
+        return self._steps[learned, memory]
+
+    def _run_batch(self, plan: Plan, coefficients: list, x_first: np.ndarray, rng, tick):
+        """One batch of the plan from x_first: x and the last M x0 predictions stay in OrtValues on the
+        provider's device; returns (x, network seconds)."""
         C, H, W = self.image_shape
-        shape = (b, C, H, W)
+        shape, M = x_first.shape, plan.memory
         new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)  # noqa: E731
-        x, x_next, z, out = new(shape), new(shape), new(shape), new((b, self.out_channels, H, W))
+        x, x_next, z, out = self._ortvalue(x_first), new(shape), new(shape), new((shape[0], self.out_channels, H, W))
         zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
-        timesteps = [self._ortvalue(np.full(b, t, dtype=np.int64)) for t in plan.t]
-        step = self._steps[plan.learned]
-        net, update = self.session.io_binding(), step.io_binding()
+        x0s = [self._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(M + 1)]  # a ring: zeros before row 0
+        timesteps = [self._ortvalue(np.full(shape[0], t, dtype=np.int64)) for t in plan.t]
+        net = self.session.io_binding()
         net.bind_ortvalue_output("model_output", out)
-        update.bind_ortvalue_input("out", out)
-        x.update_inplace(rng.standard_normal(shape).astype(np.float32))
+        updates = {}
         network_s = 0.0
         for k in range(len(timesteps)):
             net.bind_ortvalue_input("x", x)
@@ -405,9 +544,18 @@ class OnnxSampler:
             network_s += time.perf_counter() - t0
             if plan.add_noise[k]:
                 z.update_inplace(rng.standard_normal(shape).astype(np.float32))
+            step = self._step_session(bool(plan.learned[k]), M)
+            if step not in updates:
+                updates[step] = step.io_binding()
+                updates[step].bind_ortvalue_input("out", out)
+            update = updates[step]
             update.bind_ortvalue_input("x", x)
             update.bind_ortvalue_input("z", z if plan.add_noise[k] else zeros)
             update.bind_ortvalue_input("c", coefficients[k])
+            for j in range(1, M + 1):
+                update.bind_ortvalue_input(f"x0_{j}", x0s[(k - j) % (M + 1)])
+            if M:
+                update.bind_ortvalue_output("x0", x0s[k % (M + 1)])
             update.bind_ortvalue_output("x_next", x_next)
             step.run_with_iobinding(update)
             x, x_next = x_next, x

@@ -28,18 +28,30 @@ class GaussianOracle:
         return out
 
     def exact_moments(self, plan: ddpm.Plan, m: float = 0.0, v: float = 1.0):
-        """Mean and variance of the plan's output from x ~ N(m, v): each step is x' = A x + B + sigma z."""
+        """Mean and variance of the plan's output from x ~ N(m, v). Every row is affine in x, in the earlier
+        x0 predictions and in its own z, and x0 = g x + c: so x stays an affine function of independent
+        standard normals (x_init and the z's), tracked as its mean and the coefficients on them."""
+        mean, coef = m, np.zeros(len(plan) + 1)
+        coef[0] = np.sqrt(v)  # source 0: x_init; source k + 1: the z of row k
+        earlier = [(0.0, np.zeros_like(coef))] * plan.memory
         for k in range(len(plan)):
             ab = self.d.alphas_cumprod[plan.t[k]]
             g = self.gain(ab)
-            A = plan.mean_x0[k] * g + plan.mean_xt[k]
-            m = A * m + plan.mean_x0[k] * self.mu * (1 - g * np.sqrt(ab))
+            if plan.clip:
+                raise ValueError("clipping is not affine: exact moments need clip=False")
+            x0 = (g * mean + self.mu * (1 - g * np.sqrt(ab)), g * coef)
+            mean = plan.mean_x0[k] * x0[0] + plan.mean_xt[k] * mean
+            coef = plan.mean_x0[k] * x0[1] + plan.mean_xt[k] * coef
+            for w, (em, ec) in zip(plan.mean_x0_prev[k], earlier):
+                mean, coef = mean + w * em, coef + w * ec
             sigma = plan.sigma[k]
-            if plan.learned:
+            if plan.learned[k]:
                 frac = (self.var_out + 1) / 2
                 sigma = np.exp(0.5 * (frac * plan.log_var_max[k] + (1 - frac) * plan.log_var_min[k]))
-            v = A ** 2 * v + (sigma ** 2 if plan.add_noise[k] else 0.0)
-        return m, v
+            coef = coef.copy()
+            coef[k + 1] = sigma if plan.add_noise[k] else 0.0
+            earlier = [x0, *earlier[:-1]] if earlier else earlier
+        return mean, float((coef ** 2).sum())
 
 
 class MixtureOracle:

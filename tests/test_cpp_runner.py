@@ -113,28 +113,30 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 # ---------------------------------------------------------------- the Python side: ddpm.make_plan + an executor
 def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: float, spacing: str,
-                   clip: bool | None):
+                   clip: bool | None, corrector_steps: int = 0):
     """The project's plan (ddpm.make_plan) for the schedule written into an ONNX file."""
     from ddpm_reference import ddpm
 
     betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")], dtype=np.float64)
     diffusion = ddpm.Diffusion(betas, meta["ddpm.parameterization"], meta["ddpm.variance"])
     clip = (meta["ddpm.clip_denoised"] == "true") if clip is None else clip
-    return ddpm.make_plan(diffusion, sampler, steps, eta, spacing, clip)
+    return ddpm.make_plan(diffusion, sampler, steps, eta, spacing, clip, corrector_steps)
 
 
 def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
-                     spacing: str = "uniform", clip: bool | None = None, seed: int = 0) -> tuple[list[int], np.ndarray]:
+                     spacing: str = "uniform", clip: bool | None = None, seed: int = 0,
+                     corrector_steps: int = 0) -> tuple[list[int], np.ndarray]:
     """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime
     sampler, export/onnx_sampler.py."""
     from ddpm_reference.export.onnx_sampler import OnnxSampler
     python = OnnxSampler(model, provider="cpu", threads=1)
-    x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch)
-    return python.plan(sampler, steps, eta, spacing, clip).t.tolist(), x
+    x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch,
+                      corrector_steps=corrector_steps)
+    return python.plan(sampler, steps, eta, spacing, clip, corrector_steps).t.tolist(), x
 
 
-def plan_args(sampler, steps, eta, spacing, clip):
-    args = ["--sampler", sampler, "--spacing", spacing]
+def plan_args(sampler, steps, eta, spacing, clip, corrector_steps=0):
+    args = ["--sampler", sampler, "--spacing", spacing, "--corrector-steps", corrector_steps]
     args += ["--steps", steps] if steps else []
     args += ["--eta", eta] if sampler == "ddim" else []
     args += [] if clip is None else ["--clip" if clip else "--no-clip"]
@@ -150,27 +152,35 @@ def test_noise_stream_is_numpy_randomstate(runner, seed):
 
 
 # ---------------------------------------------------------------- plan
-PLAN_CASES = [(s, S, e, sp) for s, e in [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5)]
+PLAN_CASES = [(s, S, e, sp, 0) for s, e in [("ancestral", 0.0), ("ddim", 0.0), ("ddim", 0.5)]
               for sp in ["uniform", "linspace", "trailing", "quadratic"] for S in [1, 10, 13, 40]] + \
-             [("ancestral", None, 0.0, "uniform"), ("ddim", None, 0.0, "uniform"), ("ddim", T, 1.0, "trailing")]
+             [(s, S, 0.0, sp, 0) for s in ["dpmpp2m", "dpmpp2m-sde"]
+              for sp in ["uniform", "trailing", "logsnr"] for S in [1, 2, 10, 40]] + \
+             [("ancestral", None, 0.0, "uniform", 0), ("ddim", None, 0.0, "uniform", 0), ("ddim", T, 1.0, "trailing", 0),
+              ("ddim", 10, 0.0, "logsnr", 0), ("ancestral", 10, 0.0, "linspace", 2), ("ddim", 7, 0.5, "trailing", 1),
+              ("dpmpp2m", None, 0.0, "uniform", 0)]
 
 
-@pytest.mark.parametrize("sampler,steps,eta,spacing", PLAN_CASES)
+@pytest.mark.parametrize("sampler,steps,eta,spacing,K", PLAN_CASES)
 @pytest.mark.parametrize("model_name", ["eps_small", "v_large", "x0_small", "eps_learned", "v_zero_snr"])
-def test_plan_matches_contract(runner, models, model_name, sampler, steps, eta, spacing):
+def test_plan_matches_contract(runner, models, model_name, sampler, steps, eta, spacing, K):
     model = models[model_name]
-    proc = run(runner, "--model", model, "--dump-plan", *plan_args(sampler, steps, eta, spacing, None), check=False)
+    proc = run(runner, "--model", model, "--dump-plan", *plan_args(sampler, steps, eta, spacing, None, K), check=False)
     meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
     try:
-        want = reference_plan(meta, sampler, steps, eta, spacing, None)
-    except ValueError:  # e.g. quadratic spacing with more than sqrt(0.8 T) + 1 steps
-        assert proc.returncode == 2 and "distinct steps" in proc.stderr, proc.stderr
+        want = reference_plan(meta, sampler, steps, eta, spacing, None, K)
+    except ValueError as e:  # e.g. quadratic spacing with more than sqrt(0.8 T) + 1 steps
+        key = next(k for k in ("distinct steps", "not strictly decreasing", "steps must be in") if k in str(e))
+        assert proc.returncode == 2 and key in proc.stderr, (str(e), proc.stderr)
         return
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert got["t"] == want.t.tolist()
     assert got["add_noise"] == want.add_noise.astype(int).tolist()
-    assert (bool(got["learned"]), bool(got["clip"]), got["channels"]) == (want.learned, want.clip, IMAGE[0])
+    assert got["learned"] == want.learned.astype(int).tolist()
+    assert (bool(got["clip"]), got["channels"], got["memory"]) == (want.clip, IMAGE[0], want.memory)
+    np.testing.assert_allclose(np.array(got["mean_x0_prev"], dtype=np.float64).reshape(want.mean_x0_prev.shape),
+                               want.mean_x0_prev, rtol=1e-10, atol=1e-300)
     # float64 coefficients agree to rounding (the two sides order a few products differently); sigma only
     # where noise is added, the only place it is used.
     used = want.add_noise
@@ -192,7 +202,7 @@ def test_spacing_that_cannot_give_distinct_steps_is_an_error(runner, models):
 
 
 # ---------------------------------------------------------------- samples
-SAMPLE_CASES = [
+SAMPLE_CASES = [(*case, 0) for case in [
     ("eps_small", "ancestral", None, 0.0, "uniform", None),
     ("v_large", "ancestral", None, 0.0, "uniform", None),
     ("x0_small", "ancestral", 10, 0.0, "trailing", False),
@@ -202,23 +212,31 @@ SAMPLE_CASES = [
     ("v_zero_snr", "ddim", 10, 0.5, "trailing", None),
 ] + [("eps_small", "ddim", 10, eta, sp, None) for eta in (0.0, 0.5)
      for sp in ("uniform", "linspace", "trailing", "quadratic")] + [("eps_learned", "ddim", 10, 0.5, "uniform", True)]
+] + [(m, s, 8, 0.0, sp, None, 0) for s in ("dpmpp2m", "dpmpp2m-sde")  # multistep rows keep the previous x0
+     for m, sp in (("eps_small", "logsnr"), ("v_large", "trailing"), ("x0_small", "uniform"), ("eps_learned", "logsnr"),
+                   ("v_zero_snr", "trailing"))] + [
+    ("eps_small", "ancestral", 6, 0.0, "uniform", None, 2),  # predictor-corrector
+    ("eps_learned", "ancestral", 6, 0.0, "trailing", None, 1),  # learned predictor rows, fixed corrector rows
+    ("v_large", "ddim", 5, 0.0, "logsnr", False, 1),
+]
 
 
 @pytest.mark.parametrize("path", ["host", "step-graph"])
-@pytest.mark.parametrize("model_name,sampler,steps,eta,spacing,clip", SAMPLE_CASES)
-def test_samples_match_python(runner, models, tmp_path, model_name, sampler, steps, eta, spacing, clip, path):
+@pytest.mark.parametrize("model_name,sampler,steps,eta,spacing,clip,K", SAMPLE_CASES)
+def test_samples_match_python(runner, models, tmp_path, model_name, sampler, steps, eta, spacing, clip, K, path):
     """host: the CPU loop; step-graph: the CUDA path (x and the update on the provider), run on the CPU."""
     model, n, batch, seed = models[model_name], 5, 2, 2**31 + 7  # a partial last batch; a seed above 2^31
     out = tmp_path / "x.npy"
+    args = plan_args(sampler, steps, eta, spacing, clip, K)
     run(runner, "--model", model, "--n", n, "--batch", batch, "--seed", seed, "--threads", 1, "--out", out,
-        *plan_args(sampler, steps, eta, spacing, clip), *(["--step-graph"] if path == "step-graph" else []))
+        *args, *(["--step-graph"] if path == "step-graph" else []))
     got = np.load(out)
     ts, want = python_reference(model, n=n, batch=batch, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
-                                clip=clip, seed=seed)
-    plan = json.loads(run(runner, "--model", model, "--dump-plan", *plan_args(sampler, steps, eta, spacing, clip)).stdout)
+                                clip=clip, seed=seed, corrector_steps=K)
+    plan = json.loads(run(runner, "--model", model, "--dump-plan", *args).stdout)
     assert plan["t"] == ts
     assert got.dtype == np.float32 and got.shape == (n, *IMAGE)
-    assert np.abs(got - want).max() <= 1e-3
+    assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-3
 
 
 def test_png_is_the_clamped_rounded_grid(runner, models, tmp_path):

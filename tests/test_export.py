@@ -238,7 +238,7 @@ def test_plan_from_the_file_is_the_diffusion_formulas(schedule, T_):
             eps = d.from_x0(x, t, x0, "eps")
             want = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
             check(step, want, "Eq. (12)")
-        assert plan.learned == (var == "learned_range" and sampler == "ancestral")
+        assert (plan.learned == (var == "learned_range" and sampler == "ancestral")).all() and plan.memory == 0
         assert plan.add_noise.tolist() == [i < len(plan) - 1 and (sampler == "ancestral" or eta > 0)
                                            for i in range(len(plan))]
 
@@ -262,6 +262,13 @@ SAMPLE_CASES = [  # (parameterization, variance, sampler, steps, eta, spacing, c
     ("x0", "fixed_small", "ddim", 8, 1.0, "quadratic", True, 2, 1),
     ("eps", "learned_range", "ancestral", 20, 0.0, "uniform", False, 3, 2),
     ("eps", "learned_range", "ddim", 10, 0.5, "linspace", None, 2, None),
+    ("eps", "fixed_small", "dpmpp2m", 10, 0.0, "logsnr", None, 3, 2),
+    ("v", "fixed_small", "dpmpp2m", 6, 0.0, "trailing", False, 2, None),
+    ("x0", "fixed_small", "dpmpp2m-sde", 8, 0.0, "uniform", True, 3, 2),
+    ("eps", "learned_range", "dpmpp2m-sde", 8, 0.0, "logsnr", None, 2, None),
+    ("eps", "fixed_small", "ancestral+2", 6, 0.0, "uniform", None, 3, 2),  # +K: K Langevin corrector rows
+    ("eps", "learned_range", "ancestral+1", 6, 0.0, "linspace", False, 2, None),
+    ("v", "fixed_small", "ddim+1", 5, 0.5, "trailing", None, 2, None),
 ]
 
 
@@ -272,8 +279,10 @@ def test_onnx_sampler_matches_torch_sampler(small, tmp_path, par, var, sampler, 
     c = 2 if var == "learned_range" else 1
     path = relabel(folder / ("learned.onnx" if c == 2 else "eps.onnx"), tmp_path / "m.onnx", d)
     seed = 2**31 + 5
-    got = OnnxSampler(path, provider="cpu", threads=1).sample(n, sampler, steps, eta, spacing, clip, seed=seed, batch=batch)
-    plan = ddpm.make_plan(d, sampler, steps, eta, spacing, True if clip is None else clip)
+    sampler, K = sampler.split("+") if "+" in sampler else (sampler, 0)
+    got = OnnxSampler(path, provider="cpu", threads=1).sample(n, sampler, steps, eta, spacing, clip, seed=seed, batch=batch,
+                                                              corrector_steps=int(K))
+    plan = ddpm.make_plan(d, sampler, steps, eta, spacing, True if clip is None else clip, int(K))
     noise = ddpm.numpy_noise(seed)  # one stream, batches in order, as the onnx sampler draws it
     batch = batch or n
     want = torch.cat([ddpm.sample(nets[c], plan, (min(batch, n - i), *IMAGE), noise) for i in range(0, n, batch)])
@@ -291,12 +300,26 @@ def test_progress_and_timing(small):
 
 
 def test_step_graphs_are_valid_onnx():
-    for learned, split in itertools.product([False, True], [False, True]):
+    for learned, split, memory in itertools.product([False, True], [False, True], [0, 1, 2]):
         if learned and not split:
             continue
-        model = onnx.load_from_string(onnx_sampler.step_graph(learned, split))
+        model = onnx.load_from_string(onnx_sampler.step_graph(learned, split, memory))
         onnx.checker.check_model(model, full_check=True)
-        assert [i.name for i in model.graph.input] == ["x", "out", "z", "c"]
+        assert [i.name for i in model.graph.input] == ["x", "out", "z", "c"] + [f"x0_{j}" for j in range(1, memory + 1)]
+        assert [o.name for o in model.graph.output] == ["x_next"] + (["x0"] if memory else [])
+
+
+def test_step_graph_with_memory_is_the_row_update():
+    """An order-3 row (memory 2) on random inputs equals the update written out in numpy."""
+    rng = np.random.default_rng(0)
+    x, out, z, e1, e2 = (rng.standard_normal((2, 1, 3, 3)).astype(np.float32) for _ in range(5))
+    c = rng.standard_normal(len(onnx_sampler.COEFFICIENTS) + 2).astype(np.float32)
+    c[7:11] = [-1, 1, 1, 0.5]  # lo, hi, one, half
+    session = ort.InferenceSession(onnx_sampler.step_graph(False, False, 2), providers=["CPUExecutionProvider"])
+    x_next, x0 = session.run(None, {"x": x, "out": out, "z": z, "c": c, "x0_1": e1, "x0_2": e2})
+    want_x0 = np.clip(c[0] * x + c[1] * out, -1, 1)
+    np.testing.assert_array_equal(x0, want_x0)
+    np.testing.assert_array_equal(x_next, c[2] * want_x0 + c[3] * x + c[11] * e1 + c[12] * e2 + c[4] * z)
 
 
 def test_sampler_is_a_single_file_that_needs_no_torch(small, tmp_path):

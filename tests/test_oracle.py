@@ -30,6 +30,13 @@ CASES = [
     ("linear", 1000, "fixed_small", "eps", "ddim", 50, 0.5, "trailing"),
     ("cosine", 1000, "fixed_small", "v", "ddim", 20, 1.0, "quadratic"),
     ("quad", 200, "fixed_small", "x0", "ddim", 200, 0.0, "uniform"),
+    ("linear", 1000, "fixed_small", "eps", "dpmpp2m", 10, 0.0, "logsnr"),
+    ("cosine", 1000, "fixed_small", "v", "dpmpp2m", 25, 0.0, "trailing"),
+    ("linear", 1000, "fixed_small", "eps", "dpmpp2m-sde", 20, 0.0, "logsnr"),
+    ("linear", 1000, "learned_range", "x0", "dpmpp2m-sde", 30, 0.0, "linspace"),
+    ("linear", 1000, "fixed_small", "eps", "ancestral+2", 20, 0.0, "uniform"),  # +K: K Langevin corrector rows
+    ("linear", 1000, "learned_range", "eps", "ancestral+1", 20, 0.0, "linspace"),
+    ("cosine", 1000, "fixed_small", "v", "ddim+3", 10, 0.5, "trailing"),
 ]
 
 
@@ -37,7 +44,8 @@ CASES = [
 def test_sampler_moments_match_the_exact_chain(schedule, T, variance, param, sampler, steps, eta, spacing):
     d = ddpm.Diffusion(ddpm.beta_schedule(schedule, T), param, variance)
     oracle = GaussianOracle(d, MU, S, var_out=0.3)
-    plan = ddpm.make_plan(d, sampler, steps, eta=eta, spacing=spacing, clip=False)
+    sampler, K = sampler.split("+") if "+" in sampler else (sampler, 0)
+    plan = ddpm.make_plan(d, sampler, steps, eta=eta, spacing=spacing, clip=False, corrector_steps=int(K))
     g = torch.Generator().manual_seed(1)
     x = ddpm.sample(oracle, plan, SHAPE, ddpm.torch_noise(g))
     empirical_check(x, *oracle.exact_moments(plan))
@@ -168,3 +176,138 @@ def test_vlb_weighting_and_importance_sampling_are_unbiased():
     tt, weights = sampler.sample(100_000, torch.Generator().manual_seed(0))
     # E_p[w L] equals the uniform mean of L: the weights keep the loss unbiased.
     assert abs((weights.double() * losses[tt]).mean().item() - losses.mean().item()) < 0.02 * losses.mean().item()
+
+
+# ------------------------------------------------------------------- few-step samplers against exact maps
+def deterministic_error(oracle, d, sampler, steps, spacing, x_T, reference):
+    """RMS distance of the sampler's output from x_T (float64, no noise) to reference(plan)."""
+    plan = ddpm.make_plan(d, sampler, steps, spacing=spacing, clip=False)
+    out = ddpm.run_plan(oracle, plan, x_T.clone(), lambda shape: torch.zeros(shape, dtype=torch.float64))
+    return ((out - reference(plan)) ** 2).mean().sqrt().item()
+
+
+def gaussian_flow_map(oracle, d, x_T):
+    """The exact answer of a deterministic plan for data N(mu, s^2): the probability-flow ODE keeps
+    xi = (x_t - sqrt(ab_t) mu) / sqrt(ab_t s^2 + 1 - ab_t) fixed from the plan's first timestep to its last,
+    and the last row outputs the exact E[x_0 | x_t] there."""
+    def reference(plan):
+        ab_first, ab_last = d.alphas_cumprod[plan.t[0]], d.alphas_cumprod[plan.t[-1]]
+        xi = (x_T - math.sqrt(ab_first) * MU) / math.sqrt(ab_first * S ** 2 + 1 - ab_first)
+        x_last = math.sqrt(ab_last) * MU + math.sqrt(ab_last * S ** 2 + 1 - ab_last) * xi
+        return MU + oracle.gain(ab_last) * (x_last - math.sqrt(ab_last) * MU)
+    return reference
+
+
+@pytest.mark.parametrize("data", ["gaussian", "mixture"])
+def test_ddim_is_first_order_and_dpm_solver_second_order(data):
+    """Error ratios when N doubles: ~2 for DDIM (first order), ~4 for DPM-Solver++(2M) (second order); at
+    N = 10 with logsnr spacing DPM-Solver++ is several times closer. Gaussian data: against the exact flow map;
+    a mixture: against DPM-Solver++(2M) on all T = 1000 steps."""
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    x_T = torch.randn(2000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if data == "gaussian":
+        oracle = GaussianOracle(d, MU, S)
+        reference = gaussian_flow_map(oracle, d, x_T)
+        dpm_band, few_step_gain = (3.5, 4.5), 5.0
+    else:
+        oracle = MixtureOracle(d, m=0.5, s=0.2, p=0.3)
+        full = ddpm.run_plan(oracle, ddpm.make_plan(d, "dpmpp2m", 1000, clip=False), x_T.clone(),
+                             lambda shape: torch.zeros(shape, dtype=torch.float64))
+        reference = lambda plan: full  # noqa: E731  (every linspace/logsnr plan starts at T-1 and ends at 0)
+        dpm_band, few_step_gain = (3.0, 4.5), 2.5
+    err = {(sampler, n): deterministic_error(oracle, d, sampler, n, "linspace", x_T, reference)
+           for sampler in ("ddim", "dpmpp2m") for n in (50, 100, 200)}
+    for n in (50, 100):
+        assert 1.8 < err["ddim", n] / err["ddim", 2 * n] < 2.2, err
+    assert dpm_band[0] < err["dpmpp2m", 100] / err["dpmpp2m", 200] < dpm_band[1], err
+    ddim_10 = deterministic_error(oracle, d, "ddim", 10, "logsnr", x_T, reference)
+    dpm_10 = deterministic_error(oracle, d, "dpmpp2m", 10, "logsnr", x_T, reference)
+    assert ddim_10 > few_step_gain * dpm_10, (ddim_10, dpm_10)
+
+
+def test_dpm_solver_first_order_rows_are_ddim_and_the_sde_first_order_rows_are_ancestral():
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    for sampler, same in (("dpmpp2m", ("ddim", 0.0)), ("dpmpp2m-sde", ("ancestral", 0.0))):
+        dpm, one_step = ddpm.make_plan(d, sampler, 2), ddpm.make_plan(d, *same[:1], 2)
+        for key in ("mean_x0", "mean_xt"):  # two steps: both rows first order (the first, and the one to ab = 1)
+            np.testing.assert_allclose(getattr(dpm, key), getattr(one_step, key), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dpm.sigma[dpm.add_noise], one_step.sigma[one_step.add_noise], rtol=1e-9)
+        assert (dpm.mean_x0_prev == 0).all() and dpm.memory == 1
+
+
+def test_dpm_solver_rejects_lambdas_that_do_not_decrease():
+    """Duplicate kept timesteps would give h = 0 (NaN in the 2M coefficients): a clear error instead."""
+    betas = ddpm.beta_schedule("linear", 100)
+    betas[40:60] = 1e-300  # alpha_bar (and lambda) constant over 20 timesteps, to rounding
+    d = ddpm.Diffusion(betas)
+    with pytest.raises(ValueError, match="not strictly decreasing"):
+        ddpm.make_plan(d, "dpmpp2m", 100)
+    with np.errstate(divide="ignore"):  # log beta = -inf on those steps; the one-step samplers do not need lambda
+        assert np.isfinite(ddpm.make_plan(d, "ddim", 100).mean_x0).all()
+
+
+def langevin_plan(d, t: int, K: int, snr: float) -> ddpm.Plan:
+    """K corrector rows at timestep t, nothing else."""
+    ab = np.full(K, d.alphas_cumprod[t])
+    x0_x, x0_o = ddpm.x0_coefficients(ab, d.parameterization)
+    mean_xt, mean_x0, sigma = ddpm.langevin_coefficients(ab, snr)
+    return ddpm.Plan(np.full(K, t), x0_x, x0_o, mean_x0, mean_xt, sigma, sigma, sigma, np.ones(K, bool),
+                     np.zeros(K, bool), np.zeros((K, 0)), clip=False)
+
+
+@pytest.mark.parametrize("param", ["eps", "v"])
+def test_langevin_corrector_keeps_the_exact_marginal(param):
+    """With the exact score, K corrector steps from samples of q(x_t) leave them distributed as q(x_t)
+    (snr 0.05: the discretisation's stationary bias, var / (1 - e / (2 var)), is 0.2% here, far below the
+    Monte-Carlo error); for any snr the empirical moments are those of the exact linear chain."""
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000), param)
+    oracle = GaussianOracle(d, MU, S)
+    t = 300
+    ab = d.alphas_cumprod[t]
+    g = torch.Generator().manual_seed(4)
+    x0 = MU + S * torch.randn(SHAPE, generator=g)
+    x_t = d.q_sample(x0, torch.full((SHAPE[0],), t), torch.randn(SHAPE, generator=g))
+    m, v = math.sqrt(ab) * MU, ab * S ** 2 + 1 - ab
+    for snr in (0.05, 0.16):
+        plan = langevin_plan(d, t, 40, snr)
+        x = ddpm.run_plan(oracle, plan, x_t, ddpm.torch_noise(g))
+        chain_m, chain_v = oracle.exact_moments(plan, m, v)
+        empirical_check(x, chain_m, chain_v)
+        e = 2 * snr ** 2 * (1 - ab)  # the step size; the chain is x' - m = (1 - e / v) (x - m) + sqrt(2 e) z
+        stationary = v / (1 - e / (2 * v))  # ULA's stationary variance for a Gaussian target
+        after_40 = stationary + (v - stationary) * (1 - e / v) ** 80
+        assert abs(chain_m - m) < 1e-9 and abs(chain_v - after_40) < 1e-9 * v, (chain_v, after_40)
+        if snr == 0.05:
+            empirical_check(x, m, v)
+
+
+def test_predictor_corrector_run_has_the_right_final_moments():
+    """Ancestral sampling with 2 corrector steps per timestep: the samples have the exact chain's moments, the
+    corrector moves the few-step output towards the data's moments, and over all T steps it reaches them."""
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    oracle = GaussianOracle(d, MU, S)
+    plan = ddpm.make_plan(d, "ancestral", 50, clip=False, corrector_steps=2)
+    assert len(plan) == 50 + 2 * 49
+    x = ddpm.sample(oracle, plan, SHAPE, ddpm.torch_noise(torch.Generator().manual_seed(5))).double()
+    m, v = oracle.exact_moments(plan)
+    empirical_check(x, m, v)
+    _, v_predictor = oracle.exact_moments(ddpm.make_plan(d, "ancestral", 50, clip=False))
+    assert abs(m - MU) < 1e-3 and abs(math.sqrt(v) - S) < 0.9 * abs(math.sqrt(v_predictor) - S), (v, v_predictor)
+    m, v = oracle.exact_moments(ddpm.make_plan(d, "ancestral", clip=False, corrector_steps=1))
+    assert abs(m - MU) < 1e-3 and abs(math.sqrt(v) - S) < 0.005 * S
+
+
+def test_reconstruction_error_falls_with_steps_and_interpolation_keeps_its_ends():
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    oracle = GaussianOracle(d, MU, S)
+    x0 = MU + S * torch.randn(500, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    mse = [((ddpm.ddim_reconstruct(oracle, d, x0, steps) - x0) ** 2).mean().item() for steps in (10, 20, 50, 100)]
+    assert all(a > b for a, b in zip(mse, mse[1:])) and mse[-1] < 0.01 * S ** 2, mse
+    latents = ddpm.run_plan(oracle, ddpm.ddim_inversion_plan(d, 100), x0[:2])
+    path = ddpm.slerp(latents[0], latents[1], np.linspace(0, 1, 5))
+    torch.testing.assert_close(path[0], latents[0])
+    torch.testing.assert_close(path[-1], latents[1])
+    norms = path.flatten(1).norm(dim=1)
+    assert (norms > 0.5 * latents.flatten(1).norm(dim=1).min()).all()  # slerp does not shrink towards 0 midway
+    decoded = ddpm.run_plan(oracle, ddpm.make_plan(d, "ddim", 100, clip=False), path)
+    assert ((decoded[[0, -1]] - x0[:2]) ** 2).mean().item() < 0.01 * S ** 2

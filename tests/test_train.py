@@ -184,6 +184,8 @@ def test_cli_user_errors(tmp_path):
     assert_user_error(cli("sample", tmp_path / "missing.pt"), "no such checkpoint")
     (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
     assert_user_error(cli("sample", tmp_path / "junk.pt"), "not a readable checkpoint")
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x05" + os.urandom(1000))  # a pickle protocol the unpickler warns about
+    assert_user_error(cli("sample", tmp_path / "junk.pt"), "not a readable checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     assert_user_error(cli("nll", tmp_path / "other.pt"), "not a ddpm checkpoint")
     assert_user_error(cli("sample", tmp_path / "other.pt", "--out", "x.jpg"), "must end in")

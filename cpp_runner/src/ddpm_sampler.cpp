@@ -103,28 +103,66 @@ Pair ddim_mean(double ab, double ab_prev, double sigma) {
   return {std::sqrt(ab_prev) - d * std::sqrt(ab) / std::sqrt(1.0 - ab), d / std::sqrt(1.0 - ab)};
 }
 
-// One step on b images in float32, the coefficients cast to float32:
-// x0 = clip(x0_x x + x0_o out[:C]); x = mean_x0 x0 + mean_xt x. Branch-free so that it vectorises
-// (clipping to +-inf leaves x0 as it is).
-void step_mean(const Plan& p, const Step& s, int64_t b, int64_t chw, int64_t out_chw, float* x, const float* out) {
+// lambda = log(alpha / sigma) = log(ab / (1 - ab)) / 2, DPM-Solver's time variable: +inf at ab = 1.
+double log_snr(double ab) { return 0.5 * (std::log(ab) - std::log1p(-ab)); }
+
+// DPM-Solver keeps the timesteps with lambda >= this; the logsnr spacing spans lambda down to it at most
+// (export/onnx_sampler.py's LAMBDA_MIN).
+constexpr double kLambdaMin = -5.1;
+
+struct Row {
+  double mean_xt, mean_x0, mean_x0_prev, sigma;
+};
+
+// DPM-Solver++(2M) (Lu et al. 2022) from ab to ab_to with r = h_prev / h (inf: first order) on
+// D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev. ODE: x_to = (sigma_to / sigma) x_t - alpha_to (e^-h - 1) D;
+// SDE: x_to = (sigma_to / sigma) e^-h x_t + alpha_to (1 - e^-2h) D + sigma_to sqrt(1 - e^-2h) z.
+Row dpmpp_2m(double ab, double ab_to, double r, bool sde) {
+  const double alpha_to = std::sqrt(ab_to), sigma_to = std::sqrt(1.0 - ab_to), sigma = std::sqrt(1.0 - ab);
+  const double h = log_snr(ab_to) - log_snr(ab);
+  const double weight = sde ? -std::expm1(-2.0 * h) : -std::expm1(-h);
+  const double half_r = std::isinf(r) ? 0.0 : 0.5 / r;
+  return {sigma_to / sigma * (sde ? std::exp(-h) : 1.0), alpha_to * weight * (1.0 + half_r),
+          -alpha_to * weight * half_r, sde ? sigma_to * std::sqrt(weight) : 0.0};
+}
+
+// A Langevin corrector row at ab (Song et al. 2021): x' = x + e score + sqrt(2e) z, score = -(x - sqrt(ab) x0)
+// / (1 - ab), e = 2 (snr sqrt(1 - ab))^2: coefficients of x_t and x0, and the noise's standard deviation.
+Row langevin(double ab, double snr) {
+  return {1.0 - 2.0 * (snr * snr), 2.0 * (snr * snr) * std::sqrt(ab), 0.0, 2.0 * snr * std::sqrt(1.0 - ab)};
+}
+
+// One row on b images in float32, the coefficients cast to float32: x0 = clip(x0_x x + x0_o out[:C]);
+// x = mean_x0 x0 + mean_xt x, then + w_j x0_j for the earlier x0s (the latest first), in that order; x0 is
+// kept in x0_out when the plan has memory. Branch-free so that it vectorises (clipping to +-inf leaves x0).
+void step_mean(const Plan& p, const Step& s, int64_t b, int64_t chw, int64_t out_chw, float* x, const float* out,
+               float* x0_out, const std::vector<const float*>& earlier) {
   const float ax = float(s.x0_x), ao = float(s.x0_o), m0 = float(s.mean_x0), mt = float(s.mean_xt);
   const float lo = p.clip ? -1.0f : -INFINITY, hi = p.clip ? 1.0f : INFINITY;
   for (int64_t i = 0; i < b; ++i) {
     float* xi = x + i * chw;
     const float* oi = out + i * out_chw;
-    for (int64_t j = 0; j < chw; ++j) xi[j] = m0 * std::min(std::max(ax * xi[j] + ao * oi[j], lo), hi) + mt * xi[j];
+    if (earlier.empty()) {
+      for (int64_t j = 0; j < chw; ++j) xi[j] = m0 * std::min(std::max(ax * xi[j] + ao * oi[j], lo), hi) + mt * xi[j];
+      continue;
+    }
+    for (int64_t j = 0; j < chw; ++j) x0_out[i * chw + j] = std::min(std::max(ax * xi[j] + ao * oi[j], lo), hi);
+    for (int64_t j = 0; j < chw; ++j) xi[j] = m0 * x0_out[i * chw + j] + mt * xi[j];
+    for (size_t m = 0; m < earlier.size(); ++m) {
+      const float w = float(s.mean_x0_prev[m]), *e = earlier[m] + i * chw;
+      for (int64_t j = 0; j < chw; ++j) xi[j] = xi[j] + w * e[j];
+    }
   }
 }
 
-// x += s z, with s = sigma, or for learned_range s = exp(0.5 (frac log_var_max + (1 - frac) log_var_min)),
+// x += s z, with s = sigma, or on learned rows s = exp(0.5 (frac log_var_max + (1 - frac) log_var_min)),
 // frac = (v + 1) / 2 and v the second C output channels (Nichol & Dhariwal Eq. 15).
-void step_noise(const Plan& p, const Step& s, int64_t b, int64_t chw, int64_t out_chw, float* x, const float* out,
-                const float* z) {
+void step_noise(const Step& s, int64_t b, int64_t chw, int64_t out_chw, float* x, const float* out, const float* z) {
   const float sigma = float(s.sigma), lmin = float(s.log_var_min), lmax = float(s.log_var_max);
   for (int64_t i = 0; i < b; ++i) {
     float* xi = x + i * chw;
     const float *vi = out + i * out_chw + chw, *zi = z + i * chw;
-    if (!p.learned) {
+    if (!s.learned) {
       for (int64_t j = 0; j < chw; ++j) xi[j] = xi[j] + sigma * zi[j];
     } else {
       for (int64_t j = 0; j < chw; ++j) {
@@ -170,25 +208,34 @@ std::string node(const std::string& statement) {
   return inputs + outputs + field(4, op) + (channels ? field(5, field(1, "axis") + field(3, 1) + field(20, 2)) : "");
 }
 
-// x_next = mean_x0 x0 + mean_xt x + s z with x0 = clip(x0_x x + x0_o o), s = sigma or, when learned, Nichol &
-// Dhariwal's Eq. (15) from the variance channels v; the float32 operations of step_mean and step_noise, in
-// order. c = [x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, lo, hi, 1, 0.5]; z = 0 when no
-// noise is added. Opset 17, the same graph as export/onnx_sampler.py builds.
-std::string step_graph(bool learned, bool split_output) {
-  std::string text = "Split c -> x0_x x0_o mean_x0 mean_xt sigma log_var_min log_var_max lo hi one half;";
-  text += split_output ? "Split out -> o v;" : "Identity out -> o;";
+// x_next = mean_x0 x0 + mean_xt x + w_1 x0_1 + ... + w_M x0_M + s z with x0 = clip(x0_x x + x0_o o), s = sigma
+// or, when learned, Nichol & Dhariwal's Eq. (15) from the variance channels v; the float32 operations of
+// step_mean and step_noise, in order. c = [x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, lo,
+// hi, 1, 0.5, w_1..w_M]; z = 0 when no noise is added; with M > 0 the graph also outputs x0. Opset 17, the
+// same graph as export/onnx_sampler.py builds.
+std::string step_graph(bool learned, bool split_output, int64_t memory) {
+  std::string text = "Split c -> x0_x x0_o mean_x0 mean_xt sigma log_var_min log_var_max lo hi one half";
+  for (int64_t j = 1; j <= memory; ++j) text += " w" + std::to_string(j);
+  text += split_output ? "; Split out -> o v;" : "; Identity out -> o;";
   text += "Mul x0_x x -> a; Mul x0_o o -> b; Add a b -> x0u; Max x0u lo -> x0l; Min x0l hi -> x0;"
-          "Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean;";
+          "Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean0;";
+  for (int64_t j = 1; j <= memory; ++j) {
+    const std::string n = std::to_string(j);
+    text += "Mul w" + n + " x0_" + n + " -> q" + n + "; Add mean" + std::to_string(j - 1) + " q" + n + " -> mean" + n + ";";
+  }
   text += learned ? "Add v one -> f1; Mul f1 half -> frac; Mul frac log_var_max -> p1; Sub one frac -> q;"
                     "Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s;"
                   : "Identity sigma -> s;";
-  text += "Mul s z -> n; Add mean n -> x_next";
+  text += "Mul s z -> n; Add mean" + std::to_string(memory) + " n -> x_next";
   std::string graph;
   std::stringstream statements(text);
   for (std::string statement; std::getline(statements, statement, ';');) graph += field(1, node(statement));
   graph += field(2, "ddpm_step") + field(11, float_tensor("x", {"B", "C", "H", "W"})) +
-           field(11, float_tensor("out", {"B", "Co", "H", "W"})) + field(11, float_tensor("z", {"B", "C", "H", "W"})) +
-           field(11, float_tensor("c", {"K"})) + field(12, float_tensor("x_next", {"B", "C", "H", "W"}));
+           field(11, float_tensor("out", {"B", "C_out", "H", "W"})) + field(11, float_tensor("z", {"B", "C", "H", "W"})) +
+           field(11, float_tensor("c", {"K"}));
+  for (int64_t j = 1; j <= memory; ++j) graph += field(11, float_tensor("x0_" + std::to_string(j), {"B", "C", "H", "W"}));
+  graph += field(12, float_tensor("x_next", {"B", "C", "H", "W"}));
+  if (memory) graph += field(12, float_tensor("x0", {"B", "C", "H", "W"}));
   return field(1, 8) + field(8, field(1, "") + field(2, 17)) + field(7, graph);
 }
 
@@ -224,27 +271,36 @@ double parse_double(const std::string& s, const std::string& what) {
   return v;
 }
 
-std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing) {
-  need(one_of(spacing, {"uniform", "linspace", "trailing", "quadratic"}),
-       "unknown spacing '" + spacing + "' (uniform, linspace, trailing or quadratic)");
+std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing, const std::vector<double>& abar) {
+  need(one_of(spacing, {"uniform", "linspace", "trailing", "quadratic", "logsnr"}),
+       "unknown spacing '" + spacing + "' (uniform, linspace, trailing, quadratic or logsnr)");
   need(S >= 1 && S <= T, "steps must be in 1.." + std::to_string(T) + ", got " + std::to_string(S));
   std::vector<int64_t> ts(S);
   std::iota(ts.begin(), ts.end(), 0);
   if (S == T) return ts;
-  // numpy's linspace (i * step, the last value exactly `stop`) and round (half to even: nearbyint).
-  auto linspace = [S](double stop, int64_t i) {
-    return S == 1 ? 0.0 : i == S - 1 ? stop : double(i) * (stop / double(S - 1));
+  // numpy's linspace (start + i * step, the last value exactly `stop`) and round (half to even: nearbyint).
+  auto linspace = [S](double start, double stop, int64_t i) {
+    return S == 1 ? start : i == S - 1 ? stop : double(i) * ((stop - start) / double(S - 1)) + start;
   };
+  std::vector<double> lam;
+  if (spacing == "logsnr")
+    for (int64_t t = 0; t < T; ++t) lam.push_back(log_snr(abar[t]));
   for (int64_t i = 0; i < S; ++i) {
     if (spacing == "uniform") {
       ts[i] = i * (T / S);
     } else if (spacing == "linspace") {
-      ts[i] = int64_t(std::nearbyint(linspace(double(T - 1), i)));
+      ts[i] = int64_t(std::nearbyint(linspace(0.0, double(T - 1), i)));
     } else if (spacing == "trailing") {  // round(T - j T/S) - 1 with j = S-1-i: already ascending
       ts[i] = int64_t(std::nearbyint(double(T) - double(S - 1 - i) * (double(T) / double(S)))) - 1;
-    } else {
-      const double r = linspace(std::sqrt(0.8 * double(T)), i);
+    } else if (spacing == "quadratic") {
+      const double r = linspace(0.0, std::sqrt(0.8 * double(T)), i);
       ts[i] = int64_t(r * r);
+    } else {  // the timestep whose lambda is nearest to linspace(lambda_0, max(lambda_{T-1}, kLambdaMin), S)[i]
+      const double v = linspace(lam[0], std::max(lam[T - 1], kLambdaMin), i);
+      int64_t best = 0;
+      for (int64_t t = 1; t < T; ++t)
+        if (std::abs(lam[t] - v) < std::abs(lam[best] - v)) best = t;
+      ts[i] = best;
     }
   }
   for (int64_t i = 0; i < S; ++i)
@@ -254,30 +310,58 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spa
 }
 
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
-  need(one_of(opt.sampler, {"ancestral", "ddim"}), "unknown sampler '" + opt.sampler + "' (ancestral or ddim)");
+  need(one_of(opt.sampler, {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde"}),
+       "unknown sampler '" + opt.sampler + "' (ancestral, ddim, dpmpp2m or dpmpp2m-sde)");
   need(opt.eta >= 0.0 && opt.eta <= 1.0, "eta must be in [0, 1]");
-  const bool ddim = opt.sampler == "ddim";
-  const int64_t T = info.betas.size(), S = opt.steps ? opt.steps : (ddim ? std::min<int64_t>(50, T) : T);
-  const std::vector<int64_t> ts = kept_timesteps(T, S, opt.spacing);
-  std::vector<double> abar(T);
-  for (int64_t i = 0; i < T; ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
+  need(opt.eta == 0.0 || opt.sampler == "ddim", "eta applies to the ddim sampler only");
+  need(opt.corrector_steps >= 0 && opt.snr > 0, "corrector steps must be >= 0 and snr > 0");
+  const bool ddim = opt.sampler == "ddim", dpmpp = opt.sampler.rfind("dpmpp", 0) == 0;
+  need(!(dpmpp && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers (ancestral, ddim): a "
+       "corrector row would replace the x0 that DPM-Solver++(2M) keeps from its previous step");
+  std::vector<double> abar(info.betas.size());
+  for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
+  const int64_t T = dpmpp ? std::count_if(abar.begin(), abar.end(), [](double ab) { return log_snr(ab) >= kLambdaMin; })
+                          : int64_t(abar.size());
+  const int64_t S = opt.steps ? opt.steps : (opt.sampler == "ancestral" ? T : std::min<int64_t>(50, T));
+  const std::vector<int64_t> ts = kept_timesteps(T, S, opt.spacing, abar);
   const auto ab_prev = [&](int64_t k) { return k ? abar[ts[k - 1]] : 1.0; };
-
+  std::vector<double> h(S), r(S, INFINITY);  // DPM-Solver: h and r = h_prev / h in sampling order
+  for (int64_t k = 0; k < S; ++k) {
+    const double lam = log_snr(abar[ts[S - 1 - k]]), lam_to = k + 1 < S ? log_snr(abar[ts[S - 2 - k]]) : INFINITY;
+    need(!dpmpp || k + 1 == S || lam_to > lam, "the kept timesteps' lambdas are not strictly decreasing (" +
+         opt.spacing + ", " + std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
+    h[k] = lam_to - lam;
+    if (k >= 1 && k + 1 < S) r[k] = h[k - 1] / h[k];
+  }
   Plan p;
-  p.learned = info.variance == "learned_range" && !ddim;
   p.clip = opt.clip < 0 ? info.clip_denoised : opt.clip != 0;
   p.channels = info.C;
-  for (int64_t k = S - 1; k >= 0; --k) {
-    const double ab = abar[ts[k]], ap = ab_prev(k), beta = 1.0 - ab / ap;
+  p.memory = dpmpp ? 1 : 0;
+  for (int64_t i = S - 1; i >= 0; --i) {  // kept timestep i, sampling row S-1-i
+    const double ab = abar[ts[i]], ap = ab_prev(i), beta = 1.0 - ab / ap;
     const Pair x0 = x0_coefficients(ab, info.parameterization);
-    const double sigma = ddim ? ddim_sigma(ab, ap, opt.eta)
-                              : std::sqrt(info.variance == "fixed_large" ? beta : posterior_variance(ab, ap));
-    const Pair mean = ddim ? ddim_mean(ab, ap, sigma) : posterior_mean(ab, ap);
-    // beta-tilde at k = 0 is 0: its log is clipped to the value at k = 1, as in the original implementation.
-    const double log_var_min = k ? std::log(posterior_variance(ab, ap))
+    // beta-tilde at i = 0 is 0: its log is clipped to the value at i = 1, as in the original implementation.
+    const double log_var_min = i ? std::log(posterior_variance(ab, ap))
                                : S > 1 ? std::log(posterior_variance(abar[ts[1]], ab_prev(1))) : std::log(beta);
-    p.steps.push_back({ts[k], x0.a, x0.b, mean.a, mean.b, sigma, log_var_min, std::log(beta),
-                       k > 0 && (!ddim || opt.eta > 0.0)});
+    Step step{ts[i], x0.a, x0.b, 0, 0, 0, log_var_min, std::log(beta), i > 0 && (!ddim || opt.eta > 0.0),
+              info.variance == "learned_range" && opt.sampler == "ancestral", {}};
+    if (dpmpp) {
+      const Row row = dpmpp_2m(ab, ap, r[S - 1 - i], opt.sampler == "dpmpp2m-sde");
+      step.mean_xt = row.mean_xt, step.mean_x0 = row.mean_x0, step.sigma = row.sigma;
+      step.mean_x0_prev = {row.mean_x0_prev};
+      step.add_noise = step.add_noise && opt.sampler == "dpmpp2m-sde";
+    } else {
+      step.sigma = ddim ? ddim_sigma(ab, ap, opt.eta)
+                        : std::sqrt(info.variance == "fixed_large" ? beta : posterior_variance(ab, ap));
+      const Pair mean = ddim ? ddim_mean(ab, ap, step.sigma) : posterior_mean(ab, ap);
+      step.mean_x0 = mean.a, step.mean_xt = mean.b;
+    }
+    for (int64_t j = 0; j < (i < S - 1 ? opt.corrector_steps : 0); ++j) {  // Langevin rows at t_i before its predictor
+      const Row c = langevin(ab, opt.snr);
+      const double log_var = 2.0 * std::log(c.sigma);
+      p.steps.push_back({ts[i], x0.a, x0.b, c.mean_x0, c.mean_xt, c.sigma, log_var, log_var, true, false, {}});
+    }
+    p.steps.push_back(step);
   }
   return p;
 }
@@ -329,11 +413,13 @@ std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint
   batch = std::min(batch, n);
   std::vector<float> result(n * info_.C * info_.H * info_.W);
   RandomState rng(seed);
-  std::unique_ptr<Ort::Session> step;
-  if (step_graph_) {
-    const std::string graph = step_graph(p.learned, info_.out_channels() != info_.C);
-    step = std::make_unique<Ort::Session>(env_, graph.data(), graph.size(), options_);
-  }
+  StepSessions steps;  // the update graphs of the plan's rows (plain and learned), built once per call
+  if (step_graph_)
+    for (const Step& s : p.steps)
+      if (!steps[s.learned]) {
+        const std::string graph = step_graph(s.learned, info_.out_channels() != info_.C, p.memory);
+        steps[s.learned] = std::make_unique<Ort::Session>(env_, graph.data(), graph.size(), options_);
+      }
   const int64_t n_batches = (n + batch - 1) / batch;
   double network_s = 0.0;
   const auto t0 = std::chrono::steady_clock::now();
@@ -343,17 +429,19 @@ std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint
     const auto tick = [&](int64_t k) {
       if (progress) progress(bi, n_batches, k, p.steps.size());
     };
-    network_s += step ? run_batch_on_provider(p, *step, b, x, rng, tick) : run_batch_on_host(p, b, x, rng, tick);
+    network_s += step_graph_ ? run_batch_on_provider(p, steps, b, x, rng, tick) : run_batch_on_host(p, b, x, rng, tick);
   }
   if (stats) *stats = RunStats{seconds_since(t0), network_s};
   return result;
 }
 
 // x stays in the result on the host; the network writes into a host buffer and the update is one fused loop.
+// The last M x0 predictions are a ring of M + 1 buffers (zeros before the first row).
 double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomState& rng, const Tick& tick) {
   const int64_t C = info_.C, Co = info_.out_channels(), chw = C * info_.H * info_.W, out_chw = Co * info_.H * info_.W;
   const int64_t x_shape[4] = {b, C, info_.H, info_.W}, out_shape[4] = {b, Co, info_.H, info_.W};
   std::vector<float> out(b * out_chw), z(b * chw);
+  std::vector<std::vector<float>> x0s(p.memory ? p.memory + 1 : 0, std::vector<float>(b * chw, 0.0f));
   std::vector<int64_t> t(b);
   const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   const Ort::Value inputs[2] = {Ort::Value::CreateTensor<float>(mem, x, b * chw, x_shape, 4),
@@ -363,6 +451,8 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomStat
   const char* output_name = out_name_.c_str();
   double network_s = 0.0;
   rng.fill_normal(x, b * chw);  // x_T
+  const int64_t ring = p.memory + 1;
+  std::vector<const float*> earlier(p.memory);
   for (size_t k = 0; k < p.steps.size(); ++k) {
     const Step& s = p.steps[k];
     std::fill(t.begin(), t.end(), s.t);
@@ -370,27 +460,26 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomStat
     const auto r0 = std::chrono::steady_clock::now();
     session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, 2, &output_name, &output, 1);
     network_s += seconds_since(r0);
-    step_mean(p, s, b, chw, out_chw, x, out.data());
+    for (int64_t j = 1; j <= p.memory; ++j) earlier[j - 1] = x0s[(int64_t(k) - j + ring * j) % ring].data();
+    step_mean(p, s, b, chw, out_chw, x, out.data(), p.memory ? x0s[k % ring].data() : nullptr, earlier);
     if (drawn.valid()) {
       drawn.get();
-      step_noise(p, s, b, chw, out_chw, x, out.data(), z.data());
+      step_noise(s, b, chw, out_chw, x, out.data(), z.data());
     }
     tick(k + 1);
   }
   return network_s;
 }
 
-// x, the network output and the update stay on the provider's device (IO binding; the update is the ONNX
-// graph of step_graph): per step only t, the coefficients and z (when drawn) go to the device, and x comes
-// back once, after the last step. On the CPU the same path runs with host memory (tested with --step-graph).
-double Sampler::run_batch_on_provider(const Plan& p, Ort::Session& step, int64_t b, float* x_out, RandomState& rng,
+// x, the network output, the earlier x0s and the update stay on the provider's device (IO binding; the update
+// is the ONNX graph of step_graph): per row only t, the coefficients and z (when drawn) go to the device, and x
+// comes back once, after the last row. On the CPU the same path runs with host memory (tested with --step-graph).
+double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x_out, RandomState& rng,
                                       const Tick& tick) {
-  constexpr int64_t n_c = 11;
-  const int64_t chw = info_.C * info_.H * info_.W;
+  const int64_t n_c = 11 + p.memory, chw = info_.C * info_.H * info_.W, ring = p.memory + 1;
   const int64_t x_shape[4] = {b, info_.C, info_.H, info_.W}, out_shape[4] = {b, info_.out_channels(), info_.H, info_.W};
   const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  std::vector<float> x_T(b * chw), z(b * chw), zeros(b * chw, 0.0f);
-  std::array<float, n_c> c{};
+  std::vector<float> x_T(b * chw), z(b * chw), zeros(b * chw, 0.0f), c(n_c);
   std::vector<int64_t> t(b);
   const auto host = [&](float* data, int64_t count, const int64_t* shape, size_t rank) {
     return Ort::Value::CreateTensor<float>(mem, data, count, shape, rank);
@@ -401,13 +490,20 @@ double Sampler::run_batch_on_provider(const Plan& p, Ort::Session& step, int64_t
   Ort::Value result_v = host(x_out, b * chw, x_shape, 4);
   Ort::Value device_x[2] = {Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4),
                             Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4)};
+  std::vector<Ort::Value> x0s;  // the ring of earlier x0s on the device; rows before the first read zeros_v
+  for (int64_t j = 0; j < (p.memory ? ring : 0); ++j) x0s.push_back(Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4));
   const Ort::Value out = Ort::Value::CreateTensor<float>(device_allocator_, out_shape, 4);
-  Ort::IoBinding net(session_), update(step);
+  Ort::IoBinding net(session_);
+  std::unique_ptr<Ort::IoBinding> updates[2];
+  for (int learned = 0; learned < 2; ++learned)
+    if (steps[learned]) {
+      updates[learned] = std::make_unique<Ort::IoBinding>(*steps[learned]);
+      updates[learned]->BindInput("out", out);
+    }
   net.BindOutput(out_name_.c_str(), out);
-  update.BindInput("out", out);
   rng.fill_normal(x_T.data(), b * chw);
   const Ort::Value* x = &xT_v;
-  bool z_is_zeros = false;
+  const Ort::Value* z_bound[2] = {nullptr, nullptr};  // zeros are bound once; z after every draw
   double network_s = 0.0;
   const size_t S = p.steps.size();
   for (size_t k = 0; k < S; ++k) {
@@ -421,21 +517,28 @@ double Sampler::run_batch_on_provider(const Plan& p, Ort::Session& step, int64_t
     session_.Run(Ort::RunOptions{nullptr}, net);
     network_s += seconds_since(r0);
     const float lim = p.clip ? 1.0f : INFINITY;
-    c = {float(s.x0_x), float(s.x0_o), float(s.mean_x0), float(s.mean_xt), float(s.sigma), float(s.log_var_min),
-         float(s.log_var_max), -lim, lim, 1.0f, 0.5f};
+    const float row[11] = {float(s.x0_x), float(s.x0_o), float(s.mean_x0), float(s.mean_xt), float(s.sigma),
+                           float(s.log_var_min), float(s.log_var_max), -lim, lim, 1.0f, 0.5f};
+    std::copy(row, row + 11, c.begin());  // c_v views c: write in place
+    for (int64_t j = 0; j < p.memory; ++j) c[11 + j] = float(s.mean_x0_prev[j]);
     if (drawn.valid()) drawn.get();
-    if (s.add_noise || !z_is_zeros) update.BindInput("z", s.add_noise ? z_v : zeros_v);
-    z_is_zeros = !s.add_noise;
+    Ort::IoBinding& update = *updates[s.learned];
+    if (s.add_noise || z_bound[s.learned] != &zeros_v) update.BindInput("z", s.add_noise ? z_v : zeros_v);
+    z_bound[s.learned] = s.add_noise ? &z_v : &zeros_v;
+    for (int64_t j = 1; j <= p.memory; ++j)
+      update.BindInput(("x0_" + std::to_string(j)).c_str(), int64_t(k) >= j ? x0s[(int64_t(k) - j) % ring] : zeros_v);
+    if (p.memory) update.BindOutput("x0", x0s[k % ring]);
     Ort::Value& next = k + 1 == S ? result_v : device_x[k % 2];
     update.BindInput("x", *x);
     update.BindInput("c", c_v);
     update.BindOutput("x_next", next);
     update.SynchronizeInputs();
-    step.Run(Ort::RunOptions{nullptr}, update);
+    steps[s.learned]->Run(Ort::RunOptions{nullptr}, update);
     x = &next;
     tick(k + 1);
   }
-  update.SynchronizeOutputs();
+  for (auto& update : updates)
+    if (update) update->SynchronizeOutputs();
   return network_s;
 }
 

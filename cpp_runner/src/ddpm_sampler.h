@@ -1,6 +1,6 @@
 // A DDPM sampler over an exported eps_theta ONNX file: reads the schedule from the file's metadata, builds
-// the sampling plan (Algorithm 2 of Ho et al. on the respaced process, or DDIM with eta) and runs it with
-// ONNX Runtime. Plan and noise stream follow the contract shared with ddpm.py and the onnxruntime sampler,
+// the sampling plan (Algorithm 2 of Ho et al. on the respaced process, DDIM with eta, DPM-Solver++(2M) and
+// its SDE variant, optionally with Langevin corrector rows) and runs it with ONNX Runtime. Plan and noise stream follow the contract shared with ddpm.py and the onnxruntime sampler,
 // so all three give the same samples for the same seed and batch size.
 #pragma once
 #include <onnxruntime_cxx_api.h>
@@ -32,25 +32,29 @@ struct ModelInfo {
 };
 
 struct PlanOptions {
-  std::string sampler = "ancestral";  // ancestral | ddim
-  int64_t steps = 0;                  // 0: T for ancestral, min(50, T) for ddim
+  std::string sampler = "ancestral";  // ancestral | ddim | dpmpp2m | dpmpp2m-sde
+  int64_t steps = 0;                  // 0: T for ancestral, min(50, T) for the others
   double eta = 0.0;                   // ddim only
-  std::string spacing = "uniform";    // uniform | linspace | trailing | quadratic
+  std::string spacing = "uniform";    // uniform | linspace | trailing | quadratic | logsnr
   int clip = -1;                      // -1: the model's ddpm.clip_denoised
+  int64_t corrector_steps = 0;        // Langevin rows per timestep (ancestral, ddim)
+  double snr = 0.16;                  // the corrector's signal-to-noise ratio r
 };
 
-struct Step {  // float64 coefficients of one step; see make_plan
+struct Step {  // float64 coefficients of one row; see make_plan
   int64_t t;
   double x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max;
-  bool add_noise;
+  bool add_noise, learned;
+  std::vector<double> mean_x0_prev;  // weights of the x0 predictions of the previous rows, the latest first
 };
 struct Plan {
-  std::vector<Step> steps;  // sampling order: k = S-1 down to 0
-  bool learned = false, clip = true;
-  int64_t channels = 0;
+  std::vector<Step> steps;  // sampling order
+  bool clip = true;
+  int64_t channels = 0, memory = 0;  // memory: the length of every row's mean_x0_prev
 };
 
-std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing);
+// The kept timesteps, ascending; abar (alpha_bar, length >= T) is read by the logsnr spacing only.
+std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing, const std::vector<double>& abar);
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt);
 
 class RandomState;
@@ -73,8 +77,9 @@ class Sampler {
 
  private:
   using Tick = std::function<void(int64_t step)>;
+  using StepSessions = std::unique_ptr<Ort::Session>[2];  // the row update without, and with, learned variances
   double run_batch_on_host(const Plan& p, int64_t b, float* x, RandomState& rng, const Tick& tick);
-  double run_batch_on_provider(const Plan& p, Ort::Session& step, int64_t b, float* x, RandomState& rng,
+  double run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x, RandomState& rng,
                                const Tick& tick);
 
   bool api_ready_;  // ONNX Runtime's API table is fetched (and checked) before anything below is built

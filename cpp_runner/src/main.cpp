@@ -19,9 +19,11 @@ using ddpm::UsageError;
 
 const char* kUsage =
     "usage: ddpm_runner --model MODEL.onnx --out FILE.png|FILE.npy [--n N] [--batch B]\n"
-    "         [--sampler ancestral|ddim] [--steps S] [--eta E] [--spacing uniform|linspace|trailing|quadratic]\n"
+    "         [--sampler ancestral|ddim|dpmpp2m|dpmpp2m-sde] [--steps S] [--eta E]\n"
+    "         [--spacing uniform|linspace|trailing|quadratic|logsnr] [--corrector-steps K] [--snr R]\n"
     "         [--clip|--no-clip] [--seed SEED] [--provider cpu|cuda] [--threads K] [--json]\n"
-    "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or min(50, T) (ddim), eta 0, spacing uniform,\n"
+    "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or min(50, T) (the others), eta 0 (ddim only),\n"
+    "spacing uniform, corrector steps 0 (K Langevin rows per timestep, ancestral or ddim), snr 0.16,\n"
     "clip as the model says, seed 0, provider cpu. The same seed and batch give the same images as the\n"
     "Python sampler. .png: a grid, pixel = round((clamp(x, -1, 1) + 1) * 127.5); .npy: float32 [N, C, H, W].\n";
 
@@ -42,7 +44,8 @@ Args parse_args(int argc, char** argv) {
   static const std::set<std::string> switches = {"--clip", "--no-clip", "--json", "--dump-plan", "--step-graph",
                                                  "--help", "-h"};
   static const std::set<std::string> valued = {"--model", "--out", "--n", "--batch", "--sampler", "--steps", "--eta",
-                                               "--spacing", "--seed", "--provider", "--threads", "--dump-noise"};
+                                               "--spacing", "--seed", "--provider", "--threads", "--dump-noise",
+                                               "--corrector-steps", "--snr"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
@@ -59,6 +62,8 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--steps") a.plan.steps = int_in(f, v, 1, 1 << 24);
     else if (f == "--eta") a.plan.eta = ddpm::parse_double(v, f);
     else if (f == "--spacing") a.plan.spacing = v;
+    else if (f == "--corrector-steps") a.plan.corrector_steps = int_in(f, v, 0, 1000);
+    else if (f == "--snr") a.plan.snr = ddpm::parse_double(v, f);
     else if (f == "--clip" || f == "--no-clip") a.plan.clip = f == "--clip";
     else if (f == "--seed") a.seed = int_in(f, v, 0, 4294967295LL);  // numpy's RandomState seed range
     else if (f == "--provider") a.provider = v;
@@ -72,7 +77,6 @@ Args parse_args(int argc, char** argv) {
   if (a.help || a.dump_noise >= 0) return a;
   if (a.model.empty()) throw UsageError("--model is required (see --help)");
   if (a.out.empty() && !a.dump_plan) throw UsageError("--out is required (see --help)");
-  if (a.plan.eta != 0.0 && a.plan.sampler != "ddim") throw UsageError("--eta applies to --sampler ddim only");
   if (a.provider != "cpu" && a.provider != "cuda") throw UsageError("--provider must be cpu or cuda");
   return a;
 }
@@ -150,8 +154,15 @@ void dump_plan(const ddpm::Plan& p) {
   column("t", &ddpm::Step::t), column("x0_x", &ddpm::Step::x0_x), column("x0_o", &ddpm::Step::x0_o);
   column("mean_x0", &ddpm::Step::mean_x0), column("mean_xt", &ddpm::Step::mean_xt), column("sigma", &ddpm::Step::sigma);
   column("log_var_min", &ddpm::Step::log_var_min), column("log_var_max", &ddpm::Step::log_var_max);
-  column("add_noise", &ddpm::Step::add_noise);
-  std::printf("\"learned\": %d, \"clip\": %d, \"channels\": %lld}\n", p.learned, p.clip, (long long)p.channels);
+  column("add_noise", &ddpm::Step::add_noise), column("learned", &ddpm::Step::learned);
+  std::printf("\"mean_x0_prev\": [");
+  for (size_t k = 0; k < p.steps.size(); ++k) {
+    std::printf(k ? ", [" : "[");
+    for (size_t j = 0; j < p.steps[k].mean_x0_prev.size(); ++j) std::printf(j ? ", %.17g" : "%.17g", p.steps[k].mean_x0_prev[j]);
+    std::printf("]");
+  }
+  std::printf("], \"clip\": %d, \"channels\": %lld, \"memory\": %lld}\n", p.clip, (long long)p.channels,
+              (long long)p.memory);
 }
 
 int run(int argc, char** argv) {
