@@ -27,9 +27,9 @@ import torch
 
 from . import unet
 from .export import onnx_sampler
-from .export.onnx_sampler import (Plan, ddim_coefficients, ddim_sigma, dpmpp_2m_coefficients,  # noqa: F401
-                                  langevin_coefficients, log_snr, posterior_coefficients, save_images,
-                                  space_timesteps, write_atomically, x0_coefficients)
+from .export.onnx_sampler import (Plan, balanced_labels, ddim_coefficients, ddim_sigma,  # noqa: F401
+                                  dpmpp_2m_coefficients, langevin_coefficients, log_snr, posterior_coefficients,
+                                  save_images, space_timesteps, write_atomically, x0_coefficients)
 
 __version__ = importlib.metadata.version("ddpm-reference")
 
@@ -438,6 +438,22 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
     return torch.from_numpy(onnx_sampler.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
 
 
+def classifier_free_guidance(model, y: torch.Tensor, scale: float, null: int):
+    """A class-conditional model(x, t, y) guided to the labels y (Ho & Salimans 2022): out_u + s (out_c - out_u)
+    on the prediction channels (eps, x0 or v: the conversions are affine in the output, so this is the same
+    guidance of eps), the variance channels of learned_range from the conditional call. s = 1 + w for their
+    w: s = 1 is the conditional model (one call on the batch), s = 0 the unconditional one (the null label,
+    one call); otherwise both halves run as one batch of 2B."""
+    def guided(x, t):
+        if scale == 1 or scale == 0:
+            return model(x, t, y if scale == 1 else torch.full_like(y, null))
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+        cond, uncond = out.chunk(2)
+        C = x.shape[1]
+        return torch.cat([uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=1)
+    return guided
+
+
 def numpy_noise(seed: int, device="cpu") -> Callable[[tuple], torch.Tensor]:
     """Noise from numpy.random.RandomState(seed).standard_normal as float32: the stream the onnxruntime
     sampler and the C++ runner reproduce (x_T first, then each step's z in order)."""
@@ -511,7 +527,20 @@ def load_digits_data(labels: bool = False):
     return (*split, digits.target[train].astype(np.int64), digits.target[held].astype(np.int64)) if labels else split
 
 
+@dataclasses.dataclass
+class Data:
+    """A data set's two splits: uint8 NCHW images and, where the data has them, int64 labels 0..K-1 with
+    their class names (labels None and no classes otherwise)."""
+    train: np.ndarray
+    held_out: np.ndarray
+    train_labels: np.ndarray | None = None
+    held_out_labels: np.ndarray | None = None
+    classes: list = dataclasses.field(default_factory=list)
+
+
 def _load_image_folder(path, image_size: int | None):
+    """(images, labels, classes): labels from the first-level subfolder names, sorted (torchvision's
+    ImageFolder), when every image sits in one; None and [] otherwise."""
     from PIL import Image
     from pathlib import Path
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -539,46 +568,70 @@ def _load_image_folder(path, image_size: int | None):
     if len({a.shape for a in images}) > 1:
         raise UserError(f"{path}: images of different sizes; pass --image-size to resize and crop them")
     arr = np.stack(images)
-    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    folders = [f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None for f in files]
+    classes = sorted(set(folders)) if None not in folders else []
+    labels = np.array([classes.index(c) for c in folders], dtype=np.int64) if classes else None
+    return (arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)), labels, classes
 
 
-def _load_cifar_folder(path):
+def _load_cifar_folder(path) -> Data:
     import pickle
     from pathlib import Path
 
     def read(name):
         with open(Path(path) / name, "rb") as f:
-            return pickle.load(f, encoding="bytes")[b"data"].reshape(-1, 3, 32, 32)
+            batch = pickle.load(f, encoding="bytes")
+        return batch[b"data"].reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"], dtype=np.int64)
     try:
-        return np.concatenate([read(f"data_batch_{i}") for i in range(1, 6)]), read("test_batch")
+        train = [read(f"data_batch_{i}") for i in range(1, 6)]
+        held, held_labels = read("test_batch")
     except (OSError, KeyError, pickle.UnpicklingError, ValueError) as e:
         raise UserError(f"{path}: not a readable cifar-10-batches-py folder ({e})") from None
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return Data(np.concatenate([a for a, _ in train]), held, np.concatenate([y for _, y in train]), held_labels, classes)
 
 
 def _load_npz(path):
+    """(images, labels): uint8 images under arr_0 (or the first array), labels under arr_1 if there
+    (the convention of OpenAI's sample files), else None."""
     try:
         with np.load(path) as f:
             arr = f["arr_0"] if "arr_0" in f else f[list(f.keys())[0]]
+            labels = f["arr_1"] if "arr_0" in f and "arr_1" in f else None
     except (OSError, ValueError, IndexError) as e:
         raise UserError(f"{path}: not a readable .npz image array ({e})") from None
     if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
         raise UserError(f"{path}: expected uint8 images [N, H, W] or [N, H, W, C], got {arr.dtype} {arr.shape}")
-    return arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    if labels is not None and (labels.shape != (len(arr),) or labels.dtype.kind not in "iu" or labels.min() < 0):
+        raise UserError(f"{path}: arr_1 must hold one label >= 0 per image, got {labels.dtype} {labels.shape}")
+    return (arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)), labels
 
 
-def load_dataset(data: str = "digits", image_size: int | None = None):
-    """(train, held_out) uint8 NCHW numpy arrays. data: "digits", a folder of PNG/JPEG images, a
-    cifar-10-batches-py folder, or a .npz file (uint8 NHWC under arr_0). Folders and .npz files keep
-    their last 5% (at least 1 image) as the held-out split."""
+def load_data(data: str = "digits", image_size: int | None = None) -> Data:
+    """The splits of data: "digits", a folder of PNG/JPEG images (labelled by first-level subfolder), a
+    cifar-10-batches-py folder, or a .npz file (uint8 NHWC under arr_0, labels under arr_1). Folders and
+    .npz files keep their last 5% (at least 1 image) as the held-out split."""
     if data == "digits":
-        return load_digits_data()
+        return Data(*load_digits_data(labels=True), classes=[str(d) for d in range(10)])
     if not os.path.exists(data):
         raise UserError(f"{data}: no such file or folder (use 'digits', an image folder, a cifar-10-batches-py folder or a .npz)")
     if os.path.isdir(data) and os.path.exists(os.path.join(data, "data_batch_1")):
         return _load_cifar_folder(data)
-    arr = _load_image_folder(data, image_size) if os.path.isdir(data) else _load_npz(data)
+    if os.path.isdir(data):
+        arr, labels, classes = _load_image_folder(data, image_size)
+    else:
+        arr, labels = _load_npz(data)
+        classes = [str(c) for c in range(int(labels.max()) + 1)] if labels is not None else []
     held = max(1, len(arr) // 20) if len(arr) > 1 else 0
-    return (arr[:-held], arr[-held:]) if held else (arr, arr)
+    split = (lambda a: (a[:-held], a[-held:])) if held else (lambda a: (a, a))  # noqa: E731
+    train_labels, held_labels = split(labels) if labels is not None else (None, None)
+    return Data(*split(arr), train_labels, held_labels, classes)
+
+
+def load_dataset(data: str = "digits", image_size: int | None = None):
+    """(train, held_out) uint8 NCHW numpy arrays of load_data(data, image_size)."""
+    d = load_data(data, image_size)
+    return d.train, d.held_out
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -626,6 +679,8 @@ class TrainConfig:
     variance: str = _option("fixed_small", "fixed_small|fixed_large|learned_range")
     loss: str = _option("simple", "simple|vlb|hybrid")
     weighting: str = _option("constant", "constant|vlb")
+    class_cond: bool = _option(False, "class-conditional eps_theta on the data's labels (for guidance)")
+    p_uncond: float = _option(0.1, "with --class-cond: the probability of the null label (Ho & Salimans Alg. 1)")
     importance: bool = _option(False, "importance-sample t by the loss second moment")
     flip: bool = _option(False, "random horizontal flips")
     seed: int = _option(0)
@@ -649,6 +704,8 @@ class TrainConfig:
             raise ValueError("learned_range variance needs loss 'hybrid' or 'vlb' (L_simple does not train it)")
         if not 0 <= self.ema_decay < 1 or self.lr <= 0:
             raise ValueError("ema_decay must be in [0, 1) and lr > 0")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -672,10 +729,11 @@ def preset_config(preset: str) -> dict:
     return unet.PRESETS[preset]
 
 
-def make_model(cfg: TrainConfig, image_shape):
-    """The preset's U-Net for `image_shape` (C, H, W); 2C output channels for learned_range."""
+def make_model(cfg: TrainConfig, image_shape, num_classes: int = 0):
+    """The preset's U-Net for `image_shape` (C, H, W); 2C output channels for learned_range; class-conditional
+    with num_classes labels (and the null label num_classes)."""
     C, H, _ = image_shape
-    kwargs = dict(preset_config(cfg.preset), in_channels=C, image_size=H)
+    kwargs = dict(preset_config(cfg.preset), in_channels=C, image_size=H, num_classes=num_classes)
     kwargs["out_channels"] = 2 * C if cfg.variance == "learned_range" else C
     return unet.UNet(**kwargs)
 
@@ -704,11 +762,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def load_model(path, ema: bool = True, device="cpu"):
-    """(model in eval mode, Diffusion, TrainConfig, image_shape) from a checkpoint, EMA weights by default."""
+    """(model in eval mode, Diffusion, TrainConfig, image_shape) from a checkpoint, EMA weights by default.
+    A class-conditional model's class names are model.class_names (empty for an unconditional one)."""
     state = load_checkpoint(path)
-    cfg = TrainConfig(**state["config"])
-    model = make_model(cfg, state["image_shape"])
+    cfg = TrainConfig(**{f.name: state["config"][f.name] for f in dataclasses.fields(TrainConfig)
+                         if f.name in state["config"]})
+    classes = list(state.get("classes", []))
+    model = make_model(cfg, state["image_shape"], len(classes))
     model.load_state_dict(state["ema" if ema else "model"])
+    model.class_names = classes
     return model.to(device).eval(), make_diffusion(cfg), cfg, tuple(state["image_shape"])
 
 
@@ -731,12 +793,19 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_grid(model, diffusion: Diffusion, image_shape, path, n: int = 64, seed: int = 0, steps: int = 50):
-    """A grid of n DDIM samples (eta = 0, `steps` steps) written as a PNG."""
+def save_grid(model, diffusion: Diffusion, image_shape, path, n: int = 64, seed: int = 0, steps: int = 50,
+              classes: int = 0):
+    """A grid of n DDIM samples (eta = 0, `steps` steps) written as a PNG; for a model of `classes` classes,
+    one row per class (conditional, no guidance)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     plan = make_plan(diffusion, "ddim", min(steps, diffusion.T))
-    save_images(sample(model, plan, (n, *image_shape), torch_noise(gen, device)).cpu().numpy(), path)
+    if classes:
+        per = -(-n // classes)
+        y = torch.as_tensor(balanced_labels(list(range(classes)), per * classes), device=device)
+        model, n = classifier_free_guidance(model, y, 1.0, classes), per * classes
+    x = sample(model, plan, (n, *image_shape), torch_noise(gen, device)).cpu().numpy()
+    save_images(x, path, columns=-(-n // classes) if classes else None)
 
 
 class Trainer:
@@ -744,13 +813,18 @@ class Trainer:
     Algorithm 1 with AdamW, warm-up, gradient clipping and accumulation, EMA, autocast and optional
     torch.compile / DDP. `ddpm train` and `ddpm bench train` both run Trainer.train_step."""
 
-    def __init__(self, cfg: TrainConfig, image_shape, device: torch.device, rank: int = 0, ddp: bool = False):
+    def __init__(self, cfg: TrainConfig, image_shape, device: torch.device, rank: int = 0, ddp: bool = False,
+                 classes: list | None = None):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         self.cfg, self.device, self.image_shape = cfg, device, tuple(image_shape)
+        self.classes = list(classes or []) if cfg.class_cond else []
+        if cfg.class_cond and not self.classes:
+            raise UserError(f"--class-cond: {cfg.data} has no labels (an image folder needs one subfolder per "
+                            "class; a .npz, labels under arr_1)")
         self.diffusion = make_diffusion(cfg)
         torch.manual_seed(cfg.seed + rank)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model = make_model(cfg, image_shape).to(device, memory_format=self.memory_format)
+        self.model = make_model(cfg, image_shape, len(self.classes)).to(device, memory_format=self.memory_format)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.ema.eval()  # only ever sampled from: no dropout, and no draws from the global RNG that training uses
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -765,13 +839,15 @@ class Trainer:
         self.running = torch.zeros((), device=device)  # summed loss since the last report, kept on the device
         self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/inf loss since the start
 
-    def eps_theta(self, x_t, t):
+    def eps_theta(self, x_t, t, y=None):
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return self.net(x_t.contiguous(memory_format=self.memory_format), t).float()
+            return self.net(x_t.contiguous(memory_format=self.memory_format), t, y).float()
 
-    def train_step(self, data: torch.Tensor) -> None:
-        """One optimizer step on cfg.accum batches drawn from `data` (uint8 NCHW on the device), without
-        a host synchronisation: the loss is added to `running` and a non-finite loss sets `bad`."""
+    def train_step(self, data: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """One optimizer step on cfg.accum batches drawn from `data` (uint8 NCHW on the device; with class_cond,
+        `labels` int64 on the device), without a host synchronisation: the loss is added to `running` and a
+        non-finite loss sets `bad`. A class-conditional step replaces each label by the null label with
+        probability p_uncond (Ho & Salimans 2022, Algorithm 1)."""
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
@@ -783,7 +859,12 @@ class Trainer:
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
             t, weights = self.timesteps.sample(cfg.batch_size, self.gen, self.device)
             noise = torch.randn(x0.shape, device=self.device, generator=self.gen)
-            per_example = training_losses(self.diffusion, self.eps_theta, x0, t, noise, cfg.loss, cfg.weighting)
+            model = self.eps_theta
+            if self.classes:
+                drop = torch.rand(cfg.batch_size, device=self.device, generator=self.gen) < cfg.p_uncond
+                y = torch.where(drop, len(self.classes), labels[idx])
+                model = lambda x_t, t_, y=y: self.eps_theta(x_t, t_, y)  # noqa: E731
+            per_example = training_losses(self.diffusion, model, x0, t, noise, cfg.loss, cfg.weighting)
             loss = (per_example * weights).mean()
             self.scaler.scale(loss / cfg.accum).backward()
             self.timesteps.update(t, per_example)
@@ -798,7 +879,7 @@ class Trainer:
         self.step += 1
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+        return {"step": self.step, "classes": self.classes, "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "timesteps": {k: torch.from_numpy(v) for k, v in self.timesteps.state_dict().items()}}
 
@@ -833,9 +914,10 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
         cfg = TrainConfig(**{**state["config"], "steps": cfg.steps, "out": cfg.out})
-    train_data, _ = load_dataset(cfg.data, cfg.image_size)
-    data = torch.from_numpy(train_data).to(device)  # whole dataset on the device: no loader in the hot loop
-    trainer = Trainer(cfg, train_data.shape[1:], device, rank, ddp)
+    dataset = load_data(cfg.data, cfg.image_size)
+    data = torch.from_numpy(dataset.train).to(device)  # whole dataset on the device: no loader in the hot loop
+    labels = torch.from_numpy(dataset.train_labels).to(device) if cfg.class_cond and dataset.classes else None
+    trainer = Trainer(cfg, dataset.train.shape[1:], device, rank, ddp, dataset.classes)
     if state is not None:
         trainer.load_state_dict(state)
         _set_rng_state(trainer.gen, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
@@ -854,7 +936,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     if callback and rank == 0:
         callback({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None})
     while trainer.step < cfg.steps:
-        trainer.train_step(data)
+        trainer.train_step(data, labels)
         step = trainer.step
         if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.checkpoint_every == 0:
             if trainer.bad.item():  # checked here only: a per-step check would sync the device every step
@@ -870,7 +952,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
             checkpoint()
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_grid(trainer.ema.module, trainer.diffusion, trainer.image_shape,
-                      os.path.join(cfg.out, f"samples-{step}.png"))
+                      os.path.join(cfg.out, f"samples-{step}.png"), classes=len(trainer.classes))
         t0 += time.perf_counter() - t_io  # throughput counts training steps only
     elapsed = time.perf_counter() - t0
     if ddp:
@@ -885,7 +967,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
 def digits_features():
     """A feature map for 8x8 digits: the 64-unit hidden layer of a small classifier trained on the
     training split, deterministically (fixed seed, full-batch, float64, CPU). The digits analogue of the
-    Inception features of FID: it measures what this classifier sees, and nothing about other data."""
+    Inception features of FID: it measures what this classifier sees, and nothing about other data.
+    features.classify(images) is that classifier's digit for each image."""
     train, _, train_labels, _ = load_digits_data(labels=True)
     labels = torch.from_numpy(train_labels)
     gen = torch.Generator().manual_seed(0)
@@ -906,6 +989,7 @@ def digits_features():
         with torch.no_grad():
             flat = to_model_range(torch.from_numpy(images_uint8)).reshape(len(images_uint8), -1).double()
             return torch.tanh(hidden(flat)).numpy()
+    features.classify = lambda images_uint8: head(torch.from_numpy(features(images_uint8))).argmax(1).numpy()
     return features
 
 
@@ -1090,9 +1174,9 @@ def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
     return path
 
 
-def _samples_to_file(x: np.ndarray, out: str) -> None:
+def _samples_to_file(x: np.ndarray, out: str, columns: int | None = None, labels=None) -> None:
     try:
-        save_images(x, out)
+        save_images(x, out, columns, labels)
     except OSError as e:
         raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
 
@@ -1104,12 +1188,36 @@ def _config_options(config) -> list[inspect.Parameter]:
     params = []
     for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
-        decl = f"{flag}/--no-{flag[2:]}" if hints[f.name] is bool else flag
+        decl = f"{flag}/--no-{flag[2:]}" if hints[f.name] in (bool, bool | None) else flag
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                                        default=Opt(f.default, decl, help=f.metadata.get("help"))))
+                                        default=Opt(f.default, decl, *f.metadata.get("aliases", ()),
+                                                    help=f.metadata.get("help"))))
     return params
 
 
+def _with_options(*configs):
+    """Give a command `fn(..., **options)` the fields of the dataclasses `configs` as options."""
+    def wrap(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = inspect.Signature(own + [p for c in configs for p in _config_options(c)])
+        return fn
+    return wrap
+
+
+@dataclasses.dataclass
+class SampleOptions:
+    """The sampler of `sample`, `onnx-sample`, `fd` and the C++ runner (make_plan's arguments)."""
+    sampler: str = _option("ancestral", "ancestral|ddim|dpmpp2m|dpmpp2m-sde")
+    steps: int | None = _option(None, "network calls of the sampler (default T for ancestral, 50 for the others)")
+    eta: float = _option(0.0, "DDIM's eta (ddim only)")
+    spacing: str = _option("uniform", "uniform|linspace|trailing|quadratic|logsnr: the kept timesteps")
+    clip: bool | None = _option(None, "clip the predicted x0 to [-1, 1] (default: on, or the .onnx file's)")
+    corrector_steps: int = _option(0, "Langevin corrector steps per timestep (predictor-corrector; ancestral, ddim)")
+    snr: float = _option(0.16, "the corrector's signal-to-noise ratio r: step size 2 (r sqrt(1 - alpha_bar))^2")
+
+
+@app.command("train")
+@_with_options(TrainConfig)
 def train_cmd(*, resume: bool = Opt(False, help="continue OUT/checkpoint.pt"), **options):
     """Train eps_theta (Algorithm 1). Under torchrun it trains with DDP on every process."""
     cfg = TrainConfig(**options)
@@ -1119,31 +1227,68 @@ def train_cmd(*, resume: bool = Opt(False, help="continue OUT/checkpoint.pt"), *
                f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}")
 
 
-train_cmd.__signature__ = inspect.Signature([*_config_options(TrainConfig),
-                                             inspect.signature(train_cmd).parameters["resume"]])
-app.command("train")(train_cmd)
+@dataclasses.dataclass
+class GuidanceOptions:
+    """The classes and guidance of a class-conditional model (sample, onnx-sample, fd, the C++ runner)."""
+    classes: str | None = dataclasses.field(default=None, metadata={
+        "help": "a class or comma-separated classes (indices or names); default: every class, a row each",
+        "aliases": ("--class",)})
+    guidance: float = _option(1.0, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, 0 unconditional")
+
+
+def _torch_plan(diffusion: Diffusion, options: dict) -> Plan:
+    plan = {f.name: options[f.name] for f in dataclasses.fields(SampleOptions)}
+    return make_plan(diffusion, **{**plan, "clip": plan["clip"] is not False})
+
+
+def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> np.ndarray | None:
+    """The n labels a command samples (a balanced sweep over the requested classes), or None for an
+    unconditional model; UserError for labels or guidance it cannot take."""
+    if not class_names:
+        if classes is not None or guidance != 1.0:
+            raise UserError("--class/--guidance need a class-conditional model (train one with --class-cond)")
+        return None
+    if classes is None:
+        return balanced_labels(list(range(len(class_names))), n)
+    wanted = []
+    for c in classes.split(","):
+        c = c.strip()
+        index = class_names.index(c) if c in class_names else int(c) if c.lstrip("-").isdigit() else None
+        if index is None or not 0 <= index < len(class_names):
+            raise UserError(f"--class {c}: not a class of this model ({', '.join(class_names)}; or 0..{len(class_names) - 1})")
+        wanted.append(index)
+    return balanced_labels(wanted, n)
+
+
+def _guided(model, labels, guidance: float, start: int, stop: int, device):
+    """The model for images start..stop of a run (the labels of those), guided as asked."""
+    if labels is None:
+        return model
+    y = torch.as_tensor(labels[start:stop], device=device)
+    return classifier_free_guidance(model, y, guidance, len(model.class_names))
 
 
 @app.command("sample")
-def sample_cmd(
-    checkpoint: str, n: int = Opt(64, "--n", help="number of images"),
-    sampler: str = Opt("ancestral", help="ancestral|ddim"), steps: int = Opt(None, help="default T (ancestral), 50 (ddim)"),
-    eta: float = Opt(0.0), spacing: str = Opt("uniform", help="uniform|linspace|trailing|quadratic"),
-    clip: bool = Opt(True, help="clip the predicted x0 to [-1, 1]"), seed: int = Opt(0),
-    numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of `onnx-sample` and the C++ runner"),
-    ema: bool = Opt(True, help="EMA weights"), batch_size: int = Opt(256), device: str = Opt("auto"),
-    out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC)"),
-):
-    """Sample images from a checkpoint with Algorithm 2 or DDIM."""
+@_with_options(SampleOptions, GuidanceOptions)
+def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images"), seed: int = Opt(0),
+               numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of "
+                                        "`onnx-sample` and the C++ runner"),
+               ema: bool = Opt(True, help="EMA weights"), batch_size: int = Opt(256), device: str = Opt("auto"),
+               out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC; arr_1: labels)"), **options):
+    """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE), with a corrector or not;
+    a class-conditional model samples the requested classes, with classifier-free guidance."""
     _check_out(out)
     dev = resolve_device(device)
     model, diffusion, _, shape = load_model(checkpoint, ema, dev)
-    plan = make_plan(diffusion, sampler, steps, eta, spacing, clip)
+    labels = _labels(model.class_names, options["classes"], options["guidance"], n)
+    plan = _torch_plan(diffusion, options)
     noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)
     with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
-        xs = [sample(model, plan, (min(batch_size, n - i), *shape), noise, tick).cpu() for i in range(0, n, batch_size)]
-    _samples_to_file(torch.cat(xs).numpy(), out)
-    typer.echo(f"wrote {n} samples ({sampler}, {len(plan)} steps) to {out}")
+        xs = [sample(_guided(model, labels, options["guidance"], i, i + batch_size, dev), plan,
+                     (min(batch_size, n - i), *shape), noise, tick).cpu() for i in range(0, n, batch_size)]
+    columns = -(-n // len(set(labels.tolist()))) if labels is not None else None
+    _samples_to_file(torch.cat(xs).numpy(), out, columns, labels)
+    typer.echo(f"wrote {n} samples ({options['sampler']}, {len(plan)} network calls) to {out}")
 
 
 @app.command("nll")
@@ -1154,14 +1299,16 @@ def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint
     """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
-    _, held_out = load_dataset(data or cfg.data, cfg.image_size)
+    dataset = load_data(data or cfg.data, cfg.image_size)
+    held_out = dataset.held_out
     if tuple(held_out.shape[1:]) != shape:
         raise UserError(f"data images are {held_out.shape[1:]}, the model's are {shape}")
     x0 = to_model_range(torch.from_numpy(held_out[:n]))
+    labels = dataset.held_out_labels[:n] if model.class_names and dataset.held_out_labels is not None else None
     gen = torch.Generator(dev).manual_seed(seed)
-    with _progress("bits/dim", diffusion.T * -(-len(x0) // batch_size)) as tick:
-        parts = [bits_per_dim(diffusion, model, x0[i:i + batch_size].to(dev), gen, tick)
-                 for i in range(0, len(x0), batch_size)]
+    with _progress("bits/dim", diffusion.T * -(-len(x0) // batch_size)) as tick:  # conditional: on the true labels
+        parts = [bits_per_dim(diffusion, _guided(model, labels, 1.0, i, i + batch_size, dev),
+                              x0[i:i + batch_size].to(dev), gen, tick) for i in range(0, len(x0), batch_size)]
     res = {k: torch.cat([p[k] for p in parts]).mean().item() for k in ("total", "prior", "vb", "decoder")}
     res["n"] = len(x0)
     typer.echo(json.dumps(res) if json_ else
@@ -1184,25 +1331,116 @@ def export_cmd(checkpoint: str, out: str = Opt("model.onnx", help="the .onnx fil
 
 
 @app.command("onnx-sample")
-def onnx_sample_cmd(
-    model: str, n: int = Opt(64, "--n"), sampler: str = Opt("ancestral", help="ancestral|ddim"),
-    steps: int = Opt(None, help="default T (ancestral), 50 (ddim)"), eta: float = Opt(0.0),
-    spacing: str = Opt("uniform", help="uniform|linspace|trailing|quadratic"),
-    clip: bool = Opt(None, help="clip the predicted x0 (default: the file's)"), seed: int = Opt(0),
-    batch_size: int = Opt(256), provider: str = Opt("auto", help="auto|cpu|cuda"), threads: int = Opt(None),
-    out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC)"),
-):
+@_with_options(SampleOptions)
+def onnx_sample_cmd(model: str, n: int = Opt(64, "--n"), seed: int = Opt(0), batch_size: int = Opt(256),
+                    provider: str = Opt("auto", help="auto|cpu|cuda"), threads: int = Opt(None),
+                    out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC)"), **options):
     """Sample from an exported .onnx file with onnxruntime (no torch in the loop)."""
     _check_out(out)
-    check_choice("provider", provider, Literal["auto", "cpu", "cuda"])
-    ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads)
-    total = len(ort_sampler.plan(sampler, steps, eta, spacing, clip)) * -(-n // batch_size)
-    with _progress("sampling", total) as tick:
-        x, timing = ort_sampler.sample(n, sampler, steps, eta, spacing, clip, seed, batch_size, progress=tick,
-                                       return_timing=True)
+    ort_sampler = _onnx_sampler(model, provider, threads)
+    plan = ort_sampler.plan(**options)
+    with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
+        x, timing = ort_sampler.run(plan, n, seed, batch_size, progress=tick, return_timing=True)
     _samples_to_file(x, out)
-    typer.echo(f"wrote {n} samples to {out}: {timing['steps']} steps on {timing['provider']}, "
+    typer.echo(f"wrote {n} samples to {out}: {timing['steps']} network calls on {timing['provider']}, "
                f"{n / timing['total_s']:.1f} images/s, loop/network time {timing['total_s'] / timing['network_s']:.3f}")
+
+
+def _onnx_sampler(model: str, provider: str = "cpu", threads: int | None = None) -> onnx_sampler.OnnxSampler:
+    check_choice("provider", provider, Literal["auto", "cpu", "cuda"])
+    return onnx_sampler.OnnxSampler(model, provider, threads)
+
+
+class _Encoder:
+    """DDIM encoding and decoding with a checkpoint (torch) or an .onnx file (onnxruntime), the same plans."""
+
+    def __init__(self, model: str, device: str, data: str | None):
+        if model.endswith(".onnx"):
+            self.onnx = _onnx_sampler(model)
+            self.diffusion, shape, default_data = None, self.onnx.image_shape, "digits"
+        else:
+            self.onnx, dev = None, resolve_device(device)
+            self.net, self.diffusion, cfg, shape = load_model(model, True, dev)
+            default_data = cfg.data
+        _, held_out = load_dataset(data or default_data)
+        if tuple(held_out.shape[1:]) != tuple(shape):
+            raise UserError(f"data images are {held_out.shape[1:]}, the model's are {tuple(shape)} (pass --data)")
+        self.held_out, self.shape = held_out, tuple(shape)
+
+    def images(self, idx) -> np.ndarray:
+        return to_model_range(torch.from_numpy(self.held_out[idx])).numpy()
+
+    def encode(self, x: np.ndarray, steps: int) -> np.ndarray:
+        if self.onnx:
+            return self.onnx.run(self.onnx.inversion_plan(steps), x)
+        dev = next(self.net.parameters()).device
+        return run_plan(self.net, ddim_inversion_plan(self.diffusion, steps), torch.from_numpy(x).to(dev)).cpu().numpy()
+
+    def decode(self, latents: np.ndarray, steps: int) -> np.ndarray:
+        if self.onnx:
+            return self.onnx.run(self.onnx.plan("ddim", steps, clip=False), latents)
+        dev = next(self.net.parameters()).device
+        plan = make_plan(self.diffusion, "ddim", steps, clip=False)
+        return run_plan(self.net, plan, torch.from_numpy(latents).float().to(dev)).cpu().numpy()
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{name} {text}: expected comma-separated whole numbers") from None
+    return values
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(model: str = typer.Argument(..., help="a checkpoint or an exported .onnx file"),
+                    steps: str = Opt("10,20,50,100", help="comma-separated DDIM step counts S"),
+                    n: int = Opt(360, "--n", help="held-out images"), data: str = Opt(None, help="default: the "
+                                                                                           "checkpoint's data (digits for .onnx)"),
+                    device: str = Opt("auto"), json_: bool = Opt(False, "--json")):
+    """Encode held-out images with DDIM inversion, decode them, and print the per-dimension MSE in [0, 1]
+    units for each S (the shape of Table 2 of Song et al.)."""
+    enc = _Encoder(model, device, data)
+    x = enc.images(slice(0, n))
+    rows = []
+    for S in _int_list(steps, "steps"):
+        recon = enc.decode(enc.encode(x, S), S)
+        rows.append({"steps": S, "mse": float((((recon - x) / 2) ** 2).mean()), "n": len(x)})
+    if json_:
+        typer.echo(json.dumps(rows))
+        return
+    typer.echo("| S | " + " | ".join(str(r["steps"]) for r in rows) + " |")
+    typer.echo("|---" * (len(rows) + 1) + "|")
+    typer.echo(f"| MSE per dimension, [0, 1] units, {len(x)} images | " + " | ".join(f"{r['mse']:.4g}" for r in rows) + " |")
+
+
+@app.command("interpolate")
+def interpolate_cmd(model: str = typer.Argument(..., help="a checkpoint or an exported .onnx file"),
+                    a: int = Opt(0, "--a", help="index of the first held-out image"),
+                    b: int = Opt(1, "--b", help="index of the second held-out image"),
+                    seeds: str = Opt(None, help="A,B: interpolate between the x_T of these two seeds instead"),
+                    n: int = Opt(8, "--n", help="images along the path, ends included"),
+                    steps: int = Opt(50, help="DDIM steps"), data: str = Opt(None), device: str = Opt("auto"),
+                    out: str = Opt("interpolation.png", help=".png grid or .npz")):
+    """Slerp between the DDIM latents of two held-out images (or of two seeds' x_T) and decode each point
+    (Song et al. Section 5.4)."""
+    _check_out(out)
+    if n < 2:
+        raise UserError("--n must be at least 2")
+    enc = _Encoder(model, device, data)
+    if seeds:
+        pair = _int_list(seeds, "seeds")
+        if len(pair) != 2:
+            raise UserError(f"--seeds {seeds}: expected two seeds A,B")
+        latents = np.stack([np.random.RandomState(s).standard_normal(enc.shape) for s in pair]).astype(np.float32)
+    else:
+        for i in (a, b):
+            if not 0 <= i < len(enc.held_out):
+                raise UserError(f"image index {i} is out of range: the held-out split has {len(enc.held_out)} images")
+        latents = enc.encode(enc.images([a, b]), steps)
+    path = onnx_sampler.slerp(latents[0], latents[1], np.linspace(0, 1, n)).astype(np.float32)
+    _samples_to_file(enc.decode(path, steps), out)
+    typer.echo(f"wrote {n} images from {'seeds ' + seeds if seeds else f'held-out images {a} and {b}'} to {out}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Speed: sampling per backend, training throughput.")
@@ -1241,13 +1479,25 @@ def bench_train_cmd(preset: str = Opt("digits"), batch: int = Opt(64), precision
     _print_table([bench_train(preset, batch, precision, compile, channels_last, synthetic, steps, repeats, device)], json_)
 
 
+# The NFE table of BENCHMARKS.md: rows (name, sampler options, steps for each NFE column).
+NFE_COLUMNS = (5, 10, 20, 50, 100, 1000)
+NFE_ROWS = (("ancestral", {"sampler": "ancestral"}, NFE_COLUMNS),
+            ("DDIM, eta = 0", {"sampler": "ddim"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M)", {"sampler": "dpmpp2m"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M), logsnr spacing", {"sampler": "dpmpp2m", "spacing": "logsnr"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M) SDE", {"sampler": "dpmpp2m-sde"}, NFE_COLUMNS[:-1]),
+            ("PC: ancestral + 1 Langevin step", {"sampler": "ancestral", "corrector_steps": 1}, (3, 5, 10, 25, 50)))
+
+
 @app.command("fd")
+@_with_options(SampleOptions)
 def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
-           n: int = Opt(360, "--n", help="samples to draw from a checkpoint"), sampler: str = Opt("ancestral"),
-           steps: int = Opt(None), eta: float = Opt(0.0), variance: str = Opt(None, help="override the sampler's variance"),
+           n: int = Opt(360, "--n", help="samples to draw from a checkpoint"),
+           variance: str = Opt(None, help="override the sampler's variance"),
            table: bool = Opt(False, help="the DDIM table: S in 10,20,50,100,1000 x eta in 0,0.5,1, and ancestral "
                                          "with fixed_small and fixed_large, as a Markdown table"),
-           seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json")):
+           nfe_table: bool = Opt(False, help="FD against network calls (NFE) for every sampler, as a Markdown table"),
+           seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json"), **options):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by."""
     features = digits_features()
@@ -1255,7 +1505,7 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
     ref = features(train)
     floor = frechet_distance(features(held), ref)
     if source.endswith(".npz"):
-        arr = _load_npz(source)
+        arr, _ = _load_npz(source)
         if arr.shape[1:] != (1, 8, 8):
             raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
         res = {"fd": frechet_distance(features(arr), ref), "floor": floor, "n": len(arr), "n_floor": len(held)}
@@ -1267,29 +1517,42 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
 
-    def fd_of(sampler, steps, eta, variance=None):
+    def fd_of(variance=None, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
-        plan = make_plan(d, sampler, steps, eta)
+        plan = _torch_plan(d, {**options, **changes})
         with _progress("sampling", len(plan)) as tick:
             x = sample(model, plan, (n, *shape), torch_noise(torch.Generator(dev).manual_seed(seed), dev), tick)
-        return frechet_distance(features(to_uint8(x)), ref)
+        return frechet_distance(features(to_uint8(x)), ref), len(plan)
 
-    if not table:
-        res = {"fd": fd_of(sampler, steps, eta, variance), "floor": floor, "n": n, "n_floor": len(held)}
+    if nfe_table:
+        rows = {name: [fd_of(**{**opts, "steps": s}) for s in steps] for name, opts, steps in NFE_ROWS}
+        _print_fd_table(rows, NFE_COLUMNS, "NFE", floor, n, json_)
+    elif table:
+        rows = {f"DDIM eta = {e:g}": [fd_of(sampler="ddim", steps=s, eta=e) for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
+        rows.update({f"ancestral, {v}": [fd_of(v, sampler="ancestral", steps=diffusion.T)] for v in ("fixed_small", "fixed_large")})
+        _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, n, json_)
+    else:
+        fd, _ = fd_of(variance)
+        res = {"fd": fd, "floor": floor, "n": n, "n_floor": len(held)}
         typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({n} samples vs the training split); "
                    f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
-        return
-    rows = {f"DDIM eta = {e:g}": [fd_of("ddim", s, e) for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
-    rows.update({f"ancestral, {v}": ["", "", "", "", fd_of("ancestral", diffusion.T, 0.0, v)]
-                 for v in ("fixed_small", "fixed_large")})
-    if json_:
-        typer.echo(json.dumps({"steps": FD_TABLE_STEPS, "rows": rows, "floor": floor, "n": n}))
-        return
-    typer.echo("| sampler | " + " | ".join(f"S = {s}" for s in FD_TABLE_STEPS) + " |")
-    typer.echo("|---" * (len(FD_TABLE_STEPS) + 1) + "|")
-    for name, values in rows.items():
-        typer.echo(f"| {name} | " + " | ".join(v if v == "" else f"{v:.3f}" for v in values) + " |")
-    typer.echo(f"\nreal-vs-real floor (360 held-out vs training): {floor:.3f}; {n} samples per cell")
+
+
+def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int, json_: bool) -> None:
+    typer.echo(json.dumps({"columns": columns, "label": label, "rows": rows, "floor": floor, "n": n}) if json_ else
+               fd_table_markdown(rows, columns, label, floor, n))
+
+
+def fd_table_markdown(rows: dict, columns, label: str, floor: float, n: int) -> str:
+    """rows: name -> [(fd, network calls)] filling the first columns (the last, for a row of one cell)."""
+    lines = ["| sampler | " + " | ".join(f"{label} = {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, cells in rows.items():
+        cells = cells if len(cells) > 1 else [None] * (len(columns) - 1) + cells
+        text = ["" if c is None else f"{c[0]:.3f}" + ("" if c[1] == col or label == "S" else f" ({c[1]})")
+                for c, col in zip(cells + [None] * (len(columns) - len(cells)), columns)]
+        lines.append(f"| {name} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + (f"\n\nreal-vs-real floor (360 held-out vs training): {floor:.3f}; {n} samples per cell"
+                               + ("; (k): the cell's network calls where they differ from its column" if label == "NFE" else ""))
 
 
 @app.command("info")

@@ -109,42 +109,71 @@ class Resample(nn.Module):
         return self.conv(x)
 
 
-class UNet(nn.Module):
-    """The `model` function of the original: conv_in, `len(ch_mult)` levels down (num_res_blocks
-    blocks each, then a stride-2 conv), middle (ResBlock, Attn, ResBlock), levels up
-    (num_res_blocks + 1 blocks each, every one concatenating a skip, then upsampling), and
-    GroupNorm -> SiLU -> zero-initialised conv_out. Attention sits at the feature-map sizes in
-    `attn_resolutions`, measured from `image_size`."""
+class Encoder(nn.Module):
+    """The downsampling half of the U-Net with its time (and class) embedding: conv_in, `len(ch_mult)`
+    levels down (num_res_blocks blocks each, then a stride-2 conv) and the middle (ResBlock, Attn, ResBlock).
+    With num_classes K > 0, a label embedding of K + 1 rows (row K: the "null" label of an unconditional
+    call) is added to the time embedding, as in guided-diffusion; K = 0 adds no parameter."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int | None = None, ch: int = 128,
-                 ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, image_size: int = 32):
+    def __init__(self, in_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_resolutions: tuple[int, ...], dropout: float, image_size: int, num_classes: int):
         super().__init__()
-        out_channels = in_channels if out_channels is None else out_channels
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=tuple(ch_mult),
-                           num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
-                           dropout=dropout, image_size=image_size)
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image_size {image_size} must be divisible by 2**{len(ch_mult) - 1}")
-        self.ch, tdim = ch, 4 * ch
+        self.ch, self.num_classes, tdim = ch, num_classes, 4 * ch
         self.temb = nn.Sequential(linear(ch, tdim), nn.SiLU(), linear(tdim, tdim))
+        if num_classes:
+            self.label_emb = nn.Embedding(num_classes + 1, tdim)
         self.conv_in = conv(in_channels, ch)
-
-        skips, c, res = [ch], ch, image_size
+        self.skips, c, self.res = [ch], ch, image_size
         self.down = nn.ModuleList()
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(Block(c, ch * mult, tdim, dropout, res in attn_resolutions))
+                self.down.append(Block(c, ch * mult, tdim, dropout, self.res in attn_resolutions))
                 c = ch * mult
-                skips.append(c)
+                self.skips.append(c)
             if level != len(ch_mult) - 1:
                 self.down.append(Resample(c, up=False))
-                skips.append(c)
-                res //= 2
-
+                self.skips.append(c)
+                self.res //= 2
         self.mid1 = Block(c, c, tdim, dropout, attn=True)
         self.mid2 = ResBlock(c, c, tdim, dropout)
+        self.channels = c
 
+    def embedding(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.ch))
+        if self.num_classes:
+            y = torch.full_like(t, self.num_classes, dtype=torch.long) if y is None else y
+            temb = temb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this network is unconditional (num_classes=0): it takes no labels")
+        return temb
+
+    def features(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The middle's output and the skips of every level."""
+        hs = [self.conv_in(x)]
+        for m in self.down:
+            hs.append(m(hs[-1]) if isinstance(m, Resample) else m(hs[-1], temb))
+        return self.mid2(self.mid1(hs[-1], temb), temb), hs
+
+
+class UNet(Encoder):
+    """The `model` function of the original: the Encoder, levels up (num_res_blocks + 1 blocks each, every
+    one concatenating a skip, then upsampling), and GroupNorm -> SiLU -> zero-initialised conv_out.
+    Attention sits at the feature-map sizes in `attn_resolutions`, measured from `image_size`. With
+    num_classes K > 0 it is class-conditional: forward(x, t, y) with y in 0..K, K the null label."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int | None = None, ch: int = 128,
+                 ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, image_size: int = 32,
+                 num_classes: int = 0):
+        super().__init__(in_channels, ch, tuple(ch_mult), num_res_blocks, tuple(attn_resolutions), dropout,
+                         image_size, num_classes)
+        out_channels = in_channels if out_channels is None else out_channels
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=tuple(ch_mult),
+                           num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
+                           dropout=dropout, image_size=image_size, num_classes=num_classes)
+        skips, c, res, tdim = list(self.skips), self.channels, self.res, 4 * ch
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
@@ -153,19 +182,36 @@ class UNet(nn.Module):
             if level != 0:
                 self.up.append(Resample(c, up=True))
                 res *= 2
-
         self.norm_out, self.conv_out = norm(c), conv(c, out_channels, init_scale=0.0)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] float; t: [B] timesteps (int or float). Returns [B, out_channels, H, W]."""
-        temb = self.temb(timestep_embedding(t, self.ch))
-        hs = [self.conv_in(x)]
-        for m in self.down:
-            hs.append(m(hs[-1]) if isinstance(m, Resample) else m(hs[-1], temb))
-        h = self.mid2(self.mid1(hs[-1], temb), temb)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, H, W] float; t: [B] timesteps (int or float); y: [B] labels (a conditional network;
+        None: the null label). Returns [B, out_channels, H, W]."""
+        temb = self.embedding(t, y)
+        h, hs = self.features(x, temb)
         for m in self.up:
             h = m(h) if isinstance(m, Resample) else m(torch.cat([h, hs.pop()], dim=1), temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class NoisyClassifier(Encoder):
+    """p_phi(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021): the U-Net's downsampling half
+    (Encoder, unconditional) with a pooled head, GroupNorm -> SiLU -> mean over positions -> linear to K logits."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
+                 image_size: int = 32):
+        super().__init__(in_channels, ch, tuple(ch_mult), num_res_blocks, tuple(attn_resolutions), dropout,
+                         image_size, 0)
+        self.config = dict(num_classes=num_classes, in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
+                           num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout,
+                           image_size=image_size)
+        self.norm_out, self.head = norm(self.channels), linear(self.channels, num_classes)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] of the class of the clean image behind x_t."""
+        h, _ = self.features(x, self.embedding(t, None))
+        return self.head(F.silu(self.norm_out(h)).mean(dim=(2, 3)))
 
 
 PRESETS: dict[str, dict] = {

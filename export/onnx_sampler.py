@@ -103,8 +103,10 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform", alphas_cumprod
     uniform: i * (T // S) (DDIM's "uniform", diffusers' "leading"); linspace: round(linspace(0, T-1, S))
     (diffusers); trailing: round(T - i T/S) - 1 (Lin et al. 2023; always keeps T-1); quadratic:
     int(linspace(0, sqrt(0.8 T), S)^2) (DDIM); logsnr: for each of linspace(lambda_0, max(lambda_{T-1},
-    LAMBDA_MIN), S) the timestep whose lambda is nearest (the first on a tie): uniform in lambda, as Lu et al.
-    recommend (needs alphas_cumprod). round is numpy's, half to even. An error when the S timesteps are not distinct."""
+    LAMBDA_MIN), S) the timestep whose lambda is nearest (the first on a tie), raised to one above the previous
+    one where they would coincide (near t = 0, where lambda falls fastest): uniform in lambda, as Lu et al.
+    recommend (needs alphas_cumprod). round is numpy's, half to even. An error when the S timesteps are not
+    distinct."""
     _choice("spacing", spacing, SPACINGS)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
@@ -121,6 +123,8 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform", alphas_cumprod
     else:
         lam = log_snr(np.asarray(alphas_cumprod, dtype=np.float64)[:T])
         ts = np.array([np.argmin(np.abs(lam - v)) for v in np.linspace(lam[0], max(lam[T - 1], LAMBDA_MIN), steps)])
+        for i in range(1, steps):
+            ts[i] = max(ts[i], ts[i - 1] + 1)
     ts = ts.astype(np.int64)
     if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] > T - 1:
         raise ValueError(f"spacing {spacing!r} cannot give {steps} distinct steps for T={T}")
@@ -277,6 +281,13 @@ def ddim_inversion_plan(alphas_cumprod, parameterization: str = "eps", steps: in
     zeros, no = np.zeros(steps - 1), np.zeros(steps - 1, dtype=bool)
     return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros, no, no, np.zeros((steps - 1, 0)),
                 clip=False)
+
+
+def balanced_labels(classes, n: int) -> np.ndarray:
+    """n labels over `classes` in equal blocks, classes[i // ceil(n / len(classes))]: a grid with
+    ceil(n / len(classes)) columns shows one class a row."""
+    per = -(-n // len(classes))
+    return np.array([classes[i // per] for i in range(n)], dtype=np.int64)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, alphas) -> np.ndarray:
@@ -528,7 +539,8 @@ class OnnxSampler:
         C, H, W = self.image_shape
         shape, M = x_first.shape, plan.memory
         new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)  # noqa: E731
-        x, x_next, z, out = self._ortvalue(x_first), new(shape), new(shape), new((shape[0], self.out_channels, H, W))
+        x, x_next, z, out = new(shape), new(shape), new(shape), new((shape[0], self.out_channels, H, W))
+        x.update_inplace(x_first)  # a copy: ortvalue_from_numpy would alias x_first, which the loop then overwrites
         zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
         x0s = [self._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(M + 1)]  # a ring: zeros before row 0
         timesteps = [self._ortvalue(np.full(shape[0], t, dtype=np.int64)) for t in plan.t]
@@ -581,13 +593,14 @@ def _png(image: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
 
 
-def image_grid(pixels: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one image, ceil(sqrt(N)) columns with `pad`-pixel black gutters (as the C++ runner).
-    Images under 32 pixels are enlarged by an integer factor (nearest neighbour) so that 8x8 digits can be seen."""
+def image_grid(pixels: np.ndarray, pad: int = 2, columns: int | None = None) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one image, `columns` (default ceil(sqrt(N))) columns with `pad`-pixel black gutters
+    (as the C++ runner). Images under 32 pixels are enlarged by an integer factor (nearest neighbour) so that
+    8x8 digits can be seen."""
     s = max(1, 32 // max(pixels.shape[2:]))
     pixels = pixels.repeat(s, axis=2).repeat(s, axis=3)
     N, C, H, W = pixels.shape
-    cols = math.ceil(math.sqrt(N))
+    cols = columns or math.ceil(math.sqrt(N))
     rows = -(-N // cols)
     grid = np.zeros((rows * (H + pad) + pad, cols * (W + pad) + pad, C), dtype=np.uint8)
     for i in range(N):
@@ -626,21 +639,21 @@ def write_atomically(path, data: bytes | Callable[[BinaryIO], None],
         raise
 
 
-def save_images(x, path) -> None:
-    """Save samples x (float [N, C, H, W] in [-1, 1]) as a .png grid (C = 1 or 3) or a .npz whose arr_0 is
-    uint8 [N, H, W, C], both written atomically."""
+def save_images(x, path, columns: int | None = None, labels=None) -> None:
+    """Save samples x (float [N, C, H, W] in [-1, 1]) as a .png grid (C = 1 or 3; `columns` as image_grid) or a
+    .npz whose arr_0 is uint8 [N, H, W, C] (and arr_1 the labels, if given), both written atomically."""
     x = np.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"expected images [N, C, H, W], got shape {x.shape}")
     pixels, suffix = to_uint8(x), os.path.splitext(os.fspath(path))[1].lower()
     if suffix == ".npz":
         buffer = io.BytesIO()
-        np.savez(buffer, arr_0=pixels.transpose(0, 2, 3, 1))
+        np.savez(buffer, arr_0=pixels.transpose(0, 2, 3, 1), **({} if labels is None else {"arr_1": np.asarray(labels)}))
         data = buffer.getvalue()
     elif suffix == ".png":
         if x.shape[1] not in (1, 3):
             raise ValueError(f"a .png needs 1 or 3 channels, the images have {x.shape[1]}; use .npz")
-        data = _png(image_grid(pixels))
+        data = _png(image_grid(pixels, columns=columns))
     else:
         raise ValueError(f"unknown image format {suffix!r} for {os.fspath(path)}; use .png or .npz")
     write_atomically(path, data)

@@ -239,6 +239,43 @@ def test_samples_match_python(runner, models, tmp_path, model_name, sampler, ste
     assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-3
 
 
+@pytest.mark.parametrize("path", ["host", "step-graph"])
+def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path):
+    """--init x.npy --invert: DDIM encoding of given images; --init latents.npy: a plan run from given latents
+    (here a noisy one: only the rows' z are drawn), both as OnnxSampler.run does them."""
+    from ddpm_reference.export.onnx_sampler import OnnxSampler
+    model, extra = models["eps_small"], (["--step-graph"] if path == "step-graph" else [])
+    python = OnnxSampler(model, provider="cpu", threads=1)
+    x0 = np.random.RandomState(1).uniform(-1, 1, (5, *IMAGE)).astype(np.float32)
+    np.save(tmp_path / "x0.npy", x0)
+    run(runner, "--model", model, "--init", tmp_path / "x0.npy", "--invert", "--steps", 7, "--batch", 2,
+        "--threads", 1, "--out", tmp_path / "latent.npy", *extra)
+    latent = np.load(tmp_path / "latent.npy")
+    assert np.abs(latent - python.run(python.inversion_plan(7), x0, batch=2)).max() <= 1e-3
+    assert np.abs(latent - x0).max() > 0.1  # it moved
+    run(runner, "--model", model, "--init", tmp_path / "latent.npy", "--sampler", "ddim", "--steps", 7, "--eta", 0.5,
+        "--seed", 3, "--threads", 1, "--out", tmp_path / "decoded.npy", *extra)
+    want = python.run(python.plan("ddim", 7, 0.5), latent, seed=3)
+    assert np.abs(np.load(tmp_path / "decoded.npy") - want).max() <= 1e-3
+
+
+def test_init_errors(runner, models, tmp_path):
+    model = models["eps_small"]
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))
+    np.save(tmp_path / "f64.npy", np.zeros((2, *IMAGE)))
+    np.save(tmp_path / "ok.npy", np.zeros((2, *IMAGE), np.float32))
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY\x01\x00\x10")
+    (tmp_path / "x0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    for args, message in [(["--invert"], "--init"), (["--init", tmp_path / "wrong.npy"], "--init needs [N, 1, 8, 8]"),
+                          (["--init", tmp_path / "f64.npy"], "float32"), (["--init", tmp_path / "junk.npy"], "truncated"),
+                          (["--init", tmp_path / "ok.npy", "--n", 3], "holds 2 images"),
+                          (["--init", tmp_path / "missing.npy"], "cannot read"),
+                          (["--init", tmp_path / "x0.png"], "not a .npy file")]:
+        proc = run(runner, "--model", model, "--out", tmp_path / "x.npy", *args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
+
+
 def test_png_is_the_clamped_rounded_grid(runner, models, tmp_path):
     from PIL import Image
 

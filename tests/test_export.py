@@ -299,6 +299,26 @@ def test_progress_and_timing(small):
     assert 0 < timing["network_s"] <= timing["total_s"] and timing["provider"] == "CPUExecutionProvider"
 
 
+@pytest.mark.parametrize("par", ["eps", "v"])
+def test_onnx_encode_and_decode_from_given_x_match_torch(small, tmp_path, par):
+    """OnnxSampler.run from the caller's x (DDIM inversion, then decoding, as `ddpm reconstruct` runs them),
+    against ddpm.run_plan; the caller's array is left as it was."""
+    nets, folder = small
+    d = diffusion(par)
+    sampler = OnnxSampler(relabel(folder / "eps.onnx", tmp_path / "m.onnx", d), provider="cpu", threads=1)
+    x0 = np.random.RandomState(0).uniform(-1, 1, (5, *IMAGE)).astype(np.float32)
+    given = x0.copy()
+    for steps in (2, 3, 10):  # an even and an odd number of rows
+        latent = sampler.run(sampler.inversion_plan(steps), given, batch=2)
+        want = ddpm.run_plan(nets[1], ddpm.ddim_inversion_plan(d, steps), torch.from_numpy(x0)).numpy()
+        assert np.abs(latent - want).max() <= 1e-4 and np.array_equal(given, x0)
+        recon = sampler.run(sampler.plan("ddim", steps, clip=False), latent)
+        want = ddpm.run_plan(nets[1], ddpm.make_plan(d, "ddim", steps, clip=False), torch.from_numpy(latent)).numpy()
+        assert np.abs(recon - want).max() <= 1e-4
+    with pytest.raises(ValueError, match="x must be"):
+        sampler.run(sampler.inversion_plan(3), given[:, :, :4])
+
+
 def test_step_graphs_are_valid_onnx():
     for learned, split, memory in itertools.product([False, True], [False, True], [0, 1, 2]):
         if learned and not split:

@@ -1,4 +1,5 @@
 """Data loading, Algorithm 1, checkpoints, resume (also after SIGKILL), DDP on CPU, CLI errors."""
+import json
 import os
 import pickle
 import signal
@@ -44,6 +45,18 @@ def test_digits_split_and_range():
     np.testing.assert_array_equal(train, again)
 
 
+def test_image_folder_labels_are_its_subfolders(tmp_path):
+    for cls, count in (("zebra", 3), ("cat", 2)):
+        (tmp_path / cls).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((8, 8), 10 * i + len(cls), np.uint8)).save(tmp_path / cls / f"{i}.png")
+    data = ddpm.load_data(str(tmp_path))
+    assert data.classes == ["cat", "zebra"]  # sorted, as torchvision's ImageFolder
+    assert np.concatenate([data.train_labels, data.held_out_labels]).tolist() == [0, 0, 1, 1, 1]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "loose.png")  # an image outside every class folder
+    assert ddpm.load_data(str(tmp_path)).classes == []
+
+
 def test_image_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     for i in range(5):
@@ -70,15 +83,25 @@ def test_image_folder_errors(tmp_path):
 
 def test_cifar_folder_and_npz(tmp_path):
     rng = np.random.RandomState(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(tmp_path / name, "wb") as f:
-            pickle.dump({b"data": rng.randint(0, 256, (4, 3072)).astype(np.uint8)}, f)
-    train, test = ddpm.load_dataset(str(tmp_path))
-    assert train.shape == (20, 3, 32, 32) and test.shape == (4, 3, 32, 32)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        with open(tmp_path / name, "wb") as f:  # the python batches' layout: data [N, 3072] and labels
+            pickle.dump({b"data": rng.randint(0, 256, (4, 3072)).astype(np.uint8), b"labels": [i, 9, 0, 3]}, f)
+    data = ddpm.load_data(str(tmp_path))
+    assert data.train.shape == (20, 3, 32, 32) and data.held_out.shape == (4, 3, 32, 32)
+    assert data.train_labels.tolist()[:8] == [0, 9, 0, 3, 1, 9, 0, 3] and data.held_out_labels.tolist() == [5, 9, 0, 3]
+    assert data.classes[9] == "truck" and len(data.classes) == 10
     arr = rng.randint(0, 256, (40, 6, 6, 3)).astype(np.uint8)
     np.savez(tmp_path / "a.npz", arr)
     train, held = ddpm.load_dataset(str(tmp_path / "a.npz"))
     np.testing.assert_array_equal(np.concatenate([train, held]), arr.transpose(0, 3, 1, 2))
+    assert ddpm.load_data(str(tmp_path / "a.npz")).train_labels is None
+    np.savez(tmp_path / "labelled.npz", arr, np.arange(40) % 3)  # OpenAI's sample files: labels under arr_1
+    data = ddpm.load_data(str(tmp_path / "labelled.npz"))
+    assert data.classes == ["0", "1", "2"] and np.concatenate([data.train_labels, data.held_out_labels]).tolist() == \
+        (np.arange(40) % 3).tolist()
+    np.savez(tmp_path / "badlabels.npz", arr, np.arange(39))
+    with pytest.raises(ddpm.UserError, match="one label"):
+        ddpm.load_data(str(tmp_path / "badlabels.npz"))
     np.savez(tmp_path / "b.npz", arr.astype(np.float32))
     with pytest.raises(ddpm.UserError, match="expected uint8"):
         ddpm.load_dataset(str(tmp_path / "b.npz"))
@@ -190,6 +213,36 @@ def test_cli_user_errors(tmp_path):
     assert_user_error(cli("nll", tmp_path / "other.pt"), "not a ddpm checkpoint")
     assert_user_error(cli("sample", tmp_path / "other.pt", "--out", "x.jpg"), "must end in")
     assert_user_error(cli("bogus"), "No such command")
+
+
+def test_cli_few_step_samplers_reconstruct_and_interpolate(tmp_path):
+    res = cli("train", "--steps", 10, "--batch-size", 16, "--T", 50, "--device", "cpu", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    ckpt, onnx_file = tmp_path / "checkpoint.pt", tmp_path / "model.onnx"
+    for args in (["--sampler", "dpmpp2m", "--steps", 6, "--spacing", "logsnr"], ["--sampler", "dpmpp2m-sde", "--steps", 6],
+                 ["--sampler", "ancestral", "--steps", 5, "--corrector-steps", 2, "--snr", 0.1]):
+        res = cli("sample", ckpt, "--n", 3, *args, "--out", tmp_path / "s.npz")
+        assert res.returncode == 0 and np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 1), res.stderr
+    assert "13 network calls" in res.stdout  # 5 predictor rows and 2 corrector rows at each of the last 4 timesteps
+    assert cli("export", ckpt, "--out", onnx_file).returncode == 0
+    res = cli("onnx-sample", onnx_file, "--n", 3, "--sampler", "dpmpp2m", "--steps", 6, "--out", tmp_path / "o.npz")
+    assert res.returncode == 0, res.stderr
+    tables = []
+    for model in (ckpt, onnx_file):
+        res = cli("reconstruct", model, "--steps", "4,8", "--n", 20, "--json")
+        assert res.returncode == 0, res.stderr
+        tables.append(json.loads(res.stdout))
+        assert [r["steps"] for r in tables[-1]] == [4, 8] and all(r["n"] == 20 and r["mse"] >= 0 for r in tables[-1])
+        res = cli("interpolate", model, "--a", 2, "--b", 5, "--n", 4, "--steps", 5, "--out", tmp_path / "i.npz")
+        assert res.returncode == 0 and np.load(tmp_path / "i.npz")["arr_0"].shape == (4, 8, 8, 1), res.stderr
+    assert [r["mse"] for r in tables[0]] == pytest.approx([r["mse"] for r in tables[1]], rel=1e-3)  # torch = onnxruntime
+    assert cli("interpolate", ckpt, "--seeds", "1,2", "--n", 3, "--out", tmp_path / "j.png").returncode == 0
+    assert_user_error(cli("interpolate", ckpt, "--a", 10_000, "--out", tmp_path / "k.png"), "out of range")
+    assert_user_error(cli("interpolate", ckpt, "--seeds", "1", "--out", tmp_path / "k.png"), "two seeds")
+    assert_user_error(cli("reconstruct", ckpt, "--steps", "4,x"), "comma-separated")
+    assert_user_error(cli("sample", ckpt, "--sampler", "dpmpp2m", "--corrector-steps", 1), "one-step samplers")
+    assert_user_error(cli("sample", ckpt, "--sampler", "dpmpp3"), "sampler must be one of")
+    assert_user_error(cli("onnx-sample", onnx_file, "--sampler", "ancestral", "--eta", 0.5), "eta applies")
 
 
 def test_cli_train_sample_nll(tmp_path):

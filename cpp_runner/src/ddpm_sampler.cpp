@@ -295,12 +295,13 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spa
     } else if (spacing == "quadratic") {
       const double r = linspace(0.0, std::sqrt(0.8 * double(T)), i);
       ts[i] = int64_t(r * r);
-    } else {  // the timestep whose lambda is nearest to linspace(lambda_0, max(lambda_{T-1}, kLambdaMin), S)[i]
+    } else {  // the timestep whose lambda is nearest to linspace(lambda_0, max(lambda_{T-1}, kLambdaMin), S)[i],
+              // the first on a tie
       const double v = linspace(lam[0], std::max(lam[T - 1], kLambdaMin), i);
       int64_t best = 0;
       for (int64_t t = 1; t < T; ++t)
         if (std::abs(lam[t] - v) < std::abs(lam[best] - v)) best = t;
-      ts[i] = best;
+      ts[i] = i ? std::max(best, ts[i - 1] + 1) : best;  // one above the previous where they would coincide
     }
   }
   for (int64_t i = 0; i < S; ++i)
@@ -366,6 +367,22 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   return p;
 }
 
+Plan make_inversion_plan(const ModelInfo& info, int64_t steps, const std::string& spacing) {
+  std::vector<double> abar(info.betas.size());
+  for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
+  const int64_t T = abar.size(), S = steps ? steps : std::min<int64_t>(50, T);
+  const std::vector<int64_t> ts = kept_timesteps(T, S, spacing, abar);
+  Plan p;
+  p.clip = false;
+  p.channels = info.C;
+  for (int64_t k = 0; k + 1 < S; ++k) {
+    const Pair x0 = x0_coefficients(abar[ts[k]], info.parameterization);
+    const Pair mean = ddim_mean(abar[ts[k]], abar[ts[k + 1]], 0.0);
+    p.steps.push_back({ts[k], x0.a, x0.b, mean.a, mean.b, 0.0, 0.0, 0.0, false, false, {}});
+  }
+  return p;
+}
+
 Sampler::Sampler(const std::string& model_path, const std::string& provider, int threads, bool step_graph)
     : api_ready_(init_ort_api()), env_(ORT_LOGGING_LEVEL_FATAL, "ddpm_runner") {
   std::error_code ec;
@@ -408,10 +425,11 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
 }
 
 std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
-                                   const Progress& progress) {
+                                   const Progress& progress, const float* x_init) {
   need(n >= 1 && batch >= 1, "n and batch must be at least 1");
   batch = std::min(batch, n);
   std::vector<float> result(n * info_.C * info_.H * info_.W);
+  if (x_init) std::copy(x_init, x_init + result.size(), result.begin());
   RandomState rng(seed);
   StepSessions steps;  // the update graphs of the plan's rows (plain and learned), built once per call
   if (step_graph_)
@@ -429,7 +447,8 @@ std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint
     const auto tick = [&](int64_t k) {
       if (progress) progress(bi, n_batches, k, p.steps.size());
     };
-    network_s += step_graph_ ? run_batch_on_provider(p, steps, b, x, rng, tick) : run_batch_on_host(p, b, x, rng, tick);
+    network_s += step_graph_ ? run_batch_on_provider(p, steps, b, x, !x_init, rng, tick)
+                             : run_batch_on_host(p, b, x, !x_init, rng, tick);
   }
   if (stats) *stats = RunStats{seconds_since(t0), network_s};
   return result;
@@ -437,7 +456,8 @@ std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint
 
 // x stays in the result on the host; the network writes into a host buffer and the update is one fused loop.
 // The last M x0 predictions are a ring of M + 1 buffers (zeros before the first row).
-double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomState& rng, const Tick& tick) {
+double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng,
+                                  const Tick& tick) {
   const int64_t C = info_.C, Co = info_.out_channels(), chw = C * info_.H * info_.W, out_chw = Co * info_.H * info_.W;
   const int64_t x_shape[4] = {b, C, info_.H, info_.W}, out_shape[4] = {b, Co, info_.H, info_.W};
   std::vector<float> out(b * out_chw), z(b * chw);
@@ -450,7 +470,7 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomStat
   const char* input_names[2] = {"x", "t"};
   const char* output_name = out_name_.c_str();
   double network_s = 0.0;
-  rng.fill_normal(x, b * chw);  // x_T
+  if (draw_x_T) rng.fill_normal(x, b * chw);
   const int64_t ring = p.memory + 1;
   std::vector<const float*> earlier(p.memory);
   for (size_t k = 0; k < p.steps.size(); ++k) {
@@ -474,8 +494,8 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, RandomStat
 // x, the network output, the earlier x0s and the update stay on the provider's device (IO binding; the update
 // is the ONNX graph of step_graph): per row only t, the coefficients and z (when drawn) go to the device, and x
 // comes back once, after the last row. On the CPU the same path runs with host memory (tested with --step-graph).
-double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x_out, RandomState& rng,
-                                      const Tick& tick) {
+double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x_out, bool draw_x_T,
+                                      RandomState& rng, const Tick& tick) {
   const int64_t n_c = 11 + p.memory, chw = info_.C * info_.H * info_.W, ring = p.memory + 1;
   const int64_t x_shape[4] = {b, info_.C, info_.H, info_.W}, out_shape[4] = {b, info_.out_channels(), info_.H, info_.W};
   const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
@@ -501,7 +521,8 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
       updates[learned]->BindInput("out", out);
     }
   net.BindOutput(out_name_.c_str(), out);
-  rng.fill_normal(x_T.data(), b * chw);
+  if (draw_x_T) rng.fill_normal(x_T.data(), b * chw);
+  else std::copy(x_out, x_out + b * chw, x_T.begin());
   const Ort::Value* x = &xT_v;
   const Ort::Value* z_bound[2] = {nullptr, nullptr};  // zeros are bound once; z after every draw
   double network_s = 0.0;

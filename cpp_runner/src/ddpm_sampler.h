@@ -56,6 +56,9 @@ struct Plan {
 // The kept timesteps, ascending; abar (alpha_bar, length >= T) is read by the logsnr spacing only.
 std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing, const std::vector<double>& abar);
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt);
+// DDIM encoding x_0 -> x_T (Song et al. Section 4.3): rows t_0..t_{S-2}, each Eq. (12) with eta = 0 from t_k up to
+// t_{k+1}; run it from the data (Sampler::sample's x_init). steps 0: min(50, T).
+Plan make_inversion_plan(const ModelInfo& info, int64_t steps, const std::string& spacing);
 
 class RandomState;
 
@@ -71,16 +74,19 @@ class Sampler {
   Sampler(const std::string& model_path, const std::string& provider, int threads, bool step_graph = false);
   const ModelInfo& info() const { return info_; }
   const std::string& provider() const { return provider_name_; }
-  // n images [n, C, H, W] in batches of `batch`, all drawing from one RandomState(seed).
+  // n images [n, C, H, W] in batches of `batch`, all drawing from one RandomState(seed): each batch x_T, then each
+  // noisy row's z. With x_init ([n, C, H, W]: latents to decode, or images to encode) the run starts from it
+  // and draws only the z's.
   std::vector<float> sample(const Plan& plan, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
-                            const Progress& progress = nullptr);
+                            const Progress& progress = nullptr, const float* x_init = nullptr);
 
  private:
   using Tick = std::function<void(int64_t step)>;
   using StepSessions = std::unique_ptr<Ort::Session>[2];  // the row update without, and with, learned variances
-  double run_batch_on_host(const Plan& p, int64_t b, float* x, RandomState& rng, const Tick& tick);
-  double run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x, RandomState& rng,
-                               const Tick& tick);
+  // Both run the plan on x (the batch's slice of the result), which holds the start (x_init) or is drawn as x_T.
+  double run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng, const Tick& tick);
+  double run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x, bool draw_x_T,
+                               RandomState& rng, const Tick& tick);
 
   bool api_ready_;  // ONNX Runtime's API table is fetched (and checked) before anything below is built
   Ort::Env env_;

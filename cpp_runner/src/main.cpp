@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <sstream>
 
 #include "ddpm_sampler.h"
 #include "mt19937.h"
@@ -22,16 +23,19 @@ const char* kUsage =
     "         [--sampler ancestral|ddim|dpmpp2m|dpmpp2m-sde] [--steps S] [--eta E]\n"
     "         [--spacing uniform|linspace|trailing|quadratic|logsnr] [--corrector-steps K] [--snr R]\n"
     "         [--clip|--no-clip] [--seed SEED] [--provider cpu|cuda] [--threads K] [--json]\n"
+    "         [--init FILE.npy [--invert]]\n"
     "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or min(50, T) (the others), eta 0 (ddim only),\n"
     "spacing uniform, corrector steps 0 (K Langevin rows per timestep, ancestral or ddim), snr 0.16,\n"
-    "clip as the model says, seed 0, provider cpu. The same seed and batch give the same images as the\n"
+    "clip as the model says, seed 0, provider cpu. --init starts from the float32 [N, C, H, W] of a .npy (latents to\n"
+    "decode; N replaces --n) instead of drawing x_T; with --invert it encodes those images by DDIM inversion over\n"
+    "--steps and --spacing (write the latents to a .npy). The same seed and batch give the same images as the\n"
     "Python sampler. .png: a grid, pixel = round((clamp(x, -1, 1) + 1) * 127.5); .npy: float32 [N, C, H, W].\n";
 
 struct Args {
-  std::string model, out, provider = "cpu";
+  std::string model, out, provider = "cpu", init;
   ddpm::PlanOptions plan;
   int64_t n = 16, batch = 0, threads = 0, dump_noise = -1, seed = 0;
-  bool json = false, help = false, dump_plan = false, step_graph = false;
+  bool json = false, help = false, dump_plan = false, step_graph = false, invert = false, n_given = false;
 };
 
 int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
@@ -42,10 +46,10 @@ int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_
 
 Args parse_args(int argc, char** argv) {
   static const std::set<std::string> switches = {"--clip", "--no-clip", "--json", "--dump-plan", "--step-graph",
-                                                 "--help", "-h"};
+                                                 "--invert", "--help", "-h"};
   static const std::set<std::string> valued = {"--model", "--out", "--n", "--batch", "--sampler", "--steps", "--eta",
                                                "--spacing", "--seed", "--provider", "--threads", "--dump-noise",
-                                               "--corrector-steps", "--snr"};
+                                               "--corrector-steps", "--snr", "--init"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
@@ -56,7 +60,9 @@ Args parse_args(int argc, char** argv) {
     }
     if (f == "--model") a.model = v;
     else if (f == "--out") a.out = v;
-    else if (f == "--n") a.n = int_in(f, v, 1, 1 << 24);
+    else if (f == "--n") a.n = int_in(f, v, 1, 1 << 24), a.n_given = true;
+    else if (f == "--init") a.init = v;
+    else if (f == "--invert") a.invert = true;
     else if (f == "--batch") a.batch = int_in(f, v, 1, 1 << 24);
     else if (f == "--sampler") a.plan.sampler = v;
     else if (f == "--steps") a.plan.steps = int_in(f, v, 1, 1 << 24);
@@ -78,6 +84,7 @@ Args parse_args(int argc, char** argv) {
   if (a.model.empty()) throw UsageError("--model is required (see --help)");
   if (a.out.empty() && !a.dump_plan) throw UsageError("--out is required (see --help)");
   if (a.provider != "cpu" && a.provider != "cuda") throw UsageError("--provider must be cpu or cuda");
+  if (a.invert && a.init.empty()) throw UsageError("--invert encodes images: give them with --init FILE.npy");
   return a;
 }
 
@@ -115,6 +122,39 @@ void write_npy(const std::string& path, const std::vector<float>& x, const ddpm:
     f.write(reinterpret_cast<const char*>(x.data()), std::streamsize(x.size() * sizeof(float)));
     return bool(f.flush());
   });
+}
+
+// float32 [N, C, H, W] from a .npy (format 1.0-3.0, '<f4', C order) whose image shape is the model's.
+std::vector<float> read_npy(const std::string& path, const ddpm::ModelInfo& m, int64_t* n) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw UsageError("cannot read " + path);
+  char magic[8] = {};
+  if (!f.read(magic, 8) || std::string(magic, 6) != "\x93NUMPY" || magic[6] < 1 || magic[6] > 3)
+    throw UsageError(path + ": not a .npy file");
+  uint32_t len = 0;
+  unsigned char bytes[4] = {};
+  f.read(reinterpret_cast<char*>(bytes), magic[6] == 1 ? 2 : 4);
+  for (int i = (magic[6] == 1 ? 1 : 3); i >= 0; --i) len = len << 8 | bytes[i];
+  std::string header(len < (1u << 16) ? len : 0, ' ');
+  if (!f || header.empty() || !f.read(&header[0], std::streamsize(header.size())))
+    throw UsageError(path + ": truncated .npy header");
+  const auto has = [&](const char* what) { return header.find(what) != std::string::npos; };
+  const size_t open = header.find("'shape': (");
+  if (!has("'descr': '<f4'") || !has("'fortran_order': False") || open == std::string::npos)
+    throw UsageError(path + ": --init needs float32 ('<f4') C-order data");
+  const std::string shape = header.substr(open + 10, header.find(')', open) - open - 10);
+  std::vector<int64_t> dims;
+  std::stringstream ss(shape);
+  for (std::string d; std::getline(ss, d, ',');)
+    if (d.find_first_not_of(' ') != std::string::npos) dims.push_back(ddpm::parse_int(d.substr(d.find_first_not_of(' ')), path));
+  if (dims.size() != 4 || dims[1] != m.C || dims[2] != m.H || dims[3] != m.W || dims[0] < 1 || dims[0] > (1 << 24))
+    throw UsageError(path + ": --init needs [N, " + std::to_string(m.C) + ", " + std::to_string(m.H) + ", " +
+                     std::to_string(m.W) + "], got (" + shape + ")");
+  std::vector<float> x(dims[0] * m.C * m.H * m.W);
+  if (!f.read(reinterpret_cast<char*>(x.data()), std::streamsize(x.size() * sizeof(float))))
+    throw UsageError(path + ": truncated .npy data");
+  *n = dims[0];
+  return x;
 }
 
 // A grid of ceil(sqrt(N)) columns with 2-pixel black gutters; pixel = round((clamp(x, -1, 1) + 1) * 127.5),
@@ -177,8 +217,13 @@ int run(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   ddpm::Sampler sampler(a.model, a.provider, int(a.threads), a.step_graph);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const ddpm::Plan plan = ddpm::make_plan(sampler.info(), a.plan);
+  const ddpm::Plan plan = a.invert ? ddpm::make_inversion_plan(sampler.info(), a.plan.steps, a.plan.spacing)
+                                   : ddpm::make_plan(sampler.info(), a.plan);
   if (a.dump_plan) return dump_plan(plan), 0;
+  int64_t n = a.n;
+  const std::vector<float> init = a.init.empty() ? std::vector<float>() : read_npy(a.init, sampler.info(), &n);
+  if (!a.init.empty() && a.n_given && n != a.n)
+    throw UsageError("--n " + std::to_string(a.n) + " but " + a.init + " holds " + std::to_string(n) + " images");
 
   const bool tty = isatty(STDERR_FILENO);  // on a terminal every step, in a log once per batch
   const auto progress = [tty](int64_t b, int64_t nb, int64_t k, int64_t s) {
@@ -187,19 +232,19 @@ int run(int argc, char** argv) {
                  (long long)k, (long long)s);
     if (!tty || (b + 1 == nb && k == s)) std::fputc('\n', stderr);
   };
-  const int64_t batch = std::min(a.batch ? a.batch : a.n, a.n);
+  const int64_t batch = std::min(a.batch ? a.batch : n, n);
   ddpm::RunStats st;
-  const std::vector<float> x = sampler.sample(plan, a.n, batch, uint32_t(a.seed), &st, progress);
-  (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), a.n);
-
-  const double overhead = st.total_s - st.network_s, ips = double(a.n) / st.total_s;
+  const std::vector<float> x = sampler.sample(plan, n, batch, uint32_t(a.seed), &st, progress,
+                                              init.empty() ? nullptr : init.data());
+  (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), n);
+  const double overhead = st.total_s - st.network_s, ips = double(n) / std::max(st.total_s, 1e-9);
   std::fprintf(stderr, "%s: %lld images x %zu steps in %.3f s (%.2f images/s); Session::Run %.3f s, "
-               "loop overhead %.4f s (%.2f%%); wrote %s\n", sampler.provider().c_str(), (long long)a.n,
+               "loop overhead %.4f s (%.2f%%); wrote %s\n", sampler.provider().c_str(), (long long)n,
                plan.steps.size(), st.total_s, ips, st.network_s, overhead, 100.0 * overhead / st.total_s, a.out.c_str());
   if (a.json)
     std::printf("{\"provider\": \"%s\", \"n\": %lld, \"batch\": %lld, \"sampler\": \"%s\", \"steps\": %zu, "
                 "\"load_s\": %.6f, \"total_s\": %.6f, \"network_s\": %.6f, \"overhead_s\": %.6f, \"images_per_s\": %.4f}\n",
-                sampler.provider().c_str(), (long long)a.n, (long long)batch, a.plan.sampler.c_str(), plan.steps.size(),
+                sampler.provider().c_str(), (long long)n, (long long)batch, a.plan.sampler.c_str(), plan.steps.size(),
                 load_s, st.total_s, st.network_s, overhead, ips);
   return 0;
 }
