@@ -438,20 +438,55 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
     return torch.from_numpy(onnx_sampler.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
 
 
+def guided_output(model, x, t, y, scale: float, null: int):
+    """Classifier-free guidance (Ho & Salimans 2022) of a class-conditional model(x, t, y) in one call on the
+    batch of 2B ([x; x], labels [y; null]): out_u + s (out_c - out_u) on the prediction channels (eps, x0 or v:
+    the conversions are affine in the output, so this is the same guidance of eps), the variance channels of
+    learned_range from the conditional half. s = 1 + w for their w."""
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+    cond, uncond = out.chunk(2)
+    C = x.shape[1]
+    return torch.cat([uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=1)
+
+
 def classifier_free_guidance(model, y: torch.Tensor, scale: float, null: int):
-    """A class-conditional model(x, t, y) guided to the labels y (Ho & Salimans 2022): out_u + s (out_c - out_u)
-    on the prediction channels (eps, x0 or v: the conversions are affine in the output, so this is the same
-    guidance of eps), the variance channels of learned_range from the conditional call. s = 1 + w for their
-    w: s = 1 is the conditional model (one call on the batch), s = 0 the unconditional one (the null label,
-    one call); otherwise both halves run as one batch of 2B."""
+    """The model (x, t) -> output guided to the labels y with scale s (guided_output): s = 1 is the conditional
+    model and s = 0 the unconditional one (the null label), each one call on the batch; any other s runs
+    the two halves as one call on 2B."""
     def guided(x, t):
         if scale == 1 or scale == 0:
             return model(x, t, y if scale == 1 else torch.full_like(y, null))
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
-        cond, uncond = out.chunk(2)
-        C = x.shape[1]
-        return torch.cat([uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=1)
+        return guided_output(model, x, t, y, scale, null)
     return guided
+
+
+def classifier_log_prob_grad(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """grad_x log p_phi(y | x_t, t) of a noisy classifier classifier(x, t) -> logits (Dhariwal & Nichol 2021)."""
+    with torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        log_p = torch.log_softmax(classifier(x, t).float(), dim=-1)[torch.arange(len(y), device=x.device), y]
+        return torch.autograd.grad(log_p.sum(), x)[0]
+
+
+def classifier_guidance(model, diffusion: Diffusion, classifier, y: torch.Tensor, scale: float):
+    """Dhariwal & Nichol's Algorithm 2 for DDIM-type samplers (ddim, dpmpp2m): the model (x, t) -> output whose
+    eps is eps - g sqrt(1 - alpha_bar_t) grad log p_phi(y | x_t), returned in the model's parameterisation.
+    For ancestral sampling use classifier_mean_shift (their Algorithm 1)."""
+    def guided(x, t):
+        out = model(x, t)
+        pred, var_out = diffusion.split_output(out, x)
+        eps = diffusion.from_x0(x, t, diffusion.to_x0(x, t, pred, diffusion.parameterization), "eps")
+        eps = eps - scale * _broadcast(diffusion.sqrt_one_minus_alphas_cumprod, t, x) * classifier_log_prob_grad(
+            classifier, x, t, y).to(x.dtype)
+        pred = diffusion.from_x0(x, t, diffusion.to_x0(x, t, eps, "eps"), diffusion.parameterization)
+        return pred if var_out is None else torch.cat([pred, var_out], dim=1)
+    return guided
+
+
+def classifier_mean_shift(classifier, y: torch.Tensor, scale: float):
+    """Dhariwal & Nichol's Algorithm 1 for ancestral sampling, as run_plan's mean_shift: the mean of
+    p(x_{t-1} | x_t) moves by g Sigma grad log p_phi(y | x_t)."""
+    return lambda x, t, variance: scale * variance * classifier_log_prob_grad(classifier, x, t, y).to(x.dtype)
 
 
 def numpy_noise(seed: int, device="cpu") -> Callable[[tuple], torch.Tensor]:
@@ -468,12 +503,14 @@ def torch_noise(generator: torch.Generator | None = None, device="cpu") -> Calla
 
 @torch.no_grad()
 def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.Tensor] | None = None,
-             callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+             callback: Callable[[dict], None] | None = None, mean_shift=None) -> torch.Tensor:
     """Execute a plan from x (x_T for sampling, data for DDIM inversion) and return the final x. Per row the
     arithmetic is a handful of fused elementwise ops on the device; no host synchronisation. The last
     plan.memory x0 predictions are kept for multistep rows (DPM-Solver++(2M)).
     callback({"i", "t", "x", "x0"}) is called after each row with the row's index, its timestep, the new
-    x and the (clipped) x_0 prediction (new tensors at every row: keep them without copying)."""
+    x and the (clipped) x_0 prediction (new tensors at every row: keep them without copying).
+    mean_shift(x_t, t, variance) -> tensor, if given, is added to the mean of every noisy row, with the row's
+    variance Sigma (classifier guidance of ancestral sampling; torch only, it needs gradients)."""
     C, B, dev = x.shape[1], x.shape[0], x.device
     rows = zip(plan.t.tolist(), plan.x0_x.tolist(), plan.x0_o.tolist(), plan.mean_x0.tolist(),
                plan.mean_xt.tolist(), plan.sigma.tolist(), plan.log_var_min.tolist(),
@@ -481,6 +518,7 @@ def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.
     t_all = torch.as_tensor(plan.t, device=dev)
     earlier = [torch.zeros_like(x)] * plan.memory  # x0 of the previous rows, the latest first
     for k, (t, ax, ao, mx0, mxt, sigma, lo, hi, add, learned, weights) in enumerate(rows):
+        x_t = x
         out = model(x, t_all[k].expand(B)).float()
         x0 = ax * x + ao * out[:, :C]
         if plan.clip:
@@ -492,9 +530,10 @@ def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.
             z = noise(x.shape)
             if learned:
                 frac = (out[:, C:] + 1.0) * 0.5
-                x = x + torch.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z
-            else:
-                x = x + sigma * z
+                std = torch.exp(0.5 * (frac * hi + (1.0 - frac) * lo))
+            if mean_shift is not None:
+                x = x + mean_shift(x_t, t_all[k].expand(B), std ** 2 if learned else sigma ** 2)
+            x = x + std * z if learned else x + sigma * z
         earlier = [x0, *earlier[:-1]] if earlier else earlier
         if callback:
             callback({"i": k, "t": t, "x": x, "x0": x0})
@@ -502,11 +541,11 @@ def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.
 
 
 def sample(model, plan: Plan, shape: tuple, noise: Callable[[tuple], torch.Tensor] | None = None,
-           callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+           callback: Callable[[dict], None] | None = None, mean_shift=None) -> torch.Tensor:
     """Draw x_T ~ N(0, I) of `shape` and run the plan: Algorithm 2, or DDIM (see make_plan).
     `noise` is a callable shape -> tensor (torch_noise(generator) or numpy_noise(seed))."""
     noise = noise or torch_noise()
-    return run_plan(model, plan, noise(tuple(shape)), noise, callback)
+    return run_plan(model, plan, noise(tuple(shape)), noise, callback, mean_shift)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -743,8 +782,9 @@ def save_checkpoint(path, state: dict) -> None:
     write_atomically(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint written by `ddpm train`, or a UserError saying why it is not one."""
+def load_checkpoint(path, map_location="cpu", expected: str = CHECKPOINT_FORMAT) -> dict:
+    """A checkpoint written by `ddpm train` (or, with expected=CLASSIFIER_FORMAT, by `ddpm train-classifier`),
+    or a UserError saying why it is not one."""
     import pickle
     import zipfile
     if not os.path.isfile(path):
@@ -756,8 +796,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable checkpoint (truncated or not written by torch.save): "
                         f"{str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a ddpm checkpoint (write one with `ddpm train`)")
+    if not isinstance(state, dict) or state.get("format") != expected:
+        what = "a classifier (write one with `ddpm train-classifier`)" if expected == CLASSIFIER_FORMAT else \
+            "a ddpm checkpoint (write one with `ddpm train`)"
+        raise UserError(f"{path}: not {what}")
     return state
 
 
@@ -960,6 +1002,70 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
         dist.destroy_process_group()
     return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
             "images_per_s": (trainer.step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
+
+
+CLASSIFIER_FORMAT = "ddpm-reference-classifier-1"
+
+
+def make_classifier(cfg: TrainConfig, image_shape, num_classes: int):
+    """The noisy classifier p_phi(y | x_t, t) of a preset: its U-Net's downsampling half and a pooled head."""
+    C, H, _ = image_shape
+    kwargs = {k: v for k, v in preset_config(cfg.preset).items() if k not in ("in_channels", "image_size")}
+    return unet.NoisyClassifier(num_classes, in_channels=C, image_size=H, **kwargs)
+
+
+def train_classifier(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> dict:
+    """Train a noisy classifier for classifier guidance (Dhariwal & Nichol 2021): cross-entropy of the label
+    of x_0 from x_t = q_sample(x_0, t, eps), t ~ U{0..T-1}, with AdamW, warm-up and gradient clipping, on
+    cfg.data's labels and cfg's schedule. Writes cfg.out/classifier.pt at the end (atomically)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.data, cfg.image_size)
+    if not data.classes:
+        raise UserError(f"{cfg.data} has no labels to train a classifier on")
+    diffusion = make_diffusion(cfg)
+    torch.manual_seed(cfg.seed)
+    model = make_classifier(cfg, data.train.shape[1:], len(data.classes)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images, labels = torch.from_numpy(data.train).to(device), torch.from_numpy(data.train_labels).to(device)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    losses, t0 = [], time.perf_counter()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        idx = torch.randint(0, len(images), (cfg.batch_size,), device=device, generator=gen)
+        t = torch.randint(0, diffusion.T, (cfg.batch_size,), device=device, generator=gen)
+        x0 = to_model_range(images[idx])
+        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, device=device, generator=gen))
+        loss = torch.nn.functional.cross_entropy(model(x_t, t), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            losses.append((step + 1, loss.item()))
+            if not math.isfinite(losses[-1][1]):
+                raise UserError(f"classifier loss is NaN or inf at step {step + 1}; lower --lr")
+            if callback:
+                callback({"step": step + 1, "steps": cfg.steps, "loss": losses[-1][1],
+                          "images_per_s": (step + 1) * cfg.batch_size / (time.perf_counter() - t0)})
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "classifier.pt")
+    save_checkpoint(path, {"format": CLASSIFIER_FORMAT, "version": __version__, "config": vars(cfg).copy(),
+                           "image_shape": list(data.train.shape[1:]), "classes": data.classes,
+                           "model": model.state_dict()})
+    return {"steps": cfg.steps, "losses": losses, "checkpoint": path}
+
+
+def load_classifier(path, device="cpu"):
+    """(classifier in eval mode, its TrainConfig, class names) from `ddpm train-classifier`'s file."""
+    if str(path).endswith(".onnx"):
+        raise UserError(f"{path}: classifier guidance needs the gradient of a torch classifier, not an .onnx file")
+    state = load_checkpoint(path, expected=CLASSIFIER_FORMAT)
+    cfg = TrainConfig(**state["config"])
+    model = make_classifier(cfg, state["image_shape"], len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, list(state["classes"])
 
 
 # ------------------------------------------------------------------------- measurement (fd, bench)
@@ -1236,6 +1342,18 @@ class GuidanceOptions:
     guidance: float = _option(1.0, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, 0 unconditional")
 
 
+@app.command("train-classifier")
+@_with_options(TrainConfig)
+def train_classifier_cmd(**options):
+    """Train a noisy classifier p_phi(y | x_t, t) on the data's labels, for `ddpm sample --classifier` (classifier
+    guidance). Uses the options of train that apply: data, preset, schedule, T, steps, batch-size, lr, ..., out."""
+    cfg = TrainConfig(**options)
+    with _train_progress() as callback:
+        result = train_classifier(cfg, callback)
+    typer.echo(f"trained the classifier to step {result['steps']}; final loss {result['losses'][-1][1]:.4f}; "
+               f"wrote {result['checkpoint']}")
+
+
 def _torch_plan(diffusion: Diffusion, options: dict) -> Plan:
     plan = {f.name: options[f.name] for f in dataclasses.fields(SampleOptions)}
     return make_plan(diffusion, **{**plan, "clip": plan["clip"] is not False})
@@ -1260,6 +1378,20 @@ def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> 
     return balanced_labels(wanted, n)
 
 
+def _sample_batch(model, diffusion, plan, sampler, shape, labels, guidance, clf, scale, start, stop, noise, tick,
+                  device):
+    """Images start..stop of a `sample` run: classifier-free guidance for a conditional model, classifier
+    guidance (Dhariwal & Nichol: the mean shift for ancestral rows, the eps shift for the others) with clf."""
+    if clf is None:
+        return sample(_guided(model, labels, guidance, start, stop, device), plan, (stop - start, *shape), noise,
+                      tick).cpu()
+    net = _guided(model, labels if model.class_names else None, guidance, start, stop, device)
+    y = torch.as_tensor(labels[start:stop], device=device)
+    if sampler == "ancestral":
+        return sample(net, plan, (stop - start, *shape), noise, tick, classifier_mean_shift(clf[0], y, scale)).cpu()
+    return sample(classifier_guidance(net, diffusion, clf[0], y, scale), plan, (stop - start, *shape), noise, tick).cpu()
+
+
 def _guided(model, labels, guidance: float, start: int, stop: int, device):
     """The model for images start..stop of a run (the labels of those), guided as asked."""
     if labels is None:
@@ -1271,6 +1403,8 @@ def _guided(model, labels, guidance: float, start: int, stop: int, device):
 @app.command("sample")
 @_with_options(SampleOptions, GuidanceOptions)
 def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images"), seed: int = Opt(0),
+               classifier: str = Opt(None, help="classifier guidance with this `ddpm train-classifier` file (torch only)"),
+               classifier_scale: float = Opt(1.0, help="classifier guidance's g"),
                numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of "
                                         "`onnx-sample` and the C++ runner"),
                ema: bool = Opt(True, help="EMA weights"), batch_size: int = Opt(256), device: str = Opt("auto"),
@@ -1278,14 +1412,25 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
     """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE), with a corrector or not;
     a class-conditional model samples the requested classes, with classifier-free guidance."""
     _check_out(out)
+    if checkpoint.endswith(".onnx"):
+        raise UserError(f"{checkpoint} is an ONNX file: sample it with `ddpm onnx-sample` (classifier guidance, "
+                        "which needs gradients, runs on checkpoints only)")
     dev = resolve_device(device)
-    model, diffusion, _, shape = load_model(checkpoint, ema, dev)
-    labels = _labels(model.class_names, options["classes"], options["guidance"], n)
+    model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    clf = load_classifier(classifier, dev) if classifier else None
+    labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], n)
+    if clf and options["classes"] is None:
+        raise UserError("--classifier guides to the classes of --class/--classes: give them")
+    if clf and (clf[1].schedule, clf[1].T, clf[1].zero_terminal_snr) != (cfg.schedule, cfg.T, cfg.zero_terminal_snr):
+        raise UserError(f"{classifier} was trained on the {clf[1].schedule} schedule with T = {clf[1].T}, the model "
+                        f"on {cfg.schedule} with T = {cfg.T}: the noise levels must match")
+    if clf and not model.class_names and options["guidance"] not in (0.0, 1.0):
+        raise UserError("--guidance (classifier-free) needs a class-conditional model; --classifier-scale sets g")
     plan = _torch_plan(diffusion, options)
     noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)
     with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
-        xs = [sample(_guided(model, labels, options["guidance"], i, i + batch_size, dev), plan,
-                     (min(batch_size, n - i), *shape), noise, tick).cpu() for i in range(0, n, batch_size)]
+        xs = [_sample_batch(model, diffusion, plan, options["sampler"], shape, labels, options["guidance"], clf,
+                            classifier_scale, i, min(n, i + batch_size), noise, tick, dev) for i in range(0, n, batch_size)]
     columns = -(-n // len(set(labels.tolist()))) if labels is not None else None
     _samples_to_file(torch.cat(xs).numpy(), out, columns, labels)
     typer.echo(f"wrote {n} samples ({options['sampler']}, {len(plan)} network calls) to {out}")
@@ -1324,24 +1469,29 @@ def export_cmd(checkpoint: str, out: str = Opt("model.onnx", help="the .onnx fil
     """Export eps_theta and its schedule to one self-describing ONNX file, checked against PyTorch."""
     from .export.onnx_export import export_onnx
     model, diffusion, _, shape = load_model(checkpoint, ema)
-    report = export_onnx(model, diffusion, shape, out, opset=opset, fp16=fp16, clip_denoised=clip)
+    report = export_onnx(model, diffusion, shape, out, opset=opset, fp16=fp16, clip_denoised=clip,
+                         classes=model.class_names)
     typer.echo(f"wrote {out} ({report['size_bytes'] / 1e6:.1f} MB, opset {opset}, {report['exporter']} exporter); "
                f"max |onnxruntime - torch| = {report['max_abs_diff']:.2e} over {len(report['checks'])} checks "
                f"(tolerance {report['tolerance']:g})")
 
 
 @app.command("onnx-sample")
-@_with_options(SampleOptions)
+@_with_options(SampleOptions, GuidanceOptions)
 def onnx_sample_cmd(model: str, n: int = Opt(64, "--n"), seed: int = Opt(0), batch_size: int = Opt(256),
                     provider: str = Opt("auto", help="auto|cpu|cuda"), threads: int = Opt(None),
-                    out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC)"), **options):
+                    out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC; arr_1: labels)"),
+                    **options):
     """Sample from an exported .onnx file with onnxruntime (no torch in the loop)."""
     _check_out(out)
     ort_sampler = _onnx_sampler(model, provider, threads)
+    labels = _labels(ort_sampler.class_names, options.pop("classes"), options["guidance"], n)
+    guidance = options.pop("guidance")
     plan = ort_sampler.plan(**options)
     with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
-        x, timing = ort_sampler.run(plan, n, seed, batch_size, progress=tick, return_timing=True)
-    _samples_to_file(x, out)
+        x, timing = ort_sampler.run(plan, n, seed, batch_size, progress=tick, return_timing=True, labels=labels,
+                                    guidance=guidance)
+    _samples_to_file(x, out, -(-n // len(set(labels.tolist()))) if labels is not None else None, labels)
     typer.echo(f"wrote {n} samples to {out}: {timing['steps']} network calls on {timing['provider']}, "
                f"{n / timing['total_s']:.1f} images/s, loop/network time {timing['total_s'] / timing['network_s']:.3f}")
 
@@ -1490,16 +1640,21 @@ NFE_ROWS = (("ancestral", {"sampler": "ancestral"}, NFE_COLUMNS),
 
 
 @app.command("fd")
-@_with_options(SampleOptions)
+@_with_options(SampleOptions, GuidanceOptions)
 def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
            n: int = Opt(360, "--n", help="samples to draw from a checkpoint"),
            variance: str = Opt(None, help="override the sampler's variance"),
            table: bool = Opt(False, help="the DDIM table: S in 10,20,50,100,1000 x eta in 0,0.5,1, and ancestral "
                                          "with fixed_small and fixed_large, as a Markdown table"),
            nfe_table: bool = Opt(False, help="FD against network calls (NFE) for every sampler, as a Markdown table"),
+           guidance_table: bool = Opt(False, help="a class-conditional model: class accuracy and FD for guidance "
+                                                  "s = 0, 1, 2, 3 (and classifier guidance with --classifier)"),
+           classifier: str = Opt(None, help="with --guidance-table: also classifier guidance with this classifier"),
+           classifier_scale: str = Opt("1,2", help="with --guidance-table --classifier: the g values"),
            seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json"), **options):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
-    the real-vs-real floor (held-out vs training) to judge it by."""
+    the real-vs-real floor (held-out vs training) to judge it by; for a class-conditional model (samples
+    over all classes by default) also the share of samples that classifier assigns to the requested class."""
     features = digits_features()
     train, held = load_digits_data()
     ref = features(train)
@@ -1517,23 +1672,46 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
 
-    def fd_of(variance=None, **changes):
+    def fd_of(variance=None, clf=None, scale=1.0, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
-        plan = _torch_plan(d, {**options, **changes})
+        opts = {**options, **changes}
+        plan = _torch_plan(d, opts)
+        labels = _labels(model.class_names or (clf[2] if clf else []), opts["classes"], opts["guidance"], n)
         with _progress("sampling", len(plan)) as tick:
-            x = sample(model, plan, (n, *shape), torch_noise(torch.Generator(dev).manual_seed(seed), dev), tick)
-        return frechet_distance(features(to_uint8(x)), ref), len(plan)
+            x = _sample_batch(model, d, plan, opts["sampler"], shape, labels, opts["guidance"], clf, scale, 0, n,
+                              torch_noise(torch.Generator(dev).manual_seed(seed), dev), tick, dev)
+        pixels = to_uint8(x)
+        accuracy = float((features.classify(pixels) == labels).mean()) if labels is not None else None
+        return frechet_distance(features(pixels), ref), len(plan), accuracy
 
+    if guidance_table:
+        if not model.class_names and not classifier:
+            raise UserError("--guidance-table needs a class-conditional model (or --classifier)")
+        everything = ",".join(map(str, range(10)))
+        rows = {f"classifier-free, s = {g:g}": fd_of(guidance=g) for g in ((0.0, 1.0, 2.0, 3.0) if model.class_names else ())}
+        if classifier:
+            clf = load_classifier(classifier, dev)
+            rows.update({f"classifier guidance of the unconditional model, g = {g}":  # the null label: s = 0
+                         fd_of(clf=clf, scale=float(g), classes=everything, guidance=0.0) for g in classifier_scale.split(",")})
+        if json_:
+            typer.echo(json.dumps({"rows": rows, "floor": floor, "n": n}))
+            return
+        typer.echo("| guidance | class accuracy | FD |\n|---|---|---|")
+        for name, (fd, _, accuracy) in rows.items():
+            typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f} |")
+        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {n} samples per row, an equal share of each class")
+        return
     if nfe_table:
-        rows = {name: [fd_of(**{**opts, "steps": s}) for s in steps] for name, opts, steps in NFE_ROWS}
+        rows = {name: [fd_of(**{**opts, "steps": s})[:2] for s in steps] for name, opts, steps in NFE_ROWS}
         _print_fd_table(rows, NFE_COLUMNS, "NFE", floor, n, json_)
     elif table:
-        rows = {f"DDIM eta = {e:g}": [fd_of(sampler="ddim", steps=s, eta=e) for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
-        rows.update({f"ancestral, {v}": [fd_of(v, sampler="ancestral", steps=diffusion.T)] for v in ("fixed_small", "fixed_large")})
+        rows = {f"DDIM eta = {e:g}": [fd_of(sampler="ddim", steps=s, eta=e)[:2] for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
+        rows.update({f"ancestral, {v}": [fd_of(v, sampler="ancestral", steps=diffusion.T)[:2]]
+                     for v in ("fixed_small", "fixed_large")})
         _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, n, json_)
     else:
-        fd, _ = fd_of(variance)
-        res = {"fd": fd, "floor": floor, "n": n, "n_floor": len(held)}
+        fd, _, accuracy = fd_of(variance)
+        res = {"fd": fd, "floor": floor, "n": n, "n_floor": len(held), **({"class_accuracy": accuracy} if accuracy else {})}
         typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({n} samples vs the training split); "
                    f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
 

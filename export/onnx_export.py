@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import io
+import json
 import os
 import warnings
 from typing import Protocol
@@ -46,17 +47,22 @@ class ExportError(ValueError):
     """The export cannot be written, or the written graph does not compute what the PyTorch model does."""
 
 
-def metadata(diffusion: Schedule, image_shape, clip_denoised: bool = True) -> dict[str, str]:
-    """The ddpm.* metadata the README specifies; betas as Python reprs of float64, which round-trip exactly."""
-    return {"ddpm.format": FORMAT, "ddpm.betas": ",".join(repr(float(b)) for b in diffusion.betas),
+def metadata(diffusion: Schedule, image_shape, clip_denoised: bool = True, classes=()) -> dict[str, str]:
+    """The ddpm.* metadata the README specifies; betas as Python reprs of float64, which round-trip exactly.
+    A class-conditional model (classes: its class names) adds ddpm.num_classes K, ddpm.null_label K and
+    ddpm.class_names, a JSON list."""
+    conditional = {"ddpm.num_classes": str(len(classes)), "ddpm.null_label": str(len(classes)),
+                   "ddpm.class_names": json.dumps(list(classes))} if classes else {}
+    return {**conditional, "ddpm.format": FORMAT, "ddpm.betas": ",".join(repr(float(b)) for b in diffusion.betas),
             "ddpm.num_timesteps": str(diffusion.T), "ddpm.parameterization": diffusion.parameterization,
             "ddpm.variance": diffusion.variance, "ddpm.image_shape": ",".join(str(int(s)) for s in image_shape),
             "ddpm.data_range": "-1,1", "ddpm.clip_denoised": "true" if clip_denoised else "false",
             "ddpm.timestep_dtype": "int64", "ddpm.version": version()}
 
 
-def _trace(net: torch.nn.Module, image_shape, opset: int) -> onnx.ModelProto:
-    """The graph of net(x, t) with a dynamic batch axis.
+def _trace(net: torch.nn.Module, image_shape, opset: int, conditional: bool = False) -> onnx.ModelProto:
+    """The graph of net(x, t), or net(x, t, y) for a conditional net, with a dynamic batch axis (traced at
+    batch 2, so that no axis is specialised to 1).
 
     The TorchScript exporter (dynamo=False) is pinned: in torch 2.13 it emits the requested opset directly
     (the dynamo exporter builds opset 18 and down-converts, a step it warns may fail), it exports the U-Net
@@ -65,20 +71,22 @@ def _trace(net: torch.nn.Module, image_shape, opset: int) -> onnx.ModelProto:
     1e-5 of PyTorch. It is deprecated, not removed; when it goes, switch to dynamo=True with
     dynamic_shapes={"x": {0: Dim("batch")}, "t": {0: Dim("batch")}}.
     """
-    x, t = torch.zeros(2, *image_shape), torch.zeros(2, dtype=torch.int64)
+    names = ["x", "t", "y"] if conditional else ["x", "t"]
+    args = (torch.zeros(2, *image_shape), torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
     batch = {0: "batch"}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice, and constant-folding remarks
-        torch.onnx.export(net, (x, t), buffer, dynamo=False, opset_version=opset, input_names=["x", "t"],
-                          output_names=["model_output"], dynamic_axes={"x": batch, "t": batch, "model_output": batch},
+        torch.onnx.export(net, args[:len(names)], buffer, dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["model_output"], dynamic_axes={**{n: batch for n in names}, "model_output": batch},
                           do_constant_folding=True)
     model = onnx.load_from_string(buffer.getvalue())
-    # The tracer drops an input the model never reads (a t-independent test net); the contract has both.
+    # The tracer drops an input the model never reads (a t-independent test net); the contract has them all.
     inputs = {i.name: i for i in model.graph.input}
     model.graph.ClearField("input")
-    model.graph.input.extend(inputs.get(name) or helper.make_tensor_value_info(name, dtype, ["batch", *dims])
-                             for name, dtype, dims in [("x", TensorProto.FLOAT, image_shape), ("t", TensorProto.INT64, [])])
+    kinds = {"x": (TensorProto.FLOAT, image_shape), "t": (TensorProto.INT64, []), "y": (TensorProto.INT64, [])}
+    model.graph.input.extend(inputs.get(name) or helper.make_tensor_value_info(name, kinds[name][0], ["batch", *kinds[name][1]])
+                             for name in names)
     return model
 
 
@@ -122,9 +130,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _verify(path: str, net: torch.nn.Module, T: int, image_shape, c_out: int, fp16: bool) -> list[dict]:
+def _verify(path: str, net: torch.nn.Module, T: int, image_shape, c_out: int, fp16: bool,
+            num_classes: int = 0) -> list[dict]:
     """The ONNX checker and strict shape inference on the written file, then onnxruntime (CPU) against PyTorch
-    on random x at t = 0, T/2, T-1 (and mixed t) for batches 1 and 7. Raises ExportError past the tolerance."""
+    on random x at t = 0, T/2, T-1 (and mixed t) for batches 1 and 7, and random labels (the null label among
+    them) for a conditional net. Raises ExportError past the tolerance."""
     try:
         onnx.checker.check_model(path, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(onnx.load(path), check_type=True, strict_mode=True)
@@ -143,9 +153,12 @@ def _verify(path: str, net: torch.nn.Module, T: int, image_shape, c_out: int, fp
         for t in (0, T // 2, T - 1) + (("mixed",) if b > 1 else ()):
             x = torch.randn(b, *image_shape, generator=generator)
             ts = torch.randint(0, T, (b,), generator=generator) if t == "mixed" else torch.full((b,), t)
+            inputs = {"x": x, "t": ts}
+            if num_classes:
+                inputs["y"] = torch.randint(0, num_classes + 1, (b,), generator=generator)
             with torch.no_grad():
-                want = net(x, ts).numpy()
-            got = session.run(None, {"x": x.numpy(), "t": ts.numpy()})[0]
+                want = net(*inputs.values()).numpy()
+            got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
             diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
             checks.append({"batch": b, "t": t, "max_abs_diff": diff})
             if not diff <= tolerance:
@@ -155,8 +168,9 @@ def _verify(path: str, net: torch.nn.Module, T: int, image_shape, c_out: int, fp
 
 
 def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, *, opset: int = 17,
-                fp16: bool = False, clip_denoised: bool = True, check: bool = True) -> dict:
-    """Write eps_theta `model` (called as model(x, t)) and `diffusion`'s schedule to one .onnx file at `path`.
+                fp16: bool = False, clip_denoised: bool = True, check: bool = True, classes=()) -> dict:
+    """Write eps_theta `model` (called as model(x, t), or model(x, t, y) when `classes`, the class names of
+    a class-conditional model, are given) and `diffusion`'s schedule to one .onnx file at `path`.
 
     image_shape: (C, H, W). fp16: convolutions and products in float16 (see to_fp16), float32 inputs and
     output, refused (ExportError) when the outputs move more than FP16_TOLERANCE from float32 PyTorch.
@@ -172,15 +186,16 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
     image_shape = tuple(int(s) for s in image_shape)
     net = copy.deepcopy(model).float().cpu().eval()
     c_out = 2 * image_shape[0] if diffusion.variance == "learned_range" else image_shape[0]
+    labels = (torch.full((2,), len(classes), dtype=torch.int64),) if classes else ()
     with torch.no_grad():
-        shape = tuple(net(torch.zeros(2, *image_shape), torch.zeros(2, dtype=torch.int64)).shape)
+        shape = tuple(net(torch.zeros(2, *image_shape), torch.zeros(2, dtype=torch.int64), *labels).shape)
     if shape != (2, c_out, *image_shape[1:]):
         raise ExportError(f"the model maps [2, {', '.join(map(str, image_shape))}] to {list(shape)}, but variance "
                           f"{diffusion.variance} needs {c_out} output channels of the input's size")
-    graph = _trace(net, image_shape, opset)
+    graph = _trace(net, image_shape, opset, bool(classes))
     if fp16:
         graph = to_fp16(graph)
-    for key, value in metadata(diffusion, image_shape, clip_denoised).items():
+    for key, value in metadata(diffusion, image_shape, clip_denoised, classes).items():
         graph.metadata_props.add(key=key, value=value)
     graph.producer_name, graph.producer_version = "ddpm-reference", version()
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
@@ -189,7 +204,7 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
     data = graph.SerializeToString()
     try:
         write_atomically(path, data, lambda tmp: report.update(
-            checks=_verify(tmp, net, diffusion.T, image_shape, c_out, fp16) if check else []))
+            checks=_verify(tmp, net, diffusion.T, image_shape, c_out, fp16, len(classes)) if check else []))
     except OSError as e:
         raise ExportError(str(e)) from None
     report["max_abs_diff"] = max((c["max_abs_diff"] for c in report["checks"]), default=None)

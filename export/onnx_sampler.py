@@ -20,6 +20,7 @@ copied to the device, one host->device copy per step, the price of bit-exact num
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import struct
@@ -332,30 +333,43 @@ _LEARNED = """Add v one -> f1; Mul f1 half -> frac; Mul frac log_var_max -> p1; 
               Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s"""
 
 
-def step_graph(learned: bool, split_output: bool, memory: int = 0) -> bytes:
+def step_graph(learned: bool, split_output: bool, memory: int = 0, guided: bool = False) -> bytes:
     """A serialised ONNX model (opset 17) of one plan row, x_next = update(x, out, z, c, x0_1..x0_M):
     x0 = clip(x0_x x + x0_o o), x_next = mean_x0 x0 + mean_xt x + w_1 x0_1 + ... + w_M x0_M + s z, with
     s = sigma, or Nichol & Dhariwal's Eq. (15) from the variance channels v when learned; o, v = the two
-    halves of out when split_output, else o = out. With memory M > 0 it also outputs x0, the next row's x0_1."""
+    halves of out when split_output, else o = out. With memory M > 0 it also outputs x0, the next row's x0_1.
+    guided: out is [2B] (the conditional, then the unconditional half), o = o_u + scale (o_c - o_u) and v the
+    conditional half's; it also outputs x_pair = [x_next; x_next], the network's next input."""
     weights = [f"w{j}" for j in range(1, memory + 1)]
     text = f"Split c -> {' '.join(COEFFICIENTS + tuple(weights))}; "
-    text += ("Split out -> o v; " if split_output else "Identity out -> o; ") + _UPDATE + ";"
+    if guided:
+        text += "Halve out -> cond uncond; " + ("Split cond -> oc v; Split uncond -> ou vu; " if split_output else
+                                                 "Identity cond -> oc; Identity uncond -> ou; ")
+        text += "Sub oc ou -> gd; Mul scale gd -> gsd; Add ou gsd -> o; " + _UPDATE + ";"
+    else:
+        text += ("Split out -> o v; " if split_output else "Identity out -> o; ") + _UPDATE + ";"
     text += "".join(f"Mul {w} x0_{j} -> q{j}; Add mean{j - 1} q{j} -> mean{j};" for j, w in enumerate(weights, 1))
     text += (_LEARNED if learned else "Identity sigma -> s") + f"; Mul s z -> n; Add mean{memory} n -> x_next"
+    text += "; Concat x_next x_next -> x_pair" if guided else ""
     nodes = []
     for statement in text.replace("\n", ";").split(";"):
         op, *inputs = statement.split("->")[0].split()
         outputs = statement.split("->")[1].split()
-        attribute = [_field(1, "axis") + _field(3, 1) + _field(20, 2)] if (op, inputs) == ("Split", ["out"]) else []
+        # Split of a network output: channels (axis 1); Halve: the batch's two halves; Concat: along the batch
+        axis = {"Halve": 0, "Concat": 0}.get(op, 1 if op == "Split" and inputs != ["c"] else None)
+        op = "Split" if op == "Halve" else op
+        attribute = [_field(1, "axis") + _field(3, axis) + _field(20, 2)] if axis is not None else []
         nodes.append(_field(1, inputs) + _field(2, outputs) + _field(4, op) + _field(5, attribute))
 
     def tensor(name, dims):  # ValueInfoProto of a float tensor; str dims are symbolic
         shape = _field(1, [_field(2 if isinstance(d, str) else 1, d) for d in dims])
         return _field(1, name) + _field(2, _field(1, _field(1, 1) + _field(2, shape)))
-    image, output = ["B", "C", "H", "W"], ["B", "C_out", "H", "W"]
+    image, output = ["B", "C", "H", "W"], ["B2" if guided else "B", "C_out", "H", "W"]
     inputs = [tensor("x", image), tensor("out", output), tensor("z", image),
               tensor("c", [len(COEFFICIENTS) + memory])] + [tensor(f"x0_{j}", image) for j in range(1, memory + 1)]
+    inputs += [tensor("scale", [1])] if guided else []
     outputs = [tensor("x_next", image)] + ([tensor("x0", image)] if memory else [])
+    outputs += [tensor("x_pair", ["B2", "C", "H", "W"])] if guided else []
     graph = _field(1, nodes) + _field(2, "ddpm_step") + _field(11, inputs) + _field(12, outputs)
     return _field(1, 8) + _field(8, _field(1, "") + _field(2, 17)) + _field(7, graph)
 
@@ -434,7 +448,10 @@ class OnnxSampler:
             self.betas = np.array([float(b) for b in self._meta("ddpm.betas").split(",")], dtype=np.float64)
             self.T = int(self._meta("ddpm.num_timesteps"))
             self.image_shape = tuple(int(s) for s in self._meta("ddpm.image_shape").split(","))
-        except ValueError as e:
+            self.num_classes = int(self.metadata.get("ddpm.num_classes", "0"))
+            self.null_label = int(self.metadata.get("ddpm.null_label", str(self.num_classes)))
+            self.class_names = [str(c) for c in json.loads(self.metadata.get("ddpm.class_names", "[]"))]
+        except (ValueError, TypeError) as e:
             raise ModelError(f"{self.path}: malformed DDPM metadata ({e})") from None
         self.parameterization, self.variance = self._meta("ddpm.parameterization"), self._meta("ddpm.variance")
         clip, timestep = self._meta("ddpm.clip_denoised"), self.metadata.get("ddpm.timestep_dtype", "int64")
@@ -446,6 +463,8 @@ class OnnxSampler:
             (len(self.image_shape) == 3, f"ddpm.image_shape must be C,H,W, got {self.metadata['ddpm.image_shape']!r}"),
             (clip in ("true", "false"), f"ddpm.clip_denoised must be true or false, got {clip!r}"),
             (timestep == "int64", f"ddpm.timestep_dtype must be int64, got {timestep!r}"),
+            (self.num_classes >= 0 and self.null_label == self.num_classes and len(self.class_names) == self.num_classes,
+             "ddpm.num_classes K, ddpm.null_label K and K ddpm.class_names must agree"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -456,11 +475,14 @@ class OnnxSampler:
             raise ModelError(f"{self.path}: zero terminal SNR needs the v or x0 parameterization, not eps")
 
     def _check_signature(self) -> None:
-        """The graph must be eps_theta as the README specifies: x float32 [B,C,H,W], t int64 [B] -> model_output."""
+        """The graph must be eps_theta as the README specifies: x float32 [B,C,H,W], t int64 [B] (and y int64 [B]
+        for a class-conditional model) -> model_output."""
         C, H, W = self.image_shape
         self.out_channels = 2 * C if self.variance == "learned_range" else C
         want = {"x": ("tensor(float)", [C, H, W]), "t": ("tensor(int64)", []),
                 "model_output": ("tensor(float)", [self.out_channels, H, W])}
+        if self.num_classes:
+            want["y"] = ("tensor(int64)", [])
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         have = {a.name: (a.type, a.shape[1:]) for a in inputs + outputs}
 
@@ -470,11 +492,12 @@ class OnnxSampler:
                 not isinstance(d, int) or d == w for d, w in zip(dims, want[name][1]))
 
         names = (sorted(a.name for a in inputs), [a.name for a in outputs])
-        if names != (["t", "x"], ["model_output"]) or not all(map(fits, want)):
+        expected = ["t", "x", "y"] if self.num_classes else ["t", "x"]
+        if names != (expected, ["model_output"]) or not all(map(fits, want)):
             found = ", ".join(f"{a.name} {a.type} {a.shape}" for a in inputs + outputs)
-            raise ModelError(f"{self.path} is not a DDPM eps_theta graph: expected inputs x float32 [B,{C},{H},{W}] "
-                             f"and t int64 [B] and output model_output float32 [B,{self.out_channels},{H},{W}]; "
-                             f"found {found}")
+            raise ModelError(f"{self.path} is not a DDPM eps_theta graph: expected inputs x float32 [B,{C},{H},{W}], "
+                             f"t int64 [B]{' and y int64 [B]' if self.num_classes else ''} and output model_output "
+                             f"float32 [B,{self.out_channels},{H},{W}]; found {found}")
 
     def plan(self, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
              spacing: str = "uniform", clip: bool | None = None, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
@@ -489,18 +512,23 @@ class OnnxSampler:
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
                spacing: str = "uniform", clip: bool | None = None, seed: int = 0, batch: int | None = None,
                progress: Callable[[int, int], None] | None = None, return_timing: bool = False,
-               corrector_steps: int = 0, snr: float = 0.16):
+               corrector_steps: int = 0, snr: float = 0.16, labels=None, guidance: float = 1.0):
         """n samples, float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one
         RandomState(seed) stream: each batch in order draws x_T, then each noisy row's z. progress(k, K)
         is called after every network call (K = rows x number of batches). With return_timing, returns
-        (x, {"total_s", "network_s", "steps", "provider"}); network_s is the time inside the network's runs."""
+        (x, {"total_s", "network_s", "steps", "provider"}); network_s is the time inside the network's runs.
+        labels (n ints, a class-conditional model) and guidance: see run."""
         plan = self.plan(sampler, steps, eta, spacing, clip, corrector_steps, snr)
-        return self.run(plan, n, seed, batch, progress, return_timing)
+        return self.run(plan, n, seed, batch, progress, return_timing, labels, guidance)
 
     def run(self, plan: Plan, x: np.ndarray | int, seed: int = 0, batch: int | None = None,
-            progress: Callable[[int, int], None] | None = None, return_timing: bool = False):
+            progress: Callable[[int, int], None] | None = None, return_timing: bool = False, labels=None,
+            guidance: float = 1.0):
         """Execute `plan` from x (float [n, C, H, W]: latents to decode, or images to encode), or from n
-        draws of x_T when x is a number n; noise from RandomState(seed), batch by batch (see sample)."""
+        draws of x_T when x is a number n; noise from RandomState(seed), batch by batch (see sample).
+        A class-conditional model runs with the null label (unconditionally), or with n `labels` in
+        0..K-1 and classifier-free guidance out_u + s (out_c - out_u) on the prediction channels (s =
+        `guidance`; 1: one conditional call per row, 0: one unconditional call, else one call on 2B)."""
         start = time.perf_counter()
         given = not isinstance(x, (int, np.integer))
         n = len(x) if given else x
@@ -509,6 +537,7 @@ class OnnxSampler:
             raise ValueError(f"n and batch must be positive integers, got n={n}, batch={batch}")
         if given and tuple(np.shape(x)[1:]) != self.image_shape:
             raise ValueError(f"x must be [n, {', '.join(map(str, self.image_shape))}], got {list(np.shape(x))}")
+        labels = self._check_labels(labels, guidance, n)
         rng = np.random.RandomState(seed)
         coefficients = [self._ortvalue(step_coefficients(plan, k)) for k in range(len(plan))]
         result = np.empty((n, *self.image_shape), dtype=np.float32)
@@ -516,50 +545,78 @@ class OnnxSampler:
         for i in range(0, n, batch):
             b = min(batch, n - i)
             first = np.asarray(x[i:i + b], np.float32) if given else rng.standard_normal((b, *self.image_shape))
+            y = None if labels is None else labels[i:i + b]
             result[i:i + b], seconds = self._run_batch(plan, coefficients, first.astype(np.float32), rng,
-                                                       progress and (lambda k: progress(done + k, total)))
+                                                       progress and (lambda k: progress(done + k, total)), y, guidance)
             network_s, done = network_s + seconds, done + len(plan)
         if not return_timing:
             return result
         return result, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan),
                         "provider": self.provider}
 
+    def _check_labels(self, labels, guidance: float, n: int):
+        """The labels as int64 [n] (the null label for a conditional model given none), or ValueError."""
+        if labels is None:
+            if guidance != 1.0:
+                raise ValueError("a guidance scale needs labels (the classes to guide to)")
+            return np.full(n, self.null_label, dtype=np.int64) if self.num_classes else None
+        if not self.num_classes:
+            raise ValueError(f"{self.path} is an unconditional model: it takes no labels")
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or labels.dtype.kind not in "iu" or not ((labels >= 0) & (labels < self.num_classes)).all():
+            raise ValueError(f"labels must be {n} whole numbers in 0..{self.num_classes - 1} (the classes "
+                             f"{', '.join(self.class_names)}), got {labels.tolist()[:10]}")
+        return labels.astype(np.int64) if guidance != 0 else np.full(n, self.null_label, dtype=np.int64)
+
     def _ortvalue(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
 
-    def _step_session(self, learned: bool, memory: int):
-        if (learned, memory) not in self._steps:
-            graph = step_graph(learned, self.out_channels == 2 * self.image_shape[0], memory)
-            self._steps[learned, memory] = _session(graph, self._device, self._threads)
-        return self._steps[learned, memory]
+    def _step_session(self, learned: bool, memory: int, guided: bool):
+        key = (learned, memory, guided)
+        if key not in self._steps:
+            graph = step_graph(learned, self.out_channels == 2 * self.image_shape[0], memory, guided)
+            self._steps[key] = _session(graph, self._device, self._threads)
+        return self._steps[key]
 
-    def _run_batch(self, plan: Plan, coefficients: list, x_first: np.ndarray, rng, tick):
+    def _run_batch(self, plan: Plan, coefficients: list, x_first: np.ndarray, rng, tick, y=None, guidance=1.0):
         """One batch of the plan from x_first: x and the last M x0 predictions stay in OrtValues on the
-        provider's device; returns (x, network seconds)."""
+        provider's device; returns (x, network seconds). Guided (labels y, guidance not 0 or 1): the network
+        runs on [x; x] with labels [y; null], and the update combines the two halves and writes the next [x; x]."""
         C, H, W = self.image_shape
         shape, M = x_first.shape, plan.memory
+        guided = y is not None and guidance not in (0.0, 1.0)
+        net_shape = (2 * shape[0], *shape[1:]) if guided else shape
         new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)  # noqa: E731
-        x, x_next, z, out = new(shape), new(shape), new(shape), new((shape[0], self.out_channels, H, W))
+        x, x_next, z, out = new(shape), new(shape), new(shape), new((net_shape[0], self.out_channels, H, W))
         x.update_inplace(x_first)  # a copy: ortvalue_from_numpy would alias x_first, which the loop then overwrites
+        pair, pair_next = (new(net_shape), new(net_shape)) if guided else (x, None)
+        if guided:
+            pair.update_inplace(np.concatenate([x_first, x_first]))
+            y = np.concatenate([y, np.full(len(y), self.null_label, dtype=np.int64)])
         zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
         x0s = [self._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(M + 1)]  # a ring: zeros before row 0
-        timesteps = [self._ortvalue(np.full(shape[0], t, dtype=np.int64)) for t in plan.t]
+        timesteps = [self._ortvalue(np.full(net_shape[0], t, dtype=np.int64)) for t in plan.t]
         net = self.session.io_binding()
         net.bind_ortvalue_output("model_output", out)
+        if y is not None:
+            net.bind_ortvalue_input("y", self._ortvalue(np.ascontiguousarray(y, dtype=np.int64)))
+        scale = self._ortvalue(np.array([guidance], dtype=np.float32))
         updates = {}
         network_s = 0.0
         for k in range(len(timesteps)):
-            net.bind_ortvalue_input("x", x)
+            net.bind_ortvalue_input("x", pair if guided else x)
             net.bind_ortvalue_input("t", timesteps[k])
             t0 = time.perf_counter()
             self.session.run_with_iobinding(net)
             network_s += time.perf_counter() - t0
             if plan.add_noise[k]:
                 z.update_inplace(rng.standard_normal(shape).astype(np.float32))
-            step = self._step_session(bool(plan.learned[k]), M)
+            step = self._step_session(bool(plan.learned[k]), M, guided)
             if step not in updates:
                 updates[step] = step.io_binding()
                 updates[step].bind_ortvalue_input("out", out)
+                if guided:
+                    updates[step].bind_ortvalue_input("scale", scale)
             update = updates[step]
             update.bind_ortvalue_input("x", x)
             update.bind_ortvalue_input("z", z if plan.add_noise[k] else zeros)
@@ -569,8 +626,12 @@ class OnnxSampler:
             if M:
                 update.bind_ortvalue_output("x0", x0s[k % (M + 1)])
             update.bind_ortvalue_output("x_next", x_next)
+            if guided:
+                update.bind_ortvalue_output("x_pair", pair_next)
             step.run_with_iobinding(update)
             x, x_next = x_next, x
+            if guided:
+                pair, pair_next = pair_next, pair
             if tick:
                 tick(k + 1)
         return x.numpy(), network_s

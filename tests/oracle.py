@@ -1,4 +1,5 @@
 """Closed-form optimal denoisers: with them every sampler is a chain with a known answer."""
+import math
 import numpy as np
 import torch
 
@@ -70,3 +71,30 @@ class MixtureOracle:
         g = ab.sqrt() * self.s ** 2 / var
         x0 = sum(w * (c + g * (x - ab.sqrt() * c)) for w, c in ((w1, self.m), (1 - w1, -self.m)))
         return self.d.from_x0(x, t, x0, self.d.parameterization).to(x_t.dtype)
+
+
+class ClassOracle:
+    """Labelled data: class y ~ priors, then x0 | y ~ N(m_y, s^2 I) (the whole image shares the class). The
+    optimal conditional denoiser of class y is GaussianOracle(m_y, s); the unconditional one (the null
+    label, len(means)) weighs them by the exact p(y | x_t), whose logits are logits(x_t, t)."""
+
+    def __init__(self, diffusion: ddpm.Diffusion, means, s: float, priors):
+        self.d, self.means, self.s, self.priors = diffusion, list(means), s, np.asarray(priors, dtype=np.float64)
+        self.classes = [GaussianOracle(diffusion, m, s) for m in self.means]
+
+    def logits(self, x_t, t):
+        """log p(y | x_t) up to a constant per example: log prior + sum over pixels of log N(x_t; sqrt(ab) m_y, v)."""
+        ab = torch.as_tensor(self.d.alphas_cumprod[t.cpu().numpy()], dtype=x_t.dtype).reshape(-1, *[1] * (x_t.ndim - 1))
+        var = ab * self.s ** 2 + 1 - ab
+        return torch.stack([math.log(p) - (((x_t - ab.sqrt() * m) ** 2) / (2 * var)).flatten(1).sum(1)
+                            for p, m in zip(self.priors, self.means)], dim=1)
+
+    def __call__(self, x_t, t, y=None):
+        null = len(self.means)
+        y = torch.full((len(x_t),), null, dtype=torch.long) if y is None else y
+        outs = torch.stack([c(x_t, t) for c in self.classes])  # [K, B, ...] eps of each class's denoiser
+        weights = torch.softmax(self.logits(x_t.double(), t), dim=1).to(x_t.dtype)  # [B, K]
+        # eps is affine in the denoised x0 with the same x_t, so the posterior mixture of x0 is that of eps
+        mixed = torch.einsum("bk,kb...->b...", weights, outs)
+        pick = outs[y.clamp(max=null - 1), torch.arange(len(x_t))]
+        return torch.where((y == null).reshape(-1, *[1] * (x_t.ndim - 1)), mixed, pick)

@@ -259,6 +259,52 @@ def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path
     assert np.abs(np.load(tmp_path / "decoded.npy") - want).max() <= 1e-3
 
 
+@pytest.fixture(scope="session")
+def conditional_model(tmp_path_factory) -> Path:
+    """A small class-conditional U-Net (3 classes, learned variances), exported by the project's exporter."""
+    import torch
+    from ddpm_reference import ddpm, unet
+    from ddpm_reference.export.onnx_export import export_onnx
+    torch.manual_seed(3)
+    net = unet.UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,),
+                    dropout=0.0, image_size=8, num_classes=3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("conditional") / "cond.onnx"
+    export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", T), "eps", "learned_range"), IMAGE, path,
+                classes=["a", "b", "c"])
+    return path
+
+
+@pytest.mark.parametrize("path", ["host", "step-graph"])
+@pytest.mark.parametrize("sampler,steps,eta,classes,guidance", [
+    ("ancestral", 10, 0.0, "2,0", 2.5), ("ddim", 8, 0.5, "1", 1.0), ("ddim", 8, 0.0, "0,1,2", 0.0),
+    ("dpmpp2m-sde", 6, 0.0, None, 3.0), ("ddim", 5, 0.0, None, 1.0)])
+def test_guided_samples_match_python(runner, conditional_model, tmp_path, path, sampler, steps, eta, classes, guidance):
+    from ddpm_reference.export.onnx_sampler import OnnxSampler, balanced_labels
+    n, batch, seed = 5, 2, 9
+    args = ["--sampler", sampler, "--steps", steps, "--guidance", guidance] + (["--eta", eta] if eta else [])
+    args += ["--classes", classes] if classes else []
+    run(runner, "--model", conditional_model, "--n", n, "--batch", batch, "--seed", seed, "--threads", 1,
+        "--out", tmp_path / "x.npy", *args, *(["--step-graph"] if path == "step-graph" else []))
+    python = OnnxSampler(conditional_model, provider="cpu", threads=1)
+    labels = balanced_labels([int(c) for c in classes.split(",")] if classes else [0, 1, 2], n)
+    want = python.sample(n, sampler, steps, eta, seed=seed, batch=batch, labels=labels, guidance=guidance)
+    assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-3
+
+
+def test_label_errors(runner, conditional_model, models, tmp_path):
+    out = tmp_path / "x.npy"
+    for model, args, message in [(models["eps_small"], ["--class", 1], "unconditional"),
+                                 (models["eps_small"], ["--guidance", 2], "unconditional"),
+                                 (conditional_model, ["--class", 3], "classes are 0..2"),
+                                 (conditional_model, ["--classes", "1,x"], "not an integer")]:
+        proc = run(runner, "--model", model, "--out", out, "--steps", 3, "--sampler", "ddim", *args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
+
+
 def test_init_errors(runner, models, tmp_path):
     model = models["eps_small"]
     np.save(tmp_path / "wrong.npy", np.zeros((2, 3, 8, 8), np.float32))

@@ -299,6 +299,78 @@ def test_progress_and_timing(small):
     assert 0 < timing["network_s"] <= timing["total_s"] and timing["provider"] == "CPUExecutionProvider"
 
 
+CLASSES = ("cat", "dog", "eel")
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """Small class-conditional U-Nets (3 classes; C and 2C output channels), exported."""
+    folder = tmp_path_factory.mktemp("conditional")
+    nets = {}
+    for c, var in ((1, "fixed_small"), (2, "learned_range")):
+        torch.manual_seed(c)
+        net = unet.UNet(in_channels=1, out_channels=c, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,),
+                        dropout=0.0, image_size=8, num_classes=len(CLASSES))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        nets[c] = net.eval()
+        export_onnx(net, diffusion(variance=var), IMAGE, folder / f"cond{c}.onnx", classes=CLASSES)
+    return nets, folder
+
+
+GUIDED_CASES = [  # (channels, sampler, steps, eta, spacing, guidance)
+    (1, "ddim", 10, 0.0, "uniform", 1.0), (1, "ddim", 10, 0.5, "trailing", 2.5), (1, "ancestral", 12, 0.0, "linspace", 0.0),
+    (1, "dpmpp2m", 8, 0.0, "logsnr", 3.0), (2, "ancestral", 10, 0.0, "uniform", 2.0), (2, "ddim", 6, 0.0, "uniform", 1.0),
+]
+
+
+@pytest.mark.parametrize("c,sampler,steps,eta,spacing,guidance", GUIDED_CASES)
+def test_guided_onnx_sampler_matches_torch(conditional, c, sampler, steps, eta, spacing, guidance):
+    nets, folder = conditional
+    d = diffusion(variance="learned_range" if c == 2 else "fixed_small")
+    onnx_sampler_ = OnnxSampler(folder / f"cond{c}.onnx", provider="cpu", threads=1)
+    assert (onnx_sampler_.num_classes, onnx_sampler_.class_names) == (3, list(CLASSES))
+    n, batch, seed = 5, 3, 11
+    labels = ddpm.balanced_labels([2, 0], n)
+    got = onnx_sampler_.sample(n, sampler, steps, eta, spacing, seed=seed, batch=batch, labels=labels, guidance=guidance)
+    plan, noise = ddpm.make_plan(d, sampler, steps, eta, spacing), ddpm.numpy_noise(seed)
+    want = torch.cat([ddpm.sample(ddpm.classifier_free_guidance(nets[c], torch.as_tensor(labels[i:i + batch]), guidance, 3),
+                                  plan, (min(batch, n - i), *IMAGE), noise) for i in range(0, n, batch)])
+    assert np.abs(got - want.numpy()).max() <= 1e-3
+
+
+def test_guidance_one_and_zero_are_the_conditional_and_unconditional_models(conditional):
+    nets, folder = conditional
+    sampler = OnnxSampler(folder / "cond1.onnx", provider="cpu", threads=1)
+    labels = np.array([1, 1, 2])
+    cond = sampler.sample(3, "ddim", 5, seed=4, labels=labels)
+    assert np.array_equal(cond, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=1.0))
+    uncond = sampler.sample(3, "ddim", 5, seed=4)  # no labels: the null label
+    assert np.array_equal(uncond, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=0.0))
+    assert not np.allclose(cond, uncond)
+    # the batch-of-2B path at s = 1 gives the single-batch result (to float32 rounding of o_u + (o_c - o_u))
+    x, t, y = torch.randn(3, *IMAGE), torch.tensor([5, 50, 99]), torch.as_tensor(labels)
+    with torch.no_grad():
+        two_b = ddpm.guided_output(nets[1], x, t, y, 1.0, 3)
+        torch.testing.assert_close(two_b, nets[1](x, t, y), rtol=0, atol=1e-6)
+
+
+def test_conditional_export_and_label_errors(conditional, small, tmp_path):
+    nets, folder = conditional
+    model = onnx.load(str(folder / "cond1.onnx"))
+    assert [i.name for i in model.graph.input] == ["x", "t", "y"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert (meta["ddpm.num_classes"], meta["ddpm.null_label"], meta["ddpm.class_names"]) == ("3", "3", '["cat", "dog", "eel"]')
+    sampler = OnnxSampler(folder / "cond1.onnx", provider="cpu", threads=1)
+    for kwargs, message in [({"labels": [0, 3]}, "0..2"), ({"labels": [0]}, "2 whole numbers"),
+                            ({"guidance": 2.0}, "needs labels")]:
+        with pytest.raises(ValueError, match=message):
+            sampler.sample(2, "ddim", 3, **kwargs)
+    with pytest.raises(ValueError, match="unconditional model"):
+        OnnxSampler(small[1] / "eps.onnx", provider="cpu").sample(2, "ddim", 3, labels=[0, 1])
+
+
 @pytest.mark.parametrize("par", ["eps", "v"])
 def test_onnx_encode_and_decode_from_given_x_match_torch(small, tmp_path, par):
     """OnnxSampler.run from the caller's x (DDIM inversion, then decoding, as `ddpm reconstruct` runs them),

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import norm
 
 from ddpm_reference import ddpm
-from oracle import GaussianOracle, MixtureOracle
+from oracle import ClassOracle, GaussianOracle, MixtureOracle
 
 MU, S = 0.3, 0.5
 SHAPE = (4000, 1, 4, 4)  # 64,000 scalar samples per run
@@ -311,3 +311,65 @@ def test_reconstruction_error_falls_with_steps_and_interpolation_keeps_its_ends(
     assert (norms > 0.5 * latents.flatten(1).norm(dim=1).min()).all()  # slerp does not shrink towards 0 midway
     decoded = ddpm.run_plan(oracle, ddpm.make_plan(d, "ddim", 100, clip=False), path)
     assert ((decoded[[0, -1]] - x0[:2]) ** 2).mean().item() < 0.01 * S ** 2
+
+
+# --------------------------------------------------------------- class-conditional sampling and guidance
+def class_oracle(T=1000):
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", T))
+    return d, ClassOracle(d, means=[-0.5, 0.1, 0.6], s=0.2, priors=[0.5, 0.3, 0.2])
+
+
+CLASS_SHAPE = (3000, 1, 2, 2)
+
+
+def test_conditional_sampling_hits_each_class_and_guidance_one_and_zero_are_exact():
+    d, oracle = class_oracle()
+    plan = ddpm.make_plan(d, "ddim", 50, eta=1.0, clip=False)
+    for c in range(3):
+        y = torch.full((CLASS_SHAPE[0],), c)
+        x = ddpm.sample(ddpm.classifier_free_guidance(oracle, y, 1.0, 3), plan, CLASS_SHAPE, ddpm.numpy_noise(c))
+        assert torch.equal(x, ddpm.sample(lambda x_, t_: oracle(x_, t_, y), plan, CLASS_SHAPE, ddpm.numpy_noise(c)))
+        empirical_check(x, *oracle.classes[c].exact_moments(plan))
+    y = torch.full((CLASS_SHAPE[0],), 1)
+    uncond = ddpm.sample(lambda x_, t_: oracle(x_, t_), plan, CLASS_SHAPE, ddpm.numpy_noise(7))
+    assert torch.equal(ddpm.sample(ddpm.classifier_free_guidance(oracle, y, 0.0, 3), plan, CLASS_SHAPE,
+                                   ddpm.numpy_noise(7)), uncond)
+    x = torch.randn(5, 1, 2, 2)
+    t = torch.tensor([0, 10, 300, 700, 999])
+    torch.testing.assert_close(ddpm.guided_output(oracle, x, t, torch.full((5,), 2), 1.0, 3), oracle(x, t, torch.full((5,), 2)),
+                               rtol=0, atol=1e-6)  # the 2B path at s = 1 is the conditional model
+
+
+def test_the_exact_classifiers_confidence_rises_with_guidance():
+    d, oracle = class_oracle()
+    plan = ddpm.make_plan(d, "ddim", 30, clip=False)
+    y = torch.full((2000,), 1)  # the middle class, the one the others overlap most
+    confidence = []
+    for s in (1.0, 2.0, 4.0):
+        x = ddpm.sample(ddpm.classifier_free_guidance(oracle, y, s, 3), plan, (2000, 1, 2, 2), ddpm.numpy_noise(3))
+        p = torch.softmax(oracle.logits(x.double(), torch.zeros(2000, dtype=torch.long)), dim=1)[:, 1]
+        confidence.append(p.mean().item())
+    assert confidence[0] < confidence[1] < confidence[2], confidence
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
+def test_classifier_guidance_with_the_exact_classifier_is_conditional_sampling(sampler):
+    """g = 1 with the exact p(y | x_t): the unconditional model's score plus grad log p(y | x_t) is the class's
+    score, so the samples have the class's moments (within Monte-Carlo error and the discretisation's:
+    Algorithm 1's mean shift is first order in the step)."""
+    d, oracle = class_oracle()
+    c = 2
+    y = torch.full((CLASS_SHAPE[0],), c)
+    unconditional = lambda x, t: oracle(x, t)  # noqa: E731
+    if sampler == "ddim":
+        plan = ddpm.make_plan(d, "ddim", 100, clip=False)
+        x = ddpm.sample(ddpm.classifier_guidance(unconditional, d, oracle.logits, y, 1.0), plan, CLASS_SHAPE,
+                        ddpm.numpy_noise(1))
+    else:
+        plan = ddpm.make_plan(d, "ancestral", clip=False)
+        x = ddpm.sample(unconditional, plan, CLASS_SHAPE, ddpm.numpy_noise(1),
+                        mean_shift=ddpm.classifier_mean_shift(oracle.logits, y, 1.0))
+    m, v = oracle.classes[c].exact_moments(plan)
+    x = x.double()
+    assert abs(x.mean().item() - m) < 0.02 and abs(x.std().item() - math.sqrt(v)) < 0.02, (x.mean(), x.std(), m, v)
+    assert abs(m - 0.6) < 0.01  # and the class's exact chain is at the class's data mean

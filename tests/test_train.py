@@ -245,6 +245,43 @@ def test_cli_few_step_samplers_reconstruct_and_interpolate(tmp_path):
     assert_user_error(cli("onnx-sample", onnx_file, "--sampler", "ancestral", "--eta", 0.5), "eta applies")
 
 
+def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
+    cfg = dict(FAST, steps=40, class_cond=True, p_uncond=0.2)
+    res = ddpm.train(ddpm.TrainConfig(**cfg, out=str(tmp_path / "a")))
+    losses = [l for _, l in res["losses"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    model, _, cfg_loaded, _ = ddpm.load_model(tmp_path / "a" / "checkpoint.pt")
+    assert model.class_names == [str(d) for d in range(10)] and cfg_loaded.class_cond and model.label_emb.num_embeddings == 11
+    ddpm.train(ddpm.TrainConfig(**{**cfg, "steps": 20}, out=str(tmp_path / "b")))
+    resumed = ddpm.train(ddpm.TrainConfig(**cfg, out=str(tmp_path / "b")), resume=True)
+    assert resumed["losses"][-1] == res["losses"][-1]  # the labels' dropout draws resume with the RNG
+    a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    np.savez(tmp_path / "unlabelled.npz", np.zeros((10, 8, 8), np.uint8))
+    with pytest.raises(ddpm.UserError, match="no labels"):
+        ddpm.train(ddpm.TrainConfig(**{**cfg, "data": str(tmp_path / "unlabelled.npz")}, out=str(tmp_path / "c")))
+
+
+def test_cli_classifier_guidance(tmp_path):
+    assert cli("train", "--steps", 10, "--T", 50, "--batch-size", 16, "--out", tmp_path, "--device", "cpu").returncode == 0
+    res = cli("train-classifier", "--steps", 30, "--T", 50, "--batch-size", 32, "--out", tmp_path, "--device", "cpu")
+    assert res.returncode == 0 and (tmp_path / "classifier.pt").exists(), res.stderr
+    ckpt, clf = tmp_path / "checkpoint.pt", tmp_path / "classifier.pt"
+    for sampler in ("ancestral", "ddim"):
+        res = cli("sample", ckpt, "--classifier", clf, "--class", 3, "--classifier-scale", 2, "--n", 4,
+                  "--sampler", sampler, "--steps", 5, "--out", tmp_path / "g.npz")
+        assert res.returncode == 0 and np.load(tmp_path / "g.npz")["arr_1"].tolist() == [3] * 4, res.stderr
+    assert_user_error(cli("sample", ckpt, "--classifier", clf, "--out", tmp_path / "g.png"), "give them")
+    assert_user_error(cli("sample", ckpt, "--classifier", ckpt, "--class", 1), "not a classifier")
+    assert cli("export", ckpt, "--out", tmp_path / "m.onnx").returncode == 0
+    assert_user_error(cli("sample", tmp_path / "m.onnx", "--classifier", clf, "--class", 1), "ONNX file")
+    assert_user_error(cli("onnx-sample", tmp_path / "m.onnx", "--classifier", clf), "No such option")
+    assert_user_error(cli("sample", ckpt, "--class", 1), "class-conditional model")
+    res = cli("train-classifier", "--steps", 5, "--T", 100, "--batch-size", 8, "--out", tmp_path / "other")
+    assert_user_error(cli("sample", ckpt, "--classifier", tmp_path / "other" / "classifier.pt", "--class", 1),
+                      "noise levels must match")
+
+
 def test_cli_train_sample_nll(tmp_path):
     res = cli("train", "--steps", 20, "--batch-size", 16, "--T", 20, "--device", "cpu", "--out", tmp_path,
               "--sample-every", 20)

@@ -69,6 +69,11 @@ ModelInfo read_metadata(const Ort::Session& session, const std::string& path) {
   need(one_of(clip, {"true", "false"}), in + "ddpm.clip_denoised must be true or false");
   m.clip_denoised = clip == "true";
   need(get("timestep_dtype") == "int64", in + "ddpm.timestep_dtype must be int64");
+  if (md.LookupCustomMetadataMapAllocated("ddpm.num_classes", alloc)) {
+    m.num_classes = parse_int(get("num_classes"), "ddpm.num_classes");
+    need(m.num_classes >= 0 && m.num_classes <= (1 << 20) && parse_int(get("null_label"), "ddpm.null_label") == m.num_classes,
+         in + "ddpm.num_classes K and ddpm.null_label K must agree");
+  }
   return m;
 }
 
@@ -173,6 +178,18 @@ void step_noise(const Step& s, int64_t b, int64_t chw, int64_t out_chw, float* x
   }
 }
 
+// Classifier-free guidance of a [2B] output (the conditional half, then the unconditional one) into `into` [B]:
+// o_u + s (o_c - o_u) on the prediction channels, the conditional half's variance channels.
+const float* guide(const float* out, int64_t b, int64_t chw, int64_t out_chw, float s, float* into) {
+  for (int64_t i = 0; i < b; ++i) {
+    const float *c = out + i * out_chw, *u = out + (b + i) * out_chw;
+    float* o = into + i * out_chw;
+    for (int64_t j = 0; j < chw; ++j) o[j] = u[j] + s * (c[j] - u[j]);
+    std::copy(c + chw, c + out_chw, o + chw);
+  }
+  return into;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -196,7 +213,8 @@ std::string float_tensor(const std::string& name, std::initializer_list<const ch
   return field(1, name) + field(2, field(1, field(1, 1) + field(2, shape)));
 }
 
-// NodeProto from "Op in... -> out..."; Split of the network output splits channels (axis 1).
+// NodeProto from "Op in... -> out...": Split of a network output splits channels (axis 1), Halve the batch
+// (a Split on axis 0) and Concat joins along the batch.
 std::string node(const std::string& statement) {
   std::stringstream words(statement);
   std::string op, word, inputs, outputs;
@@ -204,8 +222,9 @@ std::string node(const std::string& statement) {
   for (bool out = false; words >> word;)
     if (word == "->") out = true;
     else (out ? outputs : inputs) += field(out ? 2 : 1, word);
-  const bool channels = op == "Split" && inputs == field(1, "out");
-  return inputs + outputs + field(4, op) + (channels ? field(5, field(1, "axis") + field(3, 1) + field(20, 2)) : "");
+  const int axis = op == "Halve" || op == "Concat" ? 0 : op == "Split" && inputs != field(1, "c") ? 1 : -1;
+  if (op == "Halve") op = "Split";
+  return inputs + outputs + field(4, op) + (axis >= 0 ? field(5, field(1, "axis") + field(3, axis) + field(20, 2)) : "");
 }
 
 // x_next = mean_x0 x0 + mean_xt x + w_1 x0_1 + ... + w_M x0_M + s z with x0 = clip(x0_x x + x0_o o), s = sigma
@@ -213,10 +232,15 @@ std::string node(const std::string& statement) {
 // step_mean and step_noise, in order. c = [x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, lo,
 // hi, 1, 0.5, w_1..w_M]; z = 0 when no noise is added; with M > 0 the graph also outputs x0. Opset 17, the
 // same graph as export/onnx_sampler.py builds.
-std::string step_graph(bool learned, bool split_output, int64_t memory) {
+std::string step_graph(bool learned, bool split_output, int64_t memory, bool guided) {
   std::string text = "Split c -> x0_x x0_o mean_x0 mean_xt sigma log_var_min log_var_max lo hi one half";
   for (int64_t j = 1; j <= memory; ++j) text += " w" + std::to_string(j);
-  text += split_output ? "; Split out -> o v;" : "; Identity out -> o;";
+  if (guided)  // out is [2B]: the conditional, then the unconditional half; o = o_u + scale (o_c - o_u)
+    text += std::string("; Halve out -> cond uncond;") +
+            (split_output ? "Split cond -> oc v; Split uncond -> ou vu;" : "Identity cond -> oc; Identity uncond -> ou;") +
+            "Sub oc ou -> gd; Mul scale gd -> gsd; Add ou gsd -> o;";
+  else
+    text += split_output ? "; Split out -> o v;" : "; Identity out -> o;";
   text += "Mul x0_x x -> a; Mul x0_o o -> b; Add a b -> x0u; Max x0u lo -> x0l; Min x0l hi -> x0;"
           "Mul mean_x0 x0 -> m1; Mul mean_xt x -> m2; Add m1 m2 -> mean0;";
   for (int64_t j = 1; j <= memory; ++j) {
@@ -227,15 +251,18 @@ std::string step_graph(bool learned, bool split_output, int64_t memory) {
                     "Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s;"
                   : "Identity sigma -> s;";
   text += "Mul s z -> n; Add mean" + std::to_string(memory) + " n -> x_next";
+  if (guided) text += "; Concat x_next x_next -> x_pair";
   std::string graph;
   std::stringstream statements(text);
   for (std::string statement; std::getline(statements, statement, ';');) graph += field(1, node(statement));
   graph += field(2, "ddpm_step") + field(11, float_tensor("x", {"B", "C", "H", "W"})) +
-           field(11, float_tensor("out", {"B", "C_out", "H", "W"})) + field(11, float_tensor("z", {"B", "C", "H", "W"})) +
-           field(11, float_tensor("c", {"K"}));
+           field(11, float_tensor("out", {guided ? "B2" : "B", "C_out", "H", "W"})) +
+           field(11, float_tensor("z", {"B", "C", "H", "W"})) + field(11, float_tensor("c", {"K"}));
   for (int64_t j = 1; j <= memory; ++j) graph += field(11, float_tensor("x0_" + std::to_string(j), {"B", "C", "H", "W"}));
+  if (guided) graph += field(11, float_tensor("scale", {"1"}));
   graph += field(12, float_tensor("x_next", {"B", "C", "H", "W"}));
   if (memory) graph += field(12, float_tensor("x0", {"B", "C", "H", "W"}));
+  if (guided) graph += field(12, float_tensor("x_pair", {"B2", "C", "H", "W"}));
   return field(1, 8) + field(8, field(1, "") + field(2, 17)) + field(7, graph);
 }
 
@@ -415,7 +442,9 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
   std::vector<std::string> inputs;
   for (size_t i = 0; i < session_.GetInputCount(); ++i) inputs.push_back(session_.GetInputNameAllocated(i, alloc).get());
   std::sort(inputs.begin(), inputs.end());
-  need(inputs == std::vector<std::string>{"t", "x"}, model_path + ": the inputs must be x and t (an exported eps_theta)");
+  need(inputs == (info_.num_classes ? std::vector<std::string>{"t", "x", "y"} : std::vector<std::string>{"t", "x"}),
+       model_path + (info_.num_classes ? ": the inputs must be x, t and y (an exported class-conditional eps_theta)"
+                                       : ": the inputs must be x and t (an exported eps_theta)"));
   out_name_ = session_.GetOutputNameAllocated(0, alloc).get();
   device_allocator_ = alloc;
   if (cuda_) {
@@ -424,18 +453,40 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
   }
 }
 
+Sampler::Labels Sampler::batch_labels(const Conditioning& cond, int64_t first, int64_t b) const {
+  Labels l;
+  if (!info_.num_classes) {  // no y input: a placeholder the size of the batch, never bound
+    l.y.assign(b, 0);
+    return l;
+  }
+  const int64_t null = info_.num_classes;
+  l.guided = !cond.labels.empty() && cond.guidance != 0.0 && cond.guidance != 1.0;
+  l.scale = float(cond.guidance);
+  for (int64_t i = 0; i < b; ++i)
+    l.y.push_back(cond.labels.empty() || cond.guidance == 0.0 ? null : cond.labels[first + i]);
+  if (l.guided) l.y.resize(2 * b, null);
+  return l;
+}
+
 std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
-                                   const Progress& progress, const float* x_init) {
+                                   const Progress& progress, const float* x_init, const Conditioning& cond) {
   need(n >= 1 && batch >= 1, "n and batch must be at least 1");
+  need(info_.num_classes || cond.labels.empty(), "this model is unconditional: it takes no labels (--class)");
+  need(!cond.labels.empty() || cond.guidance == 1.0, "a guidance scale needs labels (--class or --classes)");
+  need(cond.labels.empty() || int64_t(cond.labels.size()) == n, "one label per image is needed");
+  for (int64_t y : cond.labels)
+    need(y >= 0 && y < info_.num_classes, "label " + std::to_string(y) + " is out of range: the model has classes 0.." +
+         std::to_string(info_.num_classes - 1));
   batch = std::min(batch, n);
   std::vector<float> result(n * info_.C * info_.H * info_.W);
   if (x_init) std::copy(x_init, x_init + result.size(), result.begin());
   RandomState rng(seed);
   StepSessions steps;  // the update graphs of the plan's rows (plain and learned), built once per call
+  const bool guided = batch_labels(cond, 0, 1).guided;
   if (step_graph_)
     for (const Step& s : p.steps)
       if (!steps[s.learned]) {
-        const std::string graph = step_graph(s.learned, info_.out_channels() != info_.C, p.memory);
+        const std::string graph = step_graph(s.learned, info_.out_channels() != info_.C, p.memory, guided);
         steps[s.learned] = std::make_unique<Ort::Session>(env_, graph.data(), graph.size(), options_);
       }
   const int64_t n_batches = (n + batch - 1) / batch;
@@ -447,8 +498,9 @@ std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint
     const auto tick = [&](int64_t k) {
       if (progress) progress(bi, n_batches, k, p.steps.size());
     };
-    network_s += step_graph_ ? run_batch_on_provider(p, steps, b, x, !x_init, rng, tick)
-                             : run_batch_on_host(p, b, x, !x_init, rng, tick);
+    Labels labels = batch_labels(cond, bi * batch, b);
+    network_s += step_graph_ ? run_batch_on_provider(p, steps, b, x, !x_init, rng, tick, labels)
+                             : run_batch_on_host(p, b, x, !x_init, rng, tick, labels);
   }
   if (stats) *stats = RunStats{seconds_since(t0), network_s};
   return result;
@@ -457,17 +509,20 @@ std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint
 // x stays in the result on the host; the network writes into a host buffer and the update is one fused loop.
 // The last M x0 predictions are a ring of M + 1 buffers (zeros before the first row).
 double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng,
-                                  const Tick& tick) {
+                                  const Tick& tick, Labels& labels) {
   const int64_t C = info_.C, Co = info_.out_channels(), chw = C * info_.H * info_.W, out_chw = Co * info_.H * info_.W;
-  const int64_t x_shape[4] = {b, C, info_.H, info_.W}, out_shape[4] = {b, Co, info_.H, info_.W};
-  std::vector<float> out(b * out_chw), z(b * chw);
+  const int64_t nb = labels.guided ? 2 * b : b;  // the network's batch
+  const int64_t x_shape[4] = {nb, C, info_.H, info_.W}, out_shape[4] = {nb, Co, info_.H, info_.W};
+  std::vector<float> out(nb * out_chw), z(b * chw), pair(labels.guided ? nb * chw : 0), guided_out(labels.guided ? b * out_chw : 0);
   std::vector<std::vector<float>> x0s(p.memory ? p.memory + 1 : 0, std::vector<float>(b * chw, 0.0f));
-  std::vector<int64_t> t(b);
+  std::vector<int64_t> t(nb);
   const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  const Ort::Value inputs[2] = {Ort::Value::CreateTensor<float>(mem, x, b * chw, x_shape, 4),
-                                Ort::Value::CreateTensor<int64_t>(mem, t.data(), b, &b, 1)};
-  Ort::Value output = Ort::Value::CreateTensor<float>(mem, out.data(), b * out_chw, out_shape, 4);
-  const char* input_names[2] = {"x", "t"};
+  const Ort::Value inputs[3] = {Ort::Value::CreateTensor<float>(mem, labels.guided ? pair.data() : x, nb * chw, x_shape, 4),
+                                Ort::Value::CreateTensor<int64_t>(mem, t.data(), nb, &nb, 1),
+                                Ort::Value::CreateTensor<int64_t>(mem, labels.y.data(), labels.y.size(), &nb, 1)};
+  Ort::Value output = Ort::Value::CreateTensor<float>(mem, out.data(), nb * out_chw, out_shape, 4);
+  const char* input_names[3] = {"x", "t", "y"};
+  const size_t n_inputs = info_.num_classes ? 3 : 2;
   const char* output_name = out_name_.c_str();
   double network_s = 0.0;
   if (draw_x_T) rng.fill_normal(x, b * chw);
@@ -477,14 +532,19 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_
     const Step& s = p.steps[k];
     std::fill(t.begin(), t.end(), s.t);
     std::future<void> drawn = s.add_noise ? draw_noise(rng, z.data(), b * chw, spare_core_) : std::future<void>();
+    if (labels.guided) {  // [x; x]
+      std::copy(x, x + b * chw, pair.begin());
+      std::copy(x, x + b * chw, pair.begin() + b * chw);
+    }
     const auto r0 = std::chrono::steady_clock::now();
-    session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, 2, &output_name, &output, 1);
+    session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, n_inputs, &output_name, &output, 1);
     network_s += seconds_since(r0);
+    const float* o = labels.guided ? guide(out.data(), b, chw, out_chw, labels.scale, guided_out.data()) : out.data();
     for (int64_t j = 1; j <= p.memory; ++j) earlier[j - 1] = x0s[(int64_t(k) - j + ring * j) % ring].data();
-    step_mean(p, s, b, chw, out_chw, x, out.data(), p.memory ? x0s[k % ring].data() : nullptr, earlier);
+    step_mean(p, s, b, chw, out_chw, x, o, p.memory ? x0s[k % ring].data() : nullptr, earlier);
     if (drawn.valid()) {
       drawn.get();
-      step_noise(s, b, chw, out_chw, x, out.data(), z.data());
+      step_noise(s, b, chw, out_chw, x, o, z.data());
     }
     tick(k + 1);
   }
@@ -495,18 +555,25 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_
 // is the ONNX graph of step_graph): per row only t, the coefficients and z (when drawn) go to the device, and x
 // comes back once, after the last row. On the CPU the same path runs with host memory (tested with --step-graph).
 double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x_out, bool draw_x_T,
-                                      RandomState& rng, const Tick& tick) {
+                                      RandomState& rng, const Tick& tick, Labels& labels) {
   const int64_t n_c = 11 + p.memory, chw = info_.C * info_.H * info_.W, ring = p.memory + 1;
-  const int64_t x_shape[4] = {b, info_.C, info_.H, info_.W}, out_shape[4] = {b, info_.out_channels(), info_.H, info_.W};
+  const int64_t nb = labels.guided ? 2 * b : b;  // the network's batch
+  const int64_t x_shape[4] = {b, info_.C, info_.H, info_.W}, out_shape[4] = {nb, info_.out_channels(), info_.H, info_.W};
+  const int64_t pair_shape[4] = {nb, info_.C, info_.H, info_.W}, one = 1;
   const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  std::vector<float> x_T(b * chw), z(b * chw), zeros(b * chw, 0.0f), c(n_c);
-  std::vector<int64_t> t(b);
+  std::vector<float> x_T(nb * chw), z(b * chw), zeros(b * chw, 0.0f), c(n_c);
+  std::vector<int64_t> t(nb);
+  float scale = labels.scale;
   const auto host = [&](float* data, int64_t count, const int64_t* shape, size_t rank) {
     return Ort::Value::CreateTensor<float>(mem, data, count, shape, rank);
   };
   const Ort::Value xT_v = host(x_T.data(), b * chw, x_shape, 4), z_v = host(z.data(), b * chw, x_shape, 4);
   const Ort::Value zeros_v = host(zeros.data(), b * chw, x_shape, 4), c_v = host(c.data(), n_c, &n_c, 1);
-  const Ort::Value t_v = Ort::Value::CreateTensor<int64_t>(mem, t.data(), b, &b, 1);
+  const Ort::Value t_v = Ort::Value::CreateTensor<int64_t>(mem, t.data(), nb, &nb, 1);
+  const Ort::Value y_v = Ort::Value::CreateTensor<int64_t>(mem, labels.y.data(), labels.y.size(), &nb, 1);
+  const Ort::Value xpair_v = host(x_T.data(), nb * chw, pair_shape, 4), scale_v = host(&scale, 1, &one, 1);
+  Ort::Value device_pair[2] = {Ort::Value::CreateTensor<float>(device_allocator_, pair_shape, 4),
+                               Ort::Value::CreateTensor<float>(device_allocator_, pair_shape, 4)};
   Ort::Value result_v = host(x_out, b * chw, x_shape, 4);
   Ort::Value device_x[2] = {Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4),
                             Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4)};
@@ -519,11 +586,15 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
     if (steps[learned]) {
       updates[learned] = std::make_unique<Ort::IoBinding>(*steps[learned]);
       updates[learned]->BindInput("out", out);
+      if (labels.guided) updates[learned]->BindInput("scale", scale_v);
     }
   net.BindOutput(out_name_.c_str(), out);
+  if (info_.num_classes) net.BindInput("y", y_v);
   if (draw_x_T) rng.fill_normal(x_T.data(), b * chw);
   else std::copy(x_out, x_out + b * chw, x_T.begin());
+  if (labels.guided) std::copy(x_T.begin(), x_T.begin() + b * chw, x_T.begin() + b * chw);  // [x_T; x_T]
   const Ort::Value* x = &xT_v;
+  const Ort::Value* pair = &xpair_v;
   const Ort::Value* z_bound[2] = {nullptr, nullptr};  // zeros are bound once; z after every draw
   double network_s = 0.0;
   const size_t S = p.steps.size();
@@ -532,7 +603,7 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
     std::fill(t.begin(), t.end(), s.t);
     std::future<void> drawn = s.add_noise ? draw_noise(rng, z.data(), b * chw, spare_core_) : std::future<void>();
     const auto r0 = std::chrono::steady_clock::now();
-    net.BindInput("x", *x);  // binding copies host tensors to the device, so bind after every change
+    net.BindInput("x", labels.guided ? *pair : *x);  // binding copies host tensors to the device: bind after every change
     net.BindInput("t", t_v);
     net.SynchronizeInputs();
     session_.Run(Ort::RunOptions{nullptr}, net);
@@ -553,9 +624,11 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
     update.BindInput("x", *x);
     update.BindInput("c", c_v);
     update.BindOutput("x_next", next);
+    if (labels.guided) update.BindOutput("x_pair", device_pair[k % 2]);
     update.SynchronizeInputs();
     steps[s.learned]->Run(Ort::RunOptions{nullptr}, update);
     x = &next;
+    pair = &device_pair[k % 2];
     tick(k + 1);
   }
   for (auto& update : updates)

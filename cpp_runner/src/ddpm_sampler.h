@@ -28,7 +28,15 @@ struct ModelInfo {
   std::string parameterization, variance;  // eps | x0 | v;  fixed_small | fixed_large | learned_range
   int64_t C = 0, H = 0, W = 0;
   bool clip_denoised = true;
+  int64_t num_classes = 0;  // K > 0: class-conditional, with a label input y in 0..K (K: the null label)
   int64_t out_channels() const { return variance == "learned_range" ? 2 * C : C; }
+};
+
+// What a class-conditional model samples: one label in 0..K-1 per image (none: the null label, i.e.
+// unconditionally) and the classifier-free guidance s of out_u + s (out_c - out_u) on the prediction channels.
+struct Conditioning {
+  std::vector<int64_t> labels;
+  double guidance = 1.0;
 };
 
 struct PlanOptions {
@@ -78,15 +86,23 @@ class Sampler {
   // noisy row's z. With x_init ([n, C, H, W]: latents to decode, or images to encode) the run starts from it
   // and draws only the z's.
   std::vector<float> sample(const Plan& plan, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
-                            const Progress& progress = nullptr, const float* x_init = nullptr);
+                            const Progress& progress = nullptr, const float* x_init = nullptr,
+                            const Conditioning& cond = {});
 
  private:
   using Tick = std::function<void(int64_t step)>;
   using StepSessions = std::unique_ptr<Ort::Session>[2];  // the row update without, and with, learned variances
+  struct Labels {  // the network's labels for one batch: [B], or [2B] (the labels, then the null label) if guided
+    std::vector<int64_t> y;
+    bool guided = false;
+    float scale = 1.0f;
+  };
+  Labels batch_labels(const Conditioning& cond, int64_t first, int64_t b) const;
   // Both run the plan on x (the batch's slice of the result), which holds the start (x_init) or is drawn as x_T.
-  double run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng, const Tick& tick);
+  double run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng, const Tick& tick,
+                           Labels& labels);
   double run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x, bool draw_x_T,
-                               RandomState& rng, const Tick& tick);
+                               RandomState& rng, const Tick& tick, Labels& labels);
 
   bool api_ready_;  // ONNX Runtime's API table is fetched (and checked) before anything below is built
   Ort::Env env_;

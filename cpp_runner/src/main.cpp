@@ -23,16 +23,18 @@ const char* kUsage =
     "         [--sampler ancestral|ddim|dpmpp2m|dpmpp2m-sde] [--steps S] [--eta E]\n"
     "         [--spacing uniform|linspace|trailing|quadratic|logsnr] [--corrector-steps K] [--snr R]\n"
     "         [--clip|--no-clip] [--seed SEED] [--provider cpu|cuda] [--threads K] [--json]\n"
-    "         [--init FILE.npy [--invert]]\n"
+    "         [--init FILE.npy [--invert]] [--class K | --classes K1,K2,...] [--guidance S]\n"
     "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or min(50, T) (the others), eta 0 (ddim only),\n"
     "spacing uniform, corrector steps 0 (K Langevin rows per timestep, ancestral or ddim), snr 0.16,\n"
     "clip as the model says, seed 0, provider cpu. --init starts from the float32 [N, C, H, W] of a .npy (latents to\n"
     "decode; N replaces --n) instead of drawing x_T; with --invert it encodes those images by DDIM inversion over\n"
-    "--steps and --spacing (write the latents to a .npy). The same seed and batch give the same images as the\n"
+    "--steps and --spacing (write the latents to a .npy). A class-conditional model samples the classes given (indices;\n"
+    "default: all, in equal blocks, a grid row each) with classifier-free guidance S (1: conditional, 0: unconditional). The same seed and batch give the same images as the\n"
     "Python sampler. .png: a grid, pixel = round((clamp(x, -1, 1) + 1) * 127.5); .npy: float32 [N, C, H, W].\n";
 
 struct Args {
-  std::string model, out, provider = "cpu", init;
+  std::string model, out, provider = "cpu", init, classes;
+  double guidance = 1.0;
   ddpm::PlanOptions plan;
   int64_t n = 16, batch = 0, threads = 0, dump_noise = -1, seed = 0;
   bool json = false, help = false, dump_plan = false, step_graph = false, invert = false, n_given = false;
@@ -49,7 +51,8 @@ Args parse_args(int argc, char** argv) {
                                                  "--invert", "--help", "-h"};
   static const std::set<std::string> valued = {"--model", "--out", "--n", "--batch", "--sampler", "--steps", "--eta",
                                                "--spacing", "--seed", "--provider", "--threads", "--dump-noise",
-                                               "--corrector-steps", "--snr", "--init"};
+                                               "--corrector-steps", "--snr", "--init", "--class", "--classes",
+                                               "--guidance"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
@@ -62,6 +65,8 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--out") a.out = v;
     else if (f == "--n") a.n = int_in(f, v, 1, 1 << 24), a.n_given = true;
     else if (f == "--init") a.init = v;
+    else if (f == "--class" || f == "--classes") a.classes = v;
+    else if (f == "--guidance") a.guidance = ddpm::parse_double(v, f);
     else if (f == "--invert") a.invert = true;
     else if (f == "--batch") a.batch = int_in(f, v, 1, 1 << 24);
     else if (f == "--sampler") a.plan.sampler = v;
@@ -111,7 +116,7 @@ void write_atomically(const std::string& path, WriteFn write) {
 }
 
 // float32 [N, C, H, W] as .npy format 1.0 (little-endian, C order), header padded to 64 bytes.
-void write_npy(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n) {
+void write_npy(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n, int64_t) {
   std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(n) + ", " +
                        std::to_string(m.C) + ", " + std::to_string(m.H) + ", " + std::to_string(m.W) + "), }";
   header.append(63 - (10 + header.size()) % 64, ' ').push_back('\n');
@@ -160,10 +165,11 @@ std::vector<float> read_npy(const std::string& path, const ddpm::ModelInfo& m, i
 // A grid of ceil(sqrt(N)) columns with 2-pixel black gutters; pixel = round((clamp(x, -1, 1) + 1) * 127.5),
 // rounding half to even as numpy does. Images under 32 pixels are enlarged by an integer factor
 // (nearest neighbour) so that a grid of 8x8 digits can be seen; the same as export/onnx_sampler.py.
-void write_png(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n) {
+void write_png(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n,
+               int64_t columns) {
   if (m.C != 1 && m.C != 3) throw UsageError("a .png needs 1 or 3 channels, the model has " + std::to_string(m.C) + "; use .npy");
   const int64_t s = std::max<int64_t>(1, 32 / std::max(m.H, m.W)), th = m.H * s, tw = m.W * s;
-  const int64_t pad = 2, cols = int64_t(std::ceil(std::sqrt(double(n)))), rows = (n + cols - 1) / cols;
+  const int64_t pad = 2, cols = columns ? columns : int64_t(std::ceil(std::sqrt(double(n)))), rows = (n + cols - 1) / cols;
   const int64_t gw = cols * (tw + pad) + pad, gh = rows * (th + pad) + pad;
   std::vector<png_byte> img(gw * gh * m.C, 0);
   for (int64_t i = 0; i < n; ++i)
@@ -181,6 +187,29 @@ void write_png(const std::string& path, const std::vector<float>& x, const ddpm:
     im.format = m.C == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY;
     return png_image_write_to_file(&im, tmp.c_str(), 0, img.data(), 0, nullptr) != 0;
   });
+}
+
+// The labels of n images: the classes asked for (all of a conditional model's by default) in equal blocks,
+// classes[i / ceil(n / len(classes))], as export/onnx_sampler.balanced_labels; none for an unconditional model.
+ddpm::Conditioning conditioning(const Args& a, const ddpm::ModelInfo& m, int64_t n) {
+  ddpm::Conditioning c;
+  c.guidance = a.guidance;
+  if (!m.num_classes) {
+    if (!a.classes.empty() || a.guidance != 1.0)
+      throw UsageError("--class/--guidance need a class-conditional model (this one is unconditional)");
+    return c;
+  }
+  std::vector<int64_t> classes;
+  std::stringstream ss(a.classes);
+  for (std::string k; std::getline(ss, k, ',');) classes.push_back(ddpm::parse_int(k, "--class"));
+  if (a.classes.empty())
+    for (int64_t k = 0; k < m.num_classes; ++k) classes.push_back(k);
+  for (int64_t k : classes)
+    if (k < 0 || k >= m.num_classes)
+      throw UsageError("--class " + std::to_string(k) + ": the model's classes are 0.." + std::to_string(m.num_classes - 1));
+  const int64_t per = (n + int64_t(classes.size()) - 1) / int64_t(classes.size());
+  for (int64_t i = 0; i < n; ++i) c.labels.push_back(classes[i / per]);
+  return c;
 }
 
 // Testing aid: the plan as JSON, float64 values printed so that they round-trip exactly.
@@ -233,10 +262,12 @@ int run(int argc, char** argv) {
     if (!tty || (b + 1 == nb && k == s)) std::fputc('\n', stderr);
   };
   const int64_t batch = std::min(a.batch ? a.batch : n, n);
+  const ddpm::Conditioning cond = conditioning(a, sampler.info(), n);
+  const int64_t blocks = cond.labels.empty() ? 0 : std::set<int64_t>(cond.labels.begin(), cond.labels.end()).size();
   ddpm::RunStats st;
   const std::vector<float> x = sampler.sample(plan, n, batch, uint32_t(a.seed), &st, progress,
-                                              init.empty() ? nullptr : init.data());
-  (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), n);
+                                              init.empty() ? nullptr : init.data(), cond);
+  (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), n, blocks ? (n + blocks - 1) / blocks : 0);
   const double overhead = st.total_s - st.network_s, ips = double(n) / std::max(st.total_s, 1e-9);
   std::fprintf(stderr, "%s: %lld images x %zu steps in %.3f s (%.2f images/s); Session::Run %.3f s, "
                "loop overhead %.4f s (%.2f%%); wrote %s\n", sampler.provider().c_str(), (long long)n,
