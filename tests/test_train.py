@@ -243,6 +243,8 @@ def test_cli_few_step_samplers_reconstruct_and_interpolate(tmp_path):
     assert_user_error(cli("sample", ckpt, "--sampler", "dpmpp2m", "--corrector-steps", 1), "one-step samplers")
     assert_user_error(cli("sample", ckpt, "--sampler", "dpmpp3"), "sampler must be one of")
     assert_user_error(cli("onnx-sample", onnx_file, "--sampler", "ancestral", "--eta", 0.5), "eta applies")
+    assert_user_error(cli("onnx-sample", onnx_file, "--class", 1), "class-conditional model")
+    assert_user_error(cli("onnx-sample", onnx_file, "--guidance", 2), "class-conditional model")
 
 
 def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
@@ -257,6 +259,9 @@ def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
     assert resumed["losses"][-1] == res["losses"][-1]  # the labels' dropout draws resume with the RNG
     a, b = (ddpm.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in "ab")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    res = cli("nll", tmp_path / "a" / "checkpoint.pt", "--n", 8, "--json")  # conditioned on the true labels
+    assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["total"] > 0, res.stderr
+    assert_user_error(cli("sample", tmp_path / "a" / "checkpoint.pt", "--class", 12), "not a class of this model")
     np.savez(tmp_path / "unlabelled.npz", np.zeros((10, 8, 8), np.uint8))
     with pytest.raises(ddpm.UserError, match="no labels"):
         ddpm.train(ddpm.TrainConfig(**{**cfg, "data": str(tmp_path / "unlabelled.npz")}, out=str(tmp_path / "c")))

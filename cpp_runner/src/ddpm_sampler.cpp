@@ -572,8 +572,9 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
   const Ort::Value t_v = Ort::Value::CreateTensor<int64_t>(mem, t.data(), nb, &nb, 1);
   const Ort::Value y_v = Ort::Value::CreateTensor<int64_t>(mem, labels.y.data(), labels.y.size(), &nb, 1);
   const Ort::Value xpair_v = host(x_T.data(), nb * chw, pair_shape, 4), scale_v = host(&scale, 1, &one, 1);
-  Ort::Value device_pair[2] = {Ort::Value::CreateTensor<float>(device_allocator_, pair_shape, 4),
-                               Ort::Value::CreateTensor<float>(device_allocator_, pair_shape, 4)};
+  std::vector<Ort::Value> device_pair;  // guided: the network's next [x; x], written by the update
+  for (int j = 0; j < (labels.guided ? 2 : 0); ++j)
+    device_pair.push_back(Ort::Value::CreateTensor<float>(device_allocator_, pair_shape, 4));
   Ort::Value result_v = host(x_out, b * chw, x_shape, 4);
   Ort::Value device_x[2] = {Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4),
                             Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4)};
@@ -628,7 +629,7 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
     update.SynchronizeInputs();
     steps[s.learned]->Run(Ort::RunOptions{nullptr}, update);
     x = &next;
-    pair = &device_pair[k % 2];
+    if (labels.guided) pair = &device_pair[k % 2];
     tick(k + 1);
   }
   for (auto& update : updates)
