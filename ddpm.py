@@ -1110,6 +1110,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
 
 
+def matmul_peak(dtype=torch.float32, device="cpu", n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of an n x n matrix product in dtype on the device (the best of `repeats` after a warm-up): the
+    dense peak of this machine and precision, against which a network's achieved FLOP/s is read."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return 2 * n ** 3 / min(_timed(lambda: a @ a, repeats, sync))
+
+
 def _median_spread(times):
     return {"median_s": float(np.median(times)), "min_s": float(min(times)), "max_s": float(max(times))}
 
@@ -1145,6 +1153,7 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     diffusion = Diffusion(beta_schedule("linear", 1000))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows, tmp = [], tempfile.mkdtemp()
+    cost = (unet.flops_per_forward(model), matmul_peak(torch.float32, dev))  # FLOP per image; float32 peak
     onnx_path = os.path.join(tmp, "model.onnx")
     if {"ort", "cpp"} & set(backends):
         from .export.onnx_export import export_onnx
@@ -1160,13 +1169,13 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                 gen = torch.Generator(dev).manual_seed(0)
                 times, bare = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync,
                                      bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
-                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, str(dev)))
+                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, str(dev), cost))
         elif backend == "ort":
             ort_sampler = onnx_sampler.OnnxSampler(onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads)
             for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
                 timings = [ort_sampler.sample(batch, sampler, steps, return_timing=True)[1] for _ in range(repeats + 1)]
                 times, bare = [r["total_s"] for r in timings[1:]], [r["network_s"] for r in timings[1:]]
-                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, ort_sampler.provider))
+                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, ort_sampler.provider, cost))
         elif backend == "cpp":
             runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
             if not os.path.exists(runner):
@@ -1178,19 +1187,23 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                 runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
                                         .splitlines()[-1]) for _ in range(repeats + 1)][1:]
                 times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
-                rows.append(_bench_row("cpp", sampler, steps, batch, times, bare, runs_json[0]["provider"]))
+                rows.append(_bench_row("cpp", sampler, steps, batch, times, bare, runs_json[0]["provider"], cost))
         else:
             raise ValueError(f"backends must be among torch, compile, ort, cpp, got {backend!r}")
     return rows
 
 
-def _bench_row(backend, sampler, steps, batch, times, network_times, where):
-    """One report row; overhead is the median over repeats of loop time / network time of that repeat."""
+def _bench_row(backend, sampler, steps, batch, times, network_times, where, cost):
+    """One report row; overhead is the median over repeats of loop time / network time of that repeat;
+    cost = (FLOP per network call and image, the float32 matmul peak FLOP/s) gives the achieved GFLOP/s
+    and its share of that peak."""
     med = float(np.median(times))
+    evals_per_s = batch * steps / med
     return {"backend": backend, "sampler": sampler, "steps": steps, "batch": batch, "device": where,
-            **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": batch * steps / med,
+            **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": evals_per_s,
             "network_s": float(np.median(network_times)),
-            "overhead": float(np.median(np.array(times) / np.array(network_times)))}
+            "overhead": float(np.median(np.array(times) / np.array(network_times))),
+            "achieved_gflops": evals_per_s * cost[0] / 1e9, "of_matmul_peak": evals_per_s * cost[0] / cost[1]}
 
 
 def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32", compile: bool = False,
@@ -1198,7 +1211,8 @@ def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32"
                 device: str = "auto"):
     """Training images/s after warm-up (median of `repeats` timings of `steps` steps of Trainer.train_step,
     the step `ddpm train` runs, with the default TrainConfig otherwise), peak memory and the achieved
-    FLOP/s, counting a training step as 3 forward passes (forward + backward)."""
+    FLOP/s, counting a training step as 3 forward passes (forward + backward), beside the matmul peak of the
+    same precision on the same device (matmul_peak)."""
     import resource
     cfg = TrainConfig(preset=preset, batch_size=batch, precision=precision, compile=compile,
                       channels_last=channels_last, device=device)
@@ -1218,9 +1232,10 @@ def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32"
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     flops = 3 * unet.flops_per_forward(trainer.model) * images_per_s
+    dense = matmul_peak({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32), dev)
     return {"preset": preset, "batch": batch, "precision": precision, "compile": compile, "device": str(dev),
             **_median_spread([t / steps for t in times]), "images_per_s": images_per_s, "peak_memory_bytes": int(peak),
-            "achieved_tflops": flops / 1e12}
+            "achieved_tflops": flops / 1e12, "matmul_peak_tflops": dense / 1e12, "of_matmul_peak": flops / dense}
 
 
 # ---------------------------------------------------------------------------------------- command line

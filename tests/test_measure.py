@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from ddpm_reference import ddpm
+from ddpm_reference import ddpm, unet
 from test_train import ROOT, assert_user_error, cli
 
 
@@ -52,6 +52,9 @@ def test_fd_cli_on_npz(tmp_path):
     assert_user_error(cli("fd", tmp_path / "rgb.npz"), "8x8 grey digits")
 
 
+FLOPS_PER_DIGIT = unet.flops_per_forward(unet.build_unet("digits"))
+
+
 def test_bench_sample_report():
     backends = ("torch", "ort") + (("cpp",) if os.path.exists(os.path.join(ROOT, "cpp_runner/build/ddpm_runner")) else ())
     rows = ddpm.bench_sample("digits", batch=4, backends=backends, repeats=1, runs=(("ancestral", 3), ("ddim", 2)),
@@ -62,6 +65,9 @@ def test_bench_sample_report():
         assert r["images_per_s"] > 0 and r["network_s"] > 0 and r["overhead"] > 0
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert abs(r["net_evals_per_s"] - r["images_per_s"] * r["steps"]) < 1e-6 * r["net_evals_per_s"]
+        assert r["achieved_gflops"] == pytest.approx(r["net_evals_per_s"] * FLOPS_PER_DIGIT / 1e9) and r["of_matmul_peak"] > 0
+    peaks = [r["achieved_gflops"] * 1e9 / r["of_matmul_peak"] for r in rows]  # one matmul probe for the whole run
+    assert max(peaks) == pytest.approx(min(peaks)) and min(peaks) > 1e9
     with pytest.raises(ValueError, match="backends"):
         ddpm.bench_sample("digits", batch=2, backends=("tpu",), repeats=1, runs=(("ddim", 1),), device="cpu")
 
@@ -71,5 +77,6 @@ def test_bench_train_cli_json():
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(res.stdout)
     assert row["preset"] == "digits" and row["images_per_s"] > 0 and row["peak_memory_bytes"] > 0
-    assert row["achieved_tflops"] > 0
+    assert row["achieved_tflops"] > 0 and row["matmul_peak_tflops"] > 0
+    assert row["of_matmul_peak"] == pytest.approx(row["achieved_tflops"] / row["matmul_peak_tflops"])
     assert_user_error(cli("bench", "train", "--precision", "fp8"), "precision must be one of")
