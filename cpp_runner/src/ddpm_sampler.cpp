@@ -455,7 +455,7 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
 
 Sampler::Labels Sampler::batch_labels(const Conditioning& cond, int64_t first, int64_t b) const {
   Labels l;
-  if (!info_.num_classes) {  // no y input: a placeholder the size of the batch, never bound
+  if (!info_.num_classes) {  // no y input: zeros of the batch size keep the tensor that is never bound valid
     l.y.assign(b, 0);
     return l;
   }
