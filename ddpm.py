@@ -1143,6 +1143,7 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     the loop's time / the time of the same number of bare network calls. Weights are the preset's
     initialisation with a random output layer (speed does not depend on them)."""
     import subprocess
+    import sys
     import tempfile
     dev = resolve_device(device)
     model = unet.build_unet(preset)
@@ -1171,11 +1172,18 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                                      bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
                 rows.append(_bench_row(backend, sampler, steps, batch, times, bare, str(dev), cost))
         elif backend == "ort":
-            ort_sampler = onnx_sampler.OnnxSampler(onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads)
+            # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
+            # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
+            probe = ("import json, sys; from ddpm_reference.export.onnx_sampler import OnnxSampler; "
+                     "s = OnnxSampler(*json.loads(sys.argv[1])); print(json.dumps([s.sample(*json.loads(sys.argv[2]), "
+                     "return_timing=True)[1] for _ in range(int(sys.argv[3]))]))")
+            setup = json.dumps([onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads])
             for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
-                timings = [ort_sampler.sample(batch, sampler, steps, return_timing=True)[1] for _ in range(repeats + 1)]
-                times, bare = [r["total_s"] for r in timings[1:]], [r["network_s"] for r in timings[1:]]
-                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, ort_sampler.provider, cost))
+                out = subprocess.run([sys.executable, "-c", probe, setup, json.dumps([batch, sampler, steps]),
+                                      str(repeats + 1)], capture_output=True, text=True, check=True).stdout
+                timings = json.loads(out.strip().splitlines()[-1])[1:]
+                times, bare = [r["total_s"] for r in timings], [r["network_s"] for r in timings]
+                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, timings[0]["provider"], cost))
         elif backend == "cpp":
             runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
             if not os.path.exists(runner):
