@@ -1415,6 +1415,11 @@ def _sample_batch(model, diffusion, plan, sampler, shape, labels, guidance, clf,
     return sample(classifier_guidance(net, diffusion, clf[0], y, scale), plan, (stop - start, *shape), noise, tick).cpu()
 
 
+def _row_per_class(labels) -> int | None:
+    """Grid columns that put each class of balanced_labels on a row of its own (None: no labels)."""
+    return None if labels is None else -(-len(labels) // len(set(labels.tolist())))
+
+
 def _guided(model, labels, guidance: float, start: int, stop: int, device):
     """The model for images start..stop of a run (the labels of those), guided as asked."""
     if labels is None:
@@ -1454,8 +1459,7 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
     with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
         xs = [_sample_batch(model, diffusion, plan, options["sampler"], shape, labels, options["guidance"], clf,
                             classifier_scale, i, min(n, i + batch_size), noise, tick, dev) for i in range(0, n, batch_size)]
-    columns = -(-n // len(set(labels.tolist()))) if labels is not None else None
-    _samples_to_file(torch.cat(xs).numpy(), out, columns, labels)
+    _samples_to_file(torch.cat(xs).numpy(), out, _row_per_class(labels), labels)
     typer.echo(f"wrote {n} samples ({options['sampler']}, {len(plan)} network calls) to {out}")
 
 
@@ -1514,7 +1518,7 @@ def onnx_sample_cmd(model: str, n: int = Opt(64, "--n"), seed: int = Opt(0), bat
     with _progress("sampling", len(plan) * -(-n // batch_size)) as tick:
         x, timing = ort_sampler.run(plan, n, seed, batch_size, progress=tick, return_timing=True, labels=labels,
                                     guidance=guidance)
-    _samples_to_file(x, out, -(-n // len(set(labels.tolist()))) if labels is not None else None, labels)
+    _samples_to_file(x, out, _row_per_class(labels), labels)
     typer.echo(f"wrote {n} samples to {out}: {timing['steps']} network calls on {timing['provider']}, "
                f"{n / timing['total_s']:.1f} images/s, loop/network time {timing['total_s'] / timing['network_s']:.3f}")
 
@@ -1710,12 +1714,12 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
     if guidance_table:
         if not model.class_names and not classifier:
             raise UserError("--guidance-table needs a class-conditional model (or --classifier)")
-        everything = ",".join(map(str, range(10)))
         rows = {f"classifier-free, s = {g:g}": fd_of(guidance=g) for g in ((0.0, 1.0, 2.0, 3.0) if model.class_names else ())}
         if classifier:
             clf = load_classifier(classifier, dev)
+            every_class = ",".join(map(str, range(len(clf[2]))))
             rows.update({f"classifier guidance of the unconditional model, g = {g}":  # the null label: s = 0
-                         fd_of(clf=clf, scale=float(g), classes=everything, guidance=0.0) for g in classifier_scale.split(",")})
+                         fd_of(clf=clf, scale=float(g), classes=every_class, guidance=0.0) for g in classifier_scale.split(",")})
         if json_:
             typer.echo(json.dumps({"rows": rows, "floor": floor, "n": n}))
             return

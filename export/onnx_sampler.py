@@ -594,12 +594,13 @@ class OnnxSampler:
             pair.update_inplace(np.concatenate([x_first, x_first]))
             y = np.concatenate([y, np.full(len(y), self.null_label, dtype=np.int64)])
         zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
-        x0s = [self._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(M + 1)]  # a ring: zeros before row 0
+        x0s = [self._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(M + 1 if M else 0)]  # a ring: zeros first
         timesteps = [self._ortvalue(np.full(net_shape[0], t, dtype=np.int64)) for t in plan.t]
         net = self.session.io_binding()
         net.bind_ortvalue_output("model_output", out)
-        if y is not None:
-            net.bind_ortvalue_input("y", self._ortvalue(np.ascontiguousarray(y, dtype=np.int64)))
+        labels = None if y is None else self._ortvalue(np.ascontiguousarray(y, dtype=np.int64))  # held: bound below
+        if labels is not None:
+            net.bind_ortvalue_input("y", labels)
         scale = self._ortvalue(np.array([guidance], dtype=np.float32))
         updates = {}
         network_s = 0.0
