@@ -205,14 +205,27 @@ def test_cli_user_errors(tmp_path):
     assert_user_error(cli("train", "--variance", "learned_range"), "hybrid")
     assert_user_error(cli("train", "--preset", "huge"), "preset must be one of")
     assert_user_error(cli("sample", tmp_path / "missing.pt"), "no such checkpoint")
-    (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
-    assert_user_error(cli("sample", tmp_path / "junk.pt"), "not a readable checkpoint")
-    (tmp_path / "junk.pt").write_bytes(b"\x80\x05" + os.urandom(1000))  # a pickle protocol the unpickler warns about
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x05" + np.random.default_rng(0).bytes(1000))
     assert_user_error(cli("sample", tmp_path / "junk.pt"), "not a readable checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     assert_user_error(cli("nll", tmp_path / "other.pt"), "not a ddpm checkpoint")
     assert_user_error(cli("sample", tmp_path / "other.pt", "--out", "x.jpg"), "must end in")
     assert_user_error(cli("bogus"), "No such command")
+
+
+def test_foreign_and_truncated_files_are_user_errors(tmp_path):
+    """Random bytes, random bytes behind a pickle header (the unpickler then fails in many ways: IndexError,
+    KeyError, UnicodeDecodeError, ...) and truncations of a real checkpoint: each one a UserError."""
+    rng = np.random.default_rng(0)
+    torch.save({"format": ddpm.CHECKPOINT_FORMAT, "w": torch.arange(1000.0)}, tmp_path / "real.pt")
+    real = (tmp_path / "real.pt").read_bytes()
+    cases = [rng.bytes(int(rng.integers(1, 2000))) for _ in range(100)]
+    cases += [b"\x80" + bytes([p]) + rng.bytes(int(rng.integers(0, 2000))) for _ in range(100) for p in (2, 5)]
+    cases += [real[:int(n)] for n in rng.integers(0, len(real) - 1, 100)]
+    for data in cases:
+        (tmp_path / "junk.pt").write_bytes(data)
+        with pytest.raises(ddpm.UserError, match="not a readable checkpoint"):
+            ddpm.load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_cli_few_step_samplers_reconstruct_and_interpolate(tmp_path):
