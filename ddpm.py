@@ -12,6 +12,7 @@ the closed-form oracles of the tests are others.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import json
@@ -42,6 +43,49 @@ def check_choice(name: str, value, kind) -> None:
     """Raise ValueError naming the valid values when `value` is not one of the Literal `kind`."""
     if value not in get_args(kind):
         raise ValueError(f"{name} must be one of {', '.join(get_args(kind))}, got {value!r}")
+
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fast_bf16(device: torch.device) -> str | None:
+    """Why `device` runs bfloat16 faster than float32 (CUDA with bf16; a CPU whose torch reports AMX or
+    AVX512-BF16 matrix instructions), or None."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} runs bf16" if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        for probe, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+            if getattr(torch.cpu, probe, lambda: False)():
+                return f"the CPU has {name}"
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(fp32|bf16|fp16, why): `auto` is bf16 autocast where the device runs it fast, float32 elsewhere."""
+    check_choice("precision", precision, Precision)
+    if precision != "auto":
+        return precision, "as asked"
+    why = fast_bf16(device)
+    return ("bf16", f"auto: {why}") if why else ("fp32", f"auto: no fast bf16 on {device.type}")
+
+
+class AtPrecision(torch.nn.Module):
+    """model(*args) in `precision` for inference: bf16/fp16 run a copy of the weights in that dtype under
+    autocast (which keeps the sinusoidal embedding and the normalisations' statistics in float32); the
+    output is float32, so the sampler's arithmetic stays float32. fp32 calls the model itself."""
+
+    def __init__(self, model: torch.nn.Module, precision: str):
+        super().__init__()
+        self.dtype = AUTOCAST_DTYPE.get(precision)
+        self.model = model if self.dtype is None else copy.deepcopy(model).to(self.dtype)
+        self.class_names = getattr(model, "class_names", [])
+
+    def forward(self, *args):
+        if self.dtype is None:
+            return self.model(*args)
+        with torch.autocast(args[0].device.type, dtype=self.dtype):
+            return self.model(*args).float()
 
 
 # ----------------------------------------------------------------------------------------- schedules
@@ -686,7 +730,6 @@ def to_uint8(x):
 
 # ---------------------------------------------------------------------------------- training (Alg. 1)
 
-Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 CHECKPOINT_FORMAT = "ddpm-reference-checkpoint-1"
 
@@ -724,7 +767,7 @@ class TrainConfig:
     flip: bool = _option(False, "random horizontal flips")
     seed: int = _option(0)
     device: str = _option("auto", "auto|cpu|cuda")
-    precision: str = _option("fp32", "fp32|bf16|fp16 autocast")
+    precision: str = _option("auto", "auto|fp32|bf16|fp16 autocast (auto: bf16 where the device runs it fast)")
     compile: bool = _option(False, "torch.compile the network")
     channels_last: bool = _option(False)
     checkpoint_every: int = _option(500)
@@ -873,8 +916,9 @@ class Trainer:
         self.gen = torch.Generator(device).manual_seed(cfg.seed + rank)
         net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
         self.net = torch.compile(net) if cfg.compile else net
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.precision = resolve_precision(cfg.precision, device)[0]
+        self.autocast = AUTOCAST_DTYPE.get(self.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step = 0
         self.running = torch.zeros((), device=device)  # summed loss since the last report, kept on the device
         self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/inf loss since the start
@@ -936,7 +980,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     """Algorithm 1: repeat { x0 ~ q(x0), t ~ U, eps ~ N(0, I), gradient step on the loss } (Trainer), on
     every process under torchrun (DDP). Writes cfg.out/checkpoint.pt every checkpoint_every steps and at
     the end, and a sample grid every sample_every steps. callback({"step", "steps", "loss", "images_per_s"})
-    is called on rank 0 once set up (loss None) and at each log step. Returns a summary."""
+    is called on rank 0 once set up (loss None, and "precision": the precision chosen and why) and at each
+    log step. Returns a summary."""
     cfg.validate()
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     ddp = world > 1
@@ -974,7 +1019,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
 
     losses, start_step, t0 = [], trainer.step, time.perf_counter()
     if callback and rank == 0:
-        callback({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None})
+        callback({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None,
+                  "precision": "{} ({})".format(*resolve_precision(cfg.precision, device))})
     while trainer.step < cfg.steps:
         trainer.train_step(data, labels)
         step = trainer.step
@@ -1135,11 +1181,47 @@ def _timed(fn, repeats: int, sync=lambda: None, bare=None):
     return (times, bare_times) if bare else times
 
 
+def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, threads: int | None = None) -> float:
+    """Operations/s of an n x n product in onnxruntime's CPU provider (the best of `repeats` after a warm-up):
+    MatMul in float32 (fp16: float16), MatMulInteger (uint8 x int8 -> int32, the kernel under quantized
+    Conv and MatMul) for int8. The peak an exported file's achieved FLOP/s is read against."""
+    from onnx import TensorProto as TP, helper
+    import onnxruntime as ort
+    kind = {"fp32": (TP.FLOAT, TP.FLOAT, TP.FLOAT, "MatMul", np.float32, np.float32),
+            "fp16": (TP.FLOAT16, TP.FLOAT16, TP.FLOAT16, "MatMul", np.float16, np.float16),
+            "int8": (TP.UINT8, TP.INT8, TP.INT32, "MatMulInteger", np.uint8, np.int8)}[precision]
+    graph = helper.make_graph([helper.make_node(kind[3], ["a", "b"], ["c"])], "matmul",
+                              [helper.make_tensor_value_info("a", kind[0], [n, n]), helper.make_tensor_value_info("b", kind[1], [n, n])],
+                              [helper.make_tensor_value_info("c", kind[2], [n, n])])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # what onnxruntime reads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.integers(0, 100, (n, n)).astype(kind[4]), "b": rng.integers(-100, 100, (n, n)).astype(kind[5])}
+    return 2 * n ** 3 / min(_timed(lambda: session.run(None, feed), repeats))
+
+
+def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str, steps: int, repeats: int,
+               precision: str) -> dict:
+    """The onnxruntime rows' measurement, run by bench_sample in a process of its own: `repeats` timings
+    (after a warm-up) of OnnxSampler.sample and the matmul peak of the file's precision."""
+    from .export.onnx_sampler import OnnxSampler
+    s = OnnxSampler(onnx_path, provider, threads)
+    timings = [s.sample(batch, sampler, steps, return_timing=True)[1] for _ in range(repeats + 1)][1:]
+    return {"timings": timings, "peak": onnx_matmul_peak(precision, threads=threads)}
+
+
 def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "ort", "cpp"), repeats: int = 3,
-                 runs=(("ancestral", 1000), ("ddim", 50)), device: str = "auto", threads: int | None = None):
-    """Images/s and network evaluations/s of each backend for each (sampler, steps), and the loop overhead:
-    the loop's time / the time of the same number of bare network calls. Weights are the preset's
-    initialisation with a random output layer (speed does not depend on them)."""
+                 runs=(("ancestral", 1000), ("ddim", 50)), device: str = "auto", threads: int | None = None,
+                 precisions=("auto",)):
+    """Images/s and network evaluations/s of each backend and precision for each (sampler, steps), the loop
+    overhead (the loop's time / the time of the same number of bare network calls), and the achieved FLOP/s
+    beside the matmul peak of the row's precision and library. torch runs fp32|bf16|fp16 (auto: see
+    resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32). Weights are the
+    preset's initialisation with a random output layer (speed does not depend on them); int8 is calibrated
+    on uniform noise images."""
     import subprocess
     import sys
     import tempfile
@@ -1152,67 +1234,92 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     diffusion = Diffusion(beta_schedule("linear", 1000))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows, tmp = [], tempfile.mkdtemp()
-    cost = (unet.flops_per_forward(model), matmul_peak(torch.float32, dev))  # FLOP per image; float32 peak
-    onnx_path = os.path.join(tmp, "model.onnx")
-    if {"ort", "cpp"} & set(backends):
-        from .export.onnx_export import export_onnx
-        export_onnx(model.cpu(), diffusion, (C, S, S), onnx_path, check=False)
-        model.to(dev)
+    flops = unet.flops_per_forward(model)  # per image and network call
     x = torch.randn(shape, device=dev)
     t = torch.full((batch,), 500, device=dev, dtype=torch.long)
+    provider = "cuda" if dev.type == "cuda" else "cpu"
+    onnx_files = {}
+
+    def onnx_file(precision):
+        if precision not in onnx_files:
+            from .export.onnx_export import export_onnx
+            onnx_files[precision] = os.path.join(tmp, f"model-{precision}.onnx")
+            images = np.random.default_rng(0).uniform(-1, 1, (256, C, S, S)).astype(np.float32)
+            export_onnx(model.cpu(), diffusion, (C, S, S), onnx_files[precision], precision=precision,
+                        calibration_images=images, check=False)
+            model.to(dev)
+        return onnx_files[precision]
+
     for backend in backends:
-        if backend in ("torch", "compile"):
-            net = torch.compile(model) if backend == "compile" else model
-            for sampler, steps in runs:
-                plan = make_plan(diffusion, sampler, steps)
-                gen = torch.Generator(dev).manual_seed(0)
-                times, bare = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync,
-                                     bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
-                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, str(dev), cost))
-        elif backend == "ort":
-            # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
-            # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
-            probe = ("import json, sys; from ddpm_reference.export.onnx_sampler import OnnxSampler; "
-                     "s = OnnxSampler(*json.loads(sys.argv[1])); print(json.dumps([s.sample(*json.loads(sys.argv[2]), "
-                     "return_timing=True)[1] for _ in range(int(sys.argv[3]))]))")
-            setup = json.dumps([onnx_path, "cuda" if dev.type == "cuda" else "cpu", threads])
-            for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
-                out = subprocess.run([sys.executable, "-c", probe, setup, json.dumps([batch, sampler, steps]),
-                                      str(repeats + 1)], capture_output=True, text=True, check=True).stdout
-                timings = json.loads(out.strip().splitlines()[-1])[1:]
-                times, bare = [r["total_s"] for r in timings], [r["network_s"] for r in timings]
-                rows.append(_bench_row(backend, sampler, steps, batch, times, bare, timings[0]["provider"], cost))
-        elif backend == "cpp":
-            runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
-            if not os.path.exists(runner):
-                raise UserError(f"{runner} not built: run `make cpp` (or drop cpp from --backends)")
-            for sampler, steps in runs:
-                cmd = [runner, "--model", onnx_path, "--n", str(batch), "--sampler", sampler, "--steps", str(steps),
-                       "--json", "--out", os.path.join(tmp, "x.npy"), "--provider", "cuda" if dev.type == "cuda" else "cpu"]
-                cmd += ["--threads", str(threads)] if threads else []
-                runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-                                        .splitlines()[-1]) for _ in range(repeats + 1)][1:]
-                times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
-                rows.append(_bench_row("cpp", sampler, steps, batch, times, bare, runs_json[0]["provider"], cost))
-        else:
+        if backend not in ("torch", "compile", "ort", "cpp"):
             raise ValueError(f"backends must be among torch, compile, ort, cpp, got {backend!r}")
+        for precision in _backend_precisions(backend, precisions, dev):
+            if backend in ("torch", "compile"):
+                net = AtPrecision(model, precision)
+                net = torch.compile(net) if backend == "compile" else net
+                cost = (flops, matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev))
+                for sampler, steps in runs:
+                    plan = make_plan(diffusion, sampler, steps)
+                    gen = torch.Generator(dev).manual_seed(0)
+                    times, bare = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync,
+                                         bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
+                    rows.append(_bench_row(backend, precision, sampler, steps, batch, times, bare, str(dev), cost))
+            elif backend == "ort":
+                # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
+                # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
+                probe = ("import json, sys; from ddpm_reference import ddpm; "
+                         "print(json.dumps(ddpm._ort_bench(*json.loads(sys.argv[1]))))")
+                for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
+                    args = [onnx_file(precision), provider, threads, batch, sampler, steps, repeats, precision]
+                    out = subprocess.run([sys.executable, "-c", probe, json.dumps(args)], capture_output=True, text=True,
+                                         check=True).stdout
+                    res = json.loads(out.strip().splitlines()[-1])
+                    times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
+                    rows.append(_bench_row(backend, precision, sampler, steps, batch, times, bare,
+                                           res["timings"][0]["provider"], (flops, res["peak"])))
+            else:
+                runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
+                if not os.path.exists(runner):
+                    raise UserError(f"{runner} not built: run `make cpp` (or drop cpp from --backends)")
+                peak = onnx_matmul_peak(precision, threads=threads)  # the C++ runner's library is onnxruntime's
+                for sampler, steps in runs:
+                    cmd = [runner, "--model", onnx_file(precision), "--n", str(batch), "--sampler", sampler,
+                           "--steps", str(steps), "--json", "--out", os.path.join(tmp, "x.npy"), "--provider", provider]
+                    cmd += ["--threads", str(threads)] if threads else []
+                    runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+                                            .splitlines()[-1]) for _ in range(repeats + 1)][1:]
+                    times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
+                    rows.append(_bench_row("cpp", precision, sampler, steps, batch, times, bare,
+                                           runs_json[0]["provider"], (flops, peak)))
     return rows
 
 
-def _bench_row(backend, sampler, steps, batch, times, network_times, where, cost):
+def _backend_precisions(backend: str, precisions, device: torch.device) -> list[str]:
+    """The precisions of `precisions` that `backend` runs, auto resolved (torch: resolve_precision; an ONNX
+    file: fp32), in order, once each."""
+    torch_side = backend in ("torch", "compile")
+    runs = ("fp32", "bf16", "fp16") if torch_side else ("fp32", "fp16", "int8")
+    chosen = [(resolve_precision(p, device)[0] if torch_side else "fp32") if p == "auto" else p for p in precisions]
+    for p in chosen:
+        if p not in runs + ("int8", "bf16"):
+            raise ValueError(f"precision must be among auto, fp32, bf16, fp16, int8, got {p!r}")
+    return list(dict.fromkeys(p for p in chosen if p in runs))
+
+
+def _bench_row(backend, precision, sampler, steps, batch, times, network_times, where, cost):
     """One report row; overhead is the median over repeats of loop time / network time of that repeat;
-    cost = (FLOP per network call and image, the float32 matmul peak FLOP/s) gives the achieved GFLOP/s
-    and its share of that peak."""
+    cost = (FLOP per network call and image, the matmul peak FLOP/s of the row's precision) gives the
+    achieved GFLOP/s and its share of that peak."""
     med = float(np.median(times))
     evals_per_s = batch * steps / med
-    return {"backend": backend, "sampler": sampler, "steps": steps, "batch": batch, "device": where,
+    return {"backend": backend, "precision": precision, "sampler": sampler, "steps": steps, "batch": batch, "device": where,
             **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": evals_per_s,
             "network_s": float(np.median(network_times)),
             "overhead": float(np.median(np.array(times) / np.array(network_times))),
             "achieved_gflops": evals_per_s * cost[0] / 1e9, "of_matmul_peak": evals_per_s * cost[0] / cost[1]}
 
 
-def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32", compile: bool = False,
+def bench_train(preset: str = "digits", batch: int = 64, precision: str = "auto", compile: bool = False,
                 channels_last: bool = False, synthetic: bool = True, steps: int = 20, repeats: int = 3,
                 device: str = "auto"):
     """Training images/s after warm-up (median of `repeats` timings of `steps` steps of Trainer.train_step,
@@ -1238,8 +1345,8 @@ def bench_train(preset: str = "digits", batch: int = 64, precision: str = "fp32"
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     flops = 3 * unet.flops_per_forward(trainer.model) * images_per_s
-    dense = matmul_peak({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32), dev)
-    return {"preset": preset, "batch": batch, "precision": precision, "compile": compile, "device": str(dev),
+    dense = matmul_peak(AUTOCAST_DTYPE.get(trainer.precision, torch.float32), dev)
+    return {"preset": preset, "batch": batch, "precision": trainer.precision, "compile": compile, "device": str(dev),
             **_median_spread([t / steps for t in times]), "images_per_s": images_per_s, "peak_memory_bytes": int(peak),
             "achieved_tflops": flops / 1e12, "matmul_peak_tflops": dense / 1e12, "of_matmul_peak": flops / dense}
 
@@ -1285,6 +1392,8 @@ def _train_progress():
     def report(r):
         nonlocal task
         if task is None:
+            if "precision" in r:
+                bar.console.print(f"precision: {r['precision']}")
             bar.start()
             task = bar.add_task("train", total=r["steps"], completed=r["step"], info="")
         info = "" if r["loss"] is None else f"loss {r['loss']:.4f}  {r['images_per_s']:.0f} img/s"
@@ -1293,6 +1402,16 @@ def _train_progress():
         yield report
     finally:
         bar.stop()
+
+
+PRECISION_OPT = Opt("auto", help="auto|fp32|bf16|fp16 of the network (auto: bf16 where the device runs it fast)")
+
+
+def _at_precision(model, precision: str, device: torch.device):
+    """The model in the asked precision (AtPrecision), the choice printed on stderr."""
+    chosen, why = resolve_precision(precision, device)
+    typer.echo(f"precision: {chosen} ({why})", err=True)
+    return AtPrecision(model, chosen)
 
 
 def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
@@ -1434,6 +1553,7 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
                numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of "
                                         "`onnx-sample` and the C++ runner"),
                ema: bool = Opt(True, help="EMA weights"), batch_size: int = Opt(256), device: str = Opt("auto"),
+               precision: str = PRECISION_OPT,
                out: str = Opt("samples.png", help=".png grid or .npz (arr_0: uint8 NHWC; arr_1: labels)"), **options):
     """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE), with a corrector or not;
     a class-conditional model samples the requested classes, with classifier-free guidance."""
@@ -1443,6 +1563,7 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
                         "which needs gradients, runs on checkpoints only)")
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    model = _at_precision(model, precision, dev)
     clf = load_classifier(classifier, dev) if classifier else None
     labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], n)
     if clf and options["classes"] is None:
@@ -1464,11 +1585,12 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
 @app.command("nll")
 def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint's data set"),
             n: int = Opt(360, "--n", help="held-out images to score"), batch_size: int = Opt(512),
-            seed: int = Opt(0), ema: bool = Opt(True), device: str = Opt("auto"),
+            seed: int = Opt(0), ema: bool = Opt(True), device: str = Opt("auto"), precision: str = PRECISION_OPT,
             json_: bool = Opt(False, "--json", help="print JSON")):
     """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    model = _at_precision(model, precision, dev)
     dataset = load_data(data or cfg.data, cfg.image_size)
     held_out = dataset.held_out
     if tuple(held_out.shape[1:]) != shape:
@@ -1489,16 +1611,26 @@ def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint
 @app.command("export")
 def export_cmd(checkpoint: str, out: str = Opt("model.onnx", help="the .onnx file to write"),
                opset: int = Opt(17), ema: bool = Opt(True, help="EMA weights"),
-               fp16: bool = Opt(False, help="float16 weights and compute, float32 inputs/outputs"),
+               precision: str = Opt("fp32", help="fp32|fp16|int8 (int8: static QDQ quantization, calibrated on "
+                                                 "the checkpoint's training images)"),
+               calibration: int = Opt(512, help="with int8: training images to calibrate and check on"),
                clip: bool = Opt(True, help="the file's default for clipping the predicted x0")):
     """Export eps_theta and its schedule to one self-describing ONNX file, checked against PyTorch."""
     from .export.onnx_export import export_onnx
-    model, diffusion, _, shape = load_model(checkpoint, ema)
-    report = export_onnx(model, diffusion, shape, out, opset=opset, fp16=fp16, clip_denoised=clip,
-                         classes=model.class_names)
-    typer.echo(f"wrote {out} ({report['size_bytes'] / 1e6:.1f} MB, opset {opset}, {report['exporter']} exporter); "
-               f"max |onnxruntime - torch| = {report['max_abs_diff']:.2e} over {len(report['checks'])} checks "
-               f"(tolerance {report['tolerance']:g})")
+    model, diffusion, cfg, shape = load_model(checkpoint, ema)
+    images = None
+    if precision == "int8":
+        train_split = load_data(cfg.data, cfg.image_size).train
+        pick = np.random.default_rng(0).permutation(len(train_split))[:calibration]
+        images = to_model_range(torch.from_numpy(train_split[pick])).numpy()
+    report = export_onnx(model, diffusion, shape, out, opset=opset, precision=precision, calibration_images=images,
+                         clip_denoised=clip, classes=model.class_names)
+    rms = [c["relative_rms"] for c in report["checks"] if "relative_rms" in c]
+    error = (f"relative RMS |onnxruntime - torch| = {max(rms):.3f} on {sum(c['batch'] for c in report['checks'])} "
+             f"noisy training images not used to calibrate" if rms else
+             f"max |onnxruntime - torch| = {report['max_abs_diff']:.2e} over {len(report['checks'])} checks")
+    typer.echo(f"wrote {out} ({precision}, {report['size_bytes'] / 1e6:.1f} MB, opset {opset}, {report['exporter']} "
+               f"exporter); {error} (tolerance {report['tolerance']:g})")
 
 
 @app.command("onnx-sample")
@@ -1636,16 +1768,19 @@ def _print_table(rows: list[dict], json_: bool) -> None:
 @bench_app.command("sample")
 def bench_sample_cmd(preset: str = Opt("digits"), batch: int = Opt(64), steps: int = Opt(None, help="override both runs' steps"),
                      backends: str = Opt("torch,ort,cpp", help="comma-separated: torch,compile,ort,cpp"),
+                     precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch), fp32,fp16,int8 "
+                                                       "(onnxruntime, C++); auto: bf16 where fast (torch), fp32 (ONNX)"),
                      repeats: int = Opt(3), device: str = Opt("auto"), threads: int = Opt(None, help="onnxruntime/C++ threads"),
                      json_: bool = Opt(False, "--json")):
-    """Images/s, network evaluations/s and loop overhead (loop time / bare network time) for 1000-step
-    ancestral and 50-step DDIM sampling."""
+    """Images/s, network evaluations/s, loop overhead (loop time / bare network time) and achieved FLOP/s
+    against the matmul peak of the row's precision, for 1000-step ancestral and 50-step DDIM sampling."""
     runs = (("ancestral", steps or 1000), ("ddim", steps or 50))
-    _print_table(bench_sample(preset, batch, tuple(backends.split(",")), repeats, runs, device, threads), json_)
+    _print_table(bench_sample(preset, batch, tuple(backends.split(",")), repeats, runs, device, threads,
+                              tuple(precision.split(","))), json_)
 
 
 @bench_app.command("train")
-def bench_train_cmd(preset: str = Opt("digits"), batch: int = Opt(64), precision: str = Opt("fp32"),
+def bench_train_cmd(preset: str = Opt("digits"), batch: int = Opt(64), precision: str = PRECISION_OPT,
                     compile: bool = Opt(False), channels_last: bool = Opt(False),
                     synthetic: bool = Opt(False, help="random data of the preset's shape (always for non-digits presets)"),
                     steps: int = Opt(20, help="steps per timing"), repeats: int = Opt(3), device: str = Opt("auto"),
@@ -1676,7 +1811,8 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
                                                   "s = 0, 1, 2, 3 (and classifier guidance with --classifier)"),
            classifier: str = Opt(None, help="with --guidance-table: also classifier guidance with this classifier"),
            classifier_scale: str = Opt("1,2", help="with --guidance-table --classifier: the g values"),
-           seed: int = Opt(0), device: str = Opt("auto"), json_: bool = Opt(False, "--json"), **options):
+           seed: int = Opt(0), device: str = Opt("auto"), precision: str = PRECISION_OPT,
+           json_: bool = Opt(False, "--json"), **options):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by; for a class-conditional model (samples
     over all classes by default) also the share of samples that classifier assigns to the requested class."""
@@ -1696,6 +1832,7 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
     model, diffusion, _, shape = load_model(source, True, dev)
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
+    model = _at_precision(model, precision, dev)
 
     def fd_of(variance=None, clf=None, scale=1.0, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion

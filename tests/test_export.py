@@ -108,7 +108,7 @@ def test_export_round_trip(digits):
     net, d, path, report = digits
     onnx.checker.check_model(str(path), full_check=True)
     assert report["path"] == str(path) and report["opset"] == 17 and report["exporter"] == "torchscript"
-    assert report["size_bytes"] == path.stat().st_size and not report["fp16"]
+    assert report["size_bytes"] == path.stat().st_size and report["precision"] == "fp32"
     assert {(c["batch"], c["t"]) for c in report["checks"]} >= {(b, t) for b in (1, 7) for t in (0, T // 2, T - 1)}
     assert report["max_abs_diff"] <= 1e-4 and not list(path.parent.glob(".tmp-*"))
 
@@ -142,8 +142,8 @@ def test_learned_range_export(small):
 
 def test_fp16_export_within_tolerance(digits, tmp_path):
     net, d, path32, _ = digits
-    report = export_onnx(net, d, IMAGE, tmp_path / "half.onnx", fp16=True)
-    assert report["fp16"] and report["tolerance"] == FP16_TOLERANCE and report["max_abs_diff"] <= FP16_TOLERANCE
+    report = export_onnx(net, d, IMAGE, tmp_path / "half.onnx", precision="fp16")
+    assert report["precision"] == "fp16" and report["tolerance"] == FP16_TOLERANCE and report["max_abs_diff"] <= FP16_TOLERANCE
     model = onnx.load(str(tmp_path / "half.onnx"))
     initializers = {i.name: i.data_type for i in model.graph.initializer}
     weights = [name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") for name in n.input
@@ -172,7 +172,7 @@ class Loud(torch.nn.Module):
 
 def test_fp16_refused_when_too_coarse_and_nothing_written(tmp_path):
     with pytest.raises(ExportError, match="float16 is too coarse"):
-        export_onnx(Loud(), diffusion(), IMAGE, tmp_path / "loud.onnx", fp16=True)
+        export_onnx(Loud(), diffusion(), IMAGE, tmp_path / "loud.onnx", precision="fp16")
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
 
 
