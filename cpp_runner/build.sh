@@ -1,7 +1,8 @@
 #!/bin/sh
-# Build ddpm_runner into cpp_runner/build (or $BUILD_DIR). Installs the Debian build tools when missing
-# (as root), fetches the ONNX Runtime headers when neither ONNXRUNTIME_ROOT nor system headers exist, and
-# links against the libonnxruntime of the onnxruntime wheel in $PYTHON (default: the project's .venv).
+# Build ddpm_runner and libddpm_sampler into cpp_runner/build (or $BUILD_DIR). Installs the Debian build tools
+# when missing (as root), fetches the ONNX Runtime headers when neither ONNXRUNTIME_ROOT, ORT_HEADERS_DIR nor
+# system headers exist, and links against the libonnxruntime of the onnxruntime wheel in $PYTHON (default: the
+# project's .venv). Extra cmake arguments: $CMAKE_ARGS (e.g. -DDDPM_SANITIZE=address,undefined).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 BUILD=${BUILD_DIR:-$HERE/build}
@@ -24,10 +25,13 @@ fi
 
 set -- -DCMAKE_BUILD_TYPE=Release
 [ -n "$PYTHON" ] && set -- "$@" -DORT_PYTHON="$PYTHON"
-if [ -z "${ONNXRUNTIME_ROOT:-}" ] && [ ! -f /usr/include/onnxruntime/onnxruntime_cxx_api.h ]; then
+if [ -n "${ORT_HEADERS_DIR:-}" ]; then
+  set -- "$@" -DORT_HEADERS_DIR="$ORT_HEADERS_DIR"
+elif [ -z "${ONNXRUNTIME_ROOT:-}" ] && [ ! -f /usr/include/onnxruntime/onnxruntime_cxx_api.h ]; then
   "$HERE/fetch_ort_headers.sh" "$BUILD/ort-headers"
   set -- "$@" -DORT_HEADERS_DIR="$BUILD/ort-headers/include"
 fi
-cmake -S "$HERE" -B "$BUILD" "$@" >/dev/null
+# shellcheck disable=SC2086
+cmake -S "$HERE" -B "$BUILD" "$@" ${CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD" -j "$(nproc 2>/dev/null || echo 2)"
 echo "built $BUILD/ddpm_runner"

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Fetch the ONNX Runtime C/C++ headers from Debian trixie's libonnxruntime-dev and unpack them into DESTDIR
-# (DESTDIR/include/onnxruntime/*.h). Bookworm has no such package; the headers' C API version is older than
-# the runtime of the Python wheel, which is fine: the C API is versioned and backward compatible.
+# (DESTDIR/include/onnxruntime/*.h). Bookworm has no such package. Pinned to ONNX Runtime 1.21 (C API version 21):
+# the library then runs on any runtime from 1.21 on (the C API is versioned and backward compatible; the Python
+# wheel's 1.31 is what the tests use) and refuses an older one at load with a clear error.
 # Idempotent: exits at once when the headers are already there.
 set -eu
 DEST=${1:?usage: fetch_ort_headers.sh DESTDIR}
@@ -26,6 +27,11 @@ apt-get $APT download libonnxruntime-dev >/dev/null
 dpkg -x "$WORK"/libonnxruntime-dev_*.deb "$WORK/root"
 INC=$(dirname "$(find "$WORK/root" -name onnxruntime_cxx_api.h | head -n1)")
 [ -f "$INC/onnxruntime_cxx_api.h" ] || { echo "fetch_ort_headers.sh: no headers in libonnxruntime-dev" >&2; exit 1; }
+grep -q '^#define ORT_API_VERSION 21$' "$INC/onnxruntime_c_api.h" || {
+  echo "fetch_ort_headers.sh: expected the ONNX Runtime 1.21 headers (ORT_API_VERSION 21), trixie has:" \
+       "$(grep '^#define ORT_API_VERSION' "$INC/onnxruntime_c_api.h")" >&2
+  exit 1
+}
 mkdir -p "$DEST/include/onnxruntime"
 cp "$INC"/*.h "$DEST/include/onnxruntime/"
 rm -rf "$WORK"

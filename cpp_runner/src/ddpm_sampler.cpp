@@ -1,80 +1,223 @@
-#include "ddpm_sampler.h"
+#include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
 #include <array>
-#include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <future>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
+#include "ddpm/sampler.h"
 #include "mt19937.h"
+#include "parse.h"
+
+// The float32 step arithmetic must round as numpy's does (see -ffp-contract=off in CMakeLists.txt).
+#if defined(__FAST_MATH__)
+#error "ddpm_sampler.cpp must not be compiled with -ffast-math: the samples would no longer match numpy's"
+#endif
 
 namespace ddpm {
+
+Error::~Error() = default;
+
 namespace {
 
 void need(bool ok, const std::string& message) {
-  if (!ok) throw UsageError(message);
+  if (!ok) throw Error(message);
 }
 
 bool one_of(const std::string& v, std::initializer_list<const char*> allowed) {
   return std::any_of(allowed.begin(), allowed.end(), [&](const char* a) { return v == a; });
 }
 
+// Every comma-separated field, empty ones included ("1,8,8," has four), as Python's str.split(",").
 std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> parts;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) parts.push_back(item);
+  std::vector<std::string> parts(1);
+  for (char c : s) {
+    if (c == ',') parts.emplace_back();
+    else parts.back().push_back(c);
+  }
   return parts;
 }
 
-std::string one_line(std::string s) {
-  std::replace(s.begin(), s.end(), '\n', ' ');
-  return s;
+std::string one_line(const std::string& s) { return printable(s, 500); }
+
+// Bounds on what a file may ask for, checked before anything is allocated from it: T up to 10^5 timesteps, images
+// of up to 2^24 floats (e.g. 4 x 2048 x 2048), up to 2^20 classes.
+constexpr int64_t kMaxTimesteps = 100000, kMaxImageFloats = int64_t(1) << 24, kMaxClasses = int64_t(1) << 20;
+
+// The metadata_props of an ONNX file (ModelProto field 14, entries StringStringEntryProto {1: key, 2: value}; the
+// last of a repeated key wins, as in ONNX Runtime), read from the protobuf wire format without ONNX Runtime, so that
+// the metadata is checked and bounded before a session is built from a file that may be hostile, and a refused file
+// costs no graph parse. The other top-level fields, the graph among them, are skipped over.
+std::map<std::string, std::string> read_metadata_props(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  need(bool(f), "cannot read " + path);
+  const std::string foreign = "cannot load " + path + ": not an ONNX model (truncated, or another format)";
+  f.seekg(0, std::ios::end);
+  const uint64_t size = uint64_t(f.tellg());
+  f.seekg(0);
+  const auto varint = [&](const auto& next_byte) {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      const int b = next_byte();
+      need(b >= 0, foreign);
+      v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    throw Error(foreign);
+  };
+  const auto file_byte = [&] { return f.get(); };  // EOF is -1
+  constexpr uint64_t kMaxMetadataBytes = uint64_t(1) << 26;
+  uint64_t metadata_bytes = 0;
+  std::map<std::string, std::string> props;
+  while (f.peek() != std::char_traits<char>::eof()) {
+    const uint64_t key = varint(file_byte), wire = key & 7;
+    uint64_t skip = wire == 1 ? 8 : wire == 5 ? 4 : 0;
+    if (wire == 0) varint(file_byte);
+    else if (wire == 2) skip = varint(file_byte);
+    else need(wire == 1 || wire == 5, foreign);  // groups (3, 4) are not in ONNX's schema
+    const uint64_t at = uint64_t(f.tellg());
+    need(f.good() && skip <= size - at, foreign);
+    if (key >> 3 != 14 || wire != 2) {
+      f.seekg(std::streamoff(skip), std::ios::cur);
+      continue;
+    }
+    metadata_bytes += skip;
+    need(metadata_bytes <= kMaxMetadataBytes, path + ": more than " + std::to_string(kMaxMetadataBytes) + " bytes of metadata");
+    std::string entry(skip, '\0');
+    need(bool(f.read(&entry[0], std::streamsize(skip))), foreign);
+    size_t i = 0;
+    const auto entry_byte = [&] { return i < entry.size() ? int(uint8_t(entry[i++])) : -1; };
+    std::string fields[3];  // 1: key, 2: value
+    while (i < entry.size()) {
+      const uint64_t k = varint(entry_byte), w = k & 7;
+      const uint64_t n = w == 2 ? varint(entry_byte) : w == 0 ? (varint(entry_byte), 0) : w == 1 ? 8 : w == 5 ? 4 : ~0ull;
+      need(n <= entry.size() - i, foreign);
+      if (w == 2 && (k >> 3 == 1 || k >> 3 == 2)) fields[k >> 3] = entry.substr(i, n);
+      i += n;
+    }
+    props[fields[1]] = fields[2];
+  }
+  return props;
 }
 
-ModelInfo read_metadata(const Ort::Session& session, const std::string& path) {
-  Ort::AllocatorWithDefaultOptions alloc;
-  const Ort::ModelMetadata md = session.GetModelMetadata();
-  const auto get = [&](const std::string& key) -> std::string {
-    const auto v = md.LookupCustomMetadataMapAllocated(("ddpm." + key).c_str(), alloc);
-    need(bool(v), path + " is not a DDPM model: metadata key 'ddpm." + key + "' is missing (make it with ddpm export)");
-    return v.get();
+ModelInfo read_metadata(const std::map<std::string, std::string>& props, const std::string& path) {
+  const auto has = [&](const std::string& key) { return props.count("ddpm." + key) > 0; };
+  const auto get = [&](const std::string& key) -> const std::string& {
+    const auto it = props.find("ddpm." + key);
+    need(it != props.end(), path + " is not a DDPM model: metadata key 'ddpm." + key + "' is missing (make it with ddpm export)");
+    return it->second;
   };
   const std::string in = path + ": ";
   need(get("format") == "1", in + "ddpm.format is not 1; this runner reads format 1");
   ModelInfo m;
-  for (const auto& b : split(get("betas"))) m.betas.push_back(parse_double(b, "ddpm.betas"));
-  need(parse_int(get("num_timesteps"), "ddpm.num_timesteps") == int64_t(m.betas.size()),
-       in + "ddpm.num_timesteps differs from the number of ddpm.betas");
-  need(!m.betas.empty() && std::all_of(m.betas.begin(), m.betas.end(), [](double b) { return b > 0 && b <= 1; }),
+  const std::string betas = get("betas");  // counted before it is split: a hostile file may hold millions of commas
+  const int64_t T = parse_int(get("num_timesteps"), in + "ddpm.num_timesteps");
+  need(T >= 1 && T <= kMaxTimesteps, in + "ddpm.num_timesteps must be in 1.." + std::to_string(kMaxTimesteps));
+  need(std::count(betas.begin(), betas.end(), ',') + 1 == T, in + "ddpm.num_timesteps differs from the number of ddpm.betas");
+  for (const auto& b : split(betas)) m.betas.push_back(parse_double(b, in + "ddpm.betas"));
+  need(std::all_of(m.betas.begin(), m.betas.end(), [](double b) { return b > 0 && b <= 1; }),
        in + "ddpm.betas must lie in (0, 1]");
   m.parameterization = get("parameterization"), m.variance = get("variance");
-  need(one_of(m.parameterization, {"eps", "x0", "v"}), in + "unknown ddpm.parameterization " + m.parameterization);
+  need(one_of(m.parameterization, {"eps", "x0", "v"}), in + "unknown ddpm.parameterization '" + printable(m.parameterization) + "'");
   double abar_T = 1.0;
   for (double b : m.betas) abar_T *= 1.0 - b;
   need(abar_T > 0 || m.parameterization != "eps", in + "zero terminal SNR (alpha_bar_T = 0) needs the v or x0 parameterization");
-  need(one_of(m.variance, {"fixed_small", "fixed_large", "learned_range"}), in + "unknown ddpm.variance " + m.variance);
+  need(one_of(m.variance, {"fixed_small", "fixed_large", "learned_range"}), in + "unknown ddpm.variance '" + printable(m.variance) + "'");
   const auto shape = split(get("image_shape"));
   need(shape.size() == 3, in + "ddpm.image_shape must be C,H,W");
-  m.C = parse_int(shape[0], "ddpm.image_shape"), m.H = parse_int(shape[1], "ddpm.image_shape");
-  m.W = parse_int(shape[2], "ddpm.image_shape");
-  need(m.C > 0 && m.H > 0 && m.W > 0, in + "ddpm.image_shape must be positive");
+  m.C = parse_int(shape[0], in + "ddpm.image_shape"), m.H = parse_int(shape[1], in + "ddpm.image_shape");
+  m.W = parse_int(shape[2], in + "ddpm.image_shape");
+  // One factor at a time, so that the product cannot overflow.
+  need(m.C >= 1 && m.H >= 1 && m.W >= 1 && m.C <= kMaxImageFloats && m.H <= kMaxImageFloats / m.C &&
+       m.W <= kMaxImageFloats / (m.C * m.H), in + "ddpm.image_shape must be positive with C*H*W <= " + std::to_string(kMaxImageFloats));
   const std::string clip = get("clip_denoised");
   need(one_of(clip, {"true", "false"}), in + "ddpm.clip_denoised must be true or false");
   m.clip_denoised = clip == "true";
   need(get("timestep_dtype") == "int64", in + "ddpm.timestep_dtype must be int64");
-  if (md.LookupCustomMetadataMapAllocated("ddpm.num_classes", alloc)) {
-    m.num_classes = parse_int(get("num_classes"), "ddpm.num_classes");
-    need(m.num_classes >= 0 && m.num_classes <= (1 << 20) && parse_int(get("null_label"), "ddpm.null_label") == m.num_classes,
-         in + "ddpm.num_classes K and ddpm.null_label K must agree");
+  if (has("num_classes") || has("null_label")) {
+    m.num_classes = parse_int(get("num_classes"), in + "ddpm.num_classes");
+    need(m.num_classes >= 0 && m.num_classes <= kMaxClasses && parse_int(get("null_label"), in + "ddpm.null_label") == m.num_classes,
+         in + "ddpm.num_classes K (at most " + std::to_string(kMaxClasses) + ") and ddpm.null_label K must agree");
   }
-  return m;
+  return m;  // other keys (ddpm.version, ddpm.class_names, ...) are not needed here and are ignored
+}
+
+// One input or output of the graph as ONNX Runtime reports it; dims of -1 are symbolic or unknown.
+struct Port {
+  std::string name;
+  bool tensor = false;
+  ONNXTensorElementDataType dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+};
+
+Port port(const std::string& name, const Ort::TypeInfo& type) {
+  Port p;
+  p.name = name;
+  p.tensor = type.GetONNXType() == ONNX_TYPE_TENSOR;  // a sequence or map has no tensor info to ask for
+  if (p.tensor) {
+    const auto info = type.GetTensorTypeAndShapeInfo();
+    p.dtype = info.GetElementType(), p.dims = info.GetShape();
+  }
+  return p;
+}
+
+std::string describe(const Port& p) {
+  if (!p.tensor) return "not a tensor";
+  const char* dtype = p.dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? "float32"
+                      : p.dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64   ? "int64"
+                      : p.dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE  ? "float64"
+                      : p.dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? "float16"
+                      : p.dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32   ? "int32"
+                                                                         : "another dtype";
+  std::string s = std::string(dtype) + " [";
+  for (size_t i = 0; i < p.dims.size(); ++i) s += (i ? ", " : "") + (p.dims[i] < 0 ? std::string("?") : std::to_string(p.dims[i]));
+  return s + "]";
+}
+
+// The graph is eps_theta as the README specifies, for this metadata: x float32 [B, C, H, W], t int64 [B] (and y int64
+// [B] for a class-conditional model) -> model_output float32 [B, C_out, H, W], C_out = 2C for learned_range.
+// Symbolic dims pass here; ONNX Runtime checks them against the buffers at run time.
+void check_graph(const Ort::Session& session, const ModelInfo& m, const std::string& path) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  std::map<std::string, Port> inputs;
+  for (size_t i = 0; i < session.GetInputCount(); ++i) {
+    const std::string name = session.GetInputNameAllocated(i, alloc).get();
+    inputs[name] = port(name, session.GetInputTypeInfo(i));
+  }
+  std::vector<std::string> names;
+  for (const auto& kv : inputs) names.push_back(kv.first);
+  need(names == (m.num_classes ? std::vector<std::string>{"t", "x", "y"} : std::vector<std::string>{"t", "x"}),
+       path + (m.num_classes ? ": the inputs must be x, t and y (an exported class-conditional eps_theta)"
+                             : ": the inputs must be x and t (an exported eps_theta)"));
+  need(session.GetOutputCount() == 1 && std::string(session.GetOutputNameAllocated(0, alloc).get()) == "model_output",
+       path + ": the graph must have one output, model_output (an exported eps_theta)");
+  const Port out = port("model_output", session.GetOutputTypeInfo(0));
+  const auto fits = [](const Port& p, ONNXTensorElementDataType dtype, std::vector<int64_t> want) {
+    if (!p.tensor || p.dtype != dtype || p.dims.size() != want.size()) return false;
+    for (size_t i = 0; i < want.size(); ++i)
+      if (p.dims[i] >= 0 && want[i] >= 0 && p.dims[i] != want[i]) return false;
+    return true;
+  };
+  const auto expect = [&](const Port& p, ONNXTensorElementDataType dtype, std::vector<int64_t> want, const std::string& what) {
+    need(fits(p, dtype, want), path + ": " + p.name + " must be " + what + ", the graph has " + describe(p));
+  };
+  const std::string chw = std::to_string(m.C) + ", " + std::to_string(m.H) + ", " + std::to_string(m.W);
+  expect(inputs["x"], ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {-1, m.C, m.H, m.W}, "float32 [B, " + chw + "] (ddpm.image_shape)");
+  expect(inputs["t"], ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {-1}, "int64 [B]");
+  if (m.num_classes) expect(inputs["y"], ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {-1}, "int64 [B]");
+  expect(out, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {-1, m.out_channels(), m.H, m.W},
+         "float32 [B, " + std::to_string(m.out_channels()) + ", " + std::to_string(m.H) + ", " + std::to_string(m.W) +
+         "] (C_out = " + (m.variance == "learned_range" ? "2C for ddpm.variance learned_range" : "C for ddpm.variance " + m.variance) + ")");
 }
 
 struct Pair {
@@ -194,6 +337,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+
 // ---- the update of one step as an ONNX graph, so that it runs on the provider's device -------------------
 // Protobuf by hand (varints and length-delimited fields) keeps the build free of onnx/protobuf.
 std::string varint(uint64_t n) {
@@ -231,7 +375,8 @@ std::string node(const std::string& statement) {
 // or, when learned, Nichol & Dhariwal's Eq. (15) from the variance channels v; the float32 operations of
 // step_mean and step_noise, in order. c = [x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max, lo,
 // hi, 1, 0.5, w_1..w_M]; z = 0 when no noise is added; with M > 0 the graph also outputs x0. Opset 17, the
-// same graph as export/onnx_sampler.py builds.
+// update export/onnx_sampler.py builds, plus bad_next = bad + sum(out - out): NaN from the first row whose
+// network output holds NaN or inf on, kept on the device and read once per batch.
 std::string step_graph(bool learned, bool split_output, int64_t memory, bool guided) {
   std::string text = "Split c -> x0_x x0_o mean_x0 mean_xt sigma log_var_min log_var_max lo hi one half";
   for (int64_t j = 1; j <= memory; ++j) text += " w" + std::to_string(j);
@@ -250,17 +395,19 @@ std::string step_graph(bool learned, bool split_output, int64_t memory, bool gui
   text += learned ? "Add v one -> f1; Mul f1 half -> frac; Mul frac log_var_max -> p1; Sub one frac -> q;"
                     "Mul q log_var_min -> p2; Add p1 p2 -> p; Mul half p -> ph; Exp ph -> s;"
                   : "Identity sigma -> s;";
-  text += "Mul s z -> n; Add mean" + std::to_string(memory) + " n -> x_next";
+  text += "Mul s z -> n; Add mean" + std::to_string(memory) + " n -> x_next;";
+  text += "Sub out out -> nonfinite; ReduceSum nonfinite -> nonfinite_sum; Add bad nonfinite_sum -> bad_next";
   if (guided) text += "; Concat x_next x_next -> x_pair";
   std::string graph;
   std::stringstream statements(text);
   for (std::string statement; std::getline(statements, statement, ';');) graph += field(1, node(statement));
   graph += field(2, "ddpm_step") + field(11, float_tensor("x", {"B", "C", "H", "W"})) +
            field(11, float_tensor("out", {guided ? "B2" : "B", "C_out", "H", "W"})) +
-           field(11, float_tensor("z", {"B", "C", "H", "W"})) + field(11, float_tensor("c", {"K"}));
+           field(11, float_tensor("z", {"B", "C", "H", "W"})) + field(11, float_tensor("c", {"K"})) +
+           field(11, float_tensor("bad", {"1", "1", "1", "1"}));
   for (int64_t j = 1; j <= memory; ++j) graph += field(11, float_tensor("x0_" + std::to_string(j), {"B", "C", "H", "W"}));
   if (guided) graph += field(11, float_tensor("scale", {"1"}));
-  graph += field(12, float_tensor("x_next", {"B", "C", "H", "W"}));
+  graph += field(12, float_tensor("x_next", {"B", "C", "H", "W"})) + field(12, float_tensor("bad_next", {"1", "1", "1", "1"}));
   if (memory) graph += field(12, float_tensor("x0", {"B", "C", "H", "W"}));
   if (guided) graph += field(12, float_tensor("x_pair", {"B2", "C", "H", "W"}));
   return field(1, 8) + field(8, field(1, "") + field(2, 17)) + field(7, graph);
@@ -273,30 +420,48 @@ std::future<void> draw_noise(RandomState& rng, float* z, int64_t count, bool spa
   return std::async(policy, [&rng, z, count] { rng.fill_normal(z, count); });
 }
 
-bool init_ort_api() {
-  const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
-  need(api != nullptr, "the ONNX Runtime library " + std::string(OrtGetApiBase()->GetVersionString()) +
-                           " is older than the headers it was built with (API " + std::to_string(ORT_API_VERSION) + ")");
-  Ort::InitApi(api);
-  return true;
+// True when no value is NaN or inf: an all-ones exponent. On the bits, so that it vectorises.
+bool all_finite(const float* v, size_t n) {
+  uint32_t nonfinite = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, v + i, sizeof bits);
+    nonfinite |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return nonfinite == 0;
+}
+
+void need_finite_output(bool ok, const std::string& where) {
+  need(ok, "the network's output holds NaN or inf (" + where + "): the model file is broken, or was exported from a "
+           "diverged checkpoint");
+}
+
+// The API table of the ONNX Runtime library in use, fetched once per process: a runtime older than the headers
+// offers no table of their version, which is a clear error rather than a crash in a missing function.
+void init_ort_api() {
+  static const OrtApi* const api = [] {
+    const OrtApi* a = OrtGetApiBase()->GetApi(ORT_API_VERSION);
+    if (a) Ort::InitApi(a);
+    return a;
+  }();
+  need(api != nullptr, "the ONNX Runtime library in use is version " + std::string(OrtGetApiBase()->GetVersionString()) +
+                           "; this library needs 1." + std::to_string(ORT_API_VERSION) + " or newer (C API version " +
+                           std::to_string(ORT_API_VERSION) + ", the headers it was built with)");
+}
+
+// Runs f; ONNX Runtime's exceptions and a failed allocation become Error, the one type the library throws.
+template <typename F>
+auto guarded(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const Ort::Exception& e) {
+    throw Error("onnxruntime: " + one_line(e.what()));
+  } catch (const std::bad_alloc&) {
+    throw Error("out of memory (use a smaller batch)");
+  }
 }
 
 }  // namespace
-
-int64_t parse_int(const std::string& s, const std::string& what) {
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(s.c_str(), &end, 10);
-  need(!s.empty() && *end == '\0' && errno == 0, what + ": not an integer: '" + s + "'");
-  return v;
-}
-
-double parse_double(const std::string& s, const std::string& what) {
-  char* end = nullptr;
-  const double v = std::strtod(s.c_str(), &end);
-  need(!s.empty() && *end == '\0' && std::isfinite(v), what + ": not a number: '" + s + "'");
-  return v;
-}
 
 std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing, const std::vector<double>& abar) {
   need(one_of(spacing, {"uniform", "linspace", "trailing", "quadratic", "logsnr"}),
@@ -409,43 +574,71 @@ Plan make_inversion_plan(const ModelInfo& info, int64_t steps, const std::string
   }
   return p;
 }
+// ---- the sampler ------------------------------------------------------------------------------------------
+struct Sampler::Impl {
+  Impl(const std::string& model_path, const LoadOptions& options);
 
-Sampler::Sampler(const std::string& model_path, const std::string& provider, int threads, bool step_graph)
-    : api_ready_(init_ort_api()), env_(ORT_LOGGING_LEVEL_FATAL, "ddpm_runner") {
+  using Tick = std::function<void(int64_t step)>;
+  struct Labels {  // the network's labels for one batch: [B], or [2B] (the labels, then the null label) if guided
+    std::vector<int64_t> y;
+    bool guided = false;
+    float scale = 1.0f;
+  };
+  Labels batch_labels(const Conditioning& cond, int64_t first, int64_t b) const;
+  Ort::Session& step_session(bool learned, int64_t memory, bool guided);
+  RunStats sample(const Plan& plan, uint32_t seed, float* out, size_t n_floats, const SampleOptions& options);
+  // Both run the plan on x (the batch's slice of the result), which holds the start (init) or is drawn as x_T.
+  double run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng, const Tick& tick,
+                           Labels& labels);
+  double run_batch_on_provider(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng,
+                               const Tick& tick, Labels& labels);
+
+  bool api_ready_ = (init_ort_api(), true);  // before anything below is built
+  Ort::Env env_;
+  Ort::SessionOptions options_;
+  Ort::Session session_{nullptr};
+  // The row updates of the step-graph path by (learned, memory, guided), built when first needed and kept, so that
+  // a session (and, on CUDA, its kernels and memory) is made once per Sampler, not once per sample call.
+  std::map<std::tuple<bool, int64_t, bool>, Ort::Session> step_sessions_;
+  ModelInfo info_;
+  std::string provider_name_;
+  std::unique_ptr<Ort::Allocator> cuda_allocator_;
+  OrtAllocator* device_allocator_ = nullptr;  // where x lives on the step-graph path
+  bool cuda_ = false, step_graph_ = false, spare_core_ = false;
+};
+
+Sampler::Impl::Impl(const std::string& model_path, const LoadOptions& opt) : env_(ORT_LOGGING_LEVEL_FATAL, "ddpm") {
   std::error_code ec;
   need(std::filesystem::is_regular_file(model_path, ec), "model file not found: " + model_path);
-  need(provider == "cpu" || provider == "cuda", "unknown provider '" + provider + "' (cpu or cuda)");
-  if (threads > 0) options_.SetIntraOpNumThreads(threads);
-  cuda_ = provider == "cuda";
-  step_graph_ = step_graph || cuda_;
+  need(opt.provider == "cpu" || opt.provider == "cuda", "unknown provider '" + opt.provider + "' (cpu or cuda)");
+  need(opt.threads >= 0 && opt.threads <= 1024, "threads must be in 0..1024");
+  if (opt.threads > 0) options_.SetIntraOpNumThreads(opt.threads);
+  cuda_ = opt.provider == "cuda";
+  step_graph_ = opt.step_graph || cuda_;
   // ONNX Runtime's CPU default is a thread per core, so only a GPU run or a capped thread count leaves one.
-  spare_core_ = cuda_ || (threads > 0 && unsigned(threads) < std::thread::hardware_concurrency());
+  spare_core_ = cuda_ || (opt.threads > 0 && unsigned(opt.threads) < std::thread::hardware_concurrency());
   provider_name_ = cuda_ ? "CUDAExecutionProvider" : "CPUExecutionProvider";
   if (cuda_) {
     const auto available = Ort::GetAvailableProviders();
     need(std::count(available.begin(), available.end(), provider_name_) == 1,
          "--provider cuda: this ONNX Runtime build has no CUDA execution provider");
+    // Warnings on stderr, among them the list of nodes that fell back to the CPU (a silent slowdown otherwise).
+    options_.SetLogSeverityLevel(ORT_LOGGING_LEVEL_WARNING);
     try {
       options_.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions{});
     } catch (const Ort::Exception& e) {
-      throw UsageError("--provider cuda: CUDA execution provider unavailable (it needs an NVIDIA GPU and the CUDA 12 "
-                       "and cuDNN 9 libraries on the library path): " + one_line(e.what()));
+      throw Error("--provider cuda: CUDA execution provider unavailable (it needs an NVIDIA GPU and the CUDA 12 "
+                  "and cuDNN 9 libraries on the library path): " + one_line(e.what()));
     }
   }
+  info_ = read_metadata(read_metadata_props(model_path), model_path);
   try {
     session_ = Ort::Session(env_, model_path.c_str(), options_);
   } catch (const Ort::Exception& e) {
-    throw UsageError("cannot load " + model_path + " with " + provider_name_ + ": " + one_line(e.what()));
+    throw Error("cannot load " + model_path + " with " + provider_name_ + ": " + one_line(e.what()));
   }
-  info_ = read_metadata(session_, model_path);
+  check_graph(session_, info_, model_path);
   Ort::AllocatorWithDefaultOptions alloc;
-  std::vector<std::string> inputs;
-  for (size_t i = 0; i < session_.GetInputCount(); ++i) inputs.push_back(session_.GetInputNameAllocated(i, alloc).get());
-  std::sort(inputs.begin(), inputs.end());
-  need(inputs == (info_.num_classes ? std::vector<std::string>{"t", "x", "y"} : std::vector<std::string>{"t", "x"}),
-       model_path + (info_.num_classes ? ": the inputs must be x, t and y (an exported class-conditional eps_theta)"
-                                       : ": the inputs must be x and t (an exported eps_theta)"));
-  out_name_ = session_.GetOutputNameAllocated(0, alloc).get();
   device_allocator_ = alloc;
   if (cuda_) {
     cuda_allocator_ = std::make_unique<Ort::Allocator>(session_, Ort::MemoryInfo("Cuda", OrtArenaAllocator, 0, OrtMemTypeDefault));
@@ -453,7 +646,17 @@ Sampler::Sampler(const std::string& model_path, const std::string& provider, int
   }
 }
 
-Sampler::Labels Sampler::batch_labels(const Conditioning& cond, int64_t first, int64_t b) const {
+Ort::Session& Sampler::Impl::step_session(bool learned, int64_t memory, bool guided) {
+  const auto key = std::make_tuple(learned, memory, guided);
+  auto it = step_sessions_.find(key);
+  if (it == step_sessions_.end()) {
+    const std::string graph = step_graph(learned, info_.out_channels() != info_.C, memory, guided);
+    it = step_sessions_.emplace(key, Ort::Session(env_, graph.data(), graph.size(), options_)).first;
+  }
+  return it->second;
+}
+
+Sampler::Impl::Labels Sampler::Impl::batch_labels(const Conditioning& cond, int64_t first, int64_t b) const {
   Labels l;
   if (!info_.num_classes) {  // no y input: zeros of the batch size keep the tensor that is never bound valid
     l.y.assign(b, 0);
@@ -468,48 +671,54 @@ Sampler::Labels Sampler::batch_labels(const Conditioning& cond, int64_t first, i
   return l;
 }
 
-std::vector<float> Sampler::sample(const Plan& p, int64_t n, int64_t batch, uint32_t seed, RunStats* stats,
-                                   const Progress& progress, const float* x_init, const Conditioning& cond) {
-  need(n >= 1 && batch >= 1, "n and batch must be at least 1");
+RunStats Sampler::Impl::sample(const Plan& p, uint32_t seed, float* out, size_t n_floats, const SampleOptions& o) {
+  const size_t chw = info_.image_floats();
+  need(out != nullptr && n_floats >= chw && n_floats % chw == 0,
+       "the output buffer must hold n >= 1 images of C*H*W = " + std::to_string(chw) + " floats, got " +
+       std::to_string(n_floats) + " floats");
+  // The largest buffer is [2 batch, 2 C, H, W] (guided, learned variances): keep its size far from overflowing.
+  need(n_floats <= size_t(PTRDIFF_MAX) / (8 * sizeof(float)), "the output buffer is too large");
+  const int64_t n = int64_t(n_floats / chw);
+  const Conditioning& cond = o.conditioning;
+  need(o.batch >= 0, "batch must be at least 1 (or 0: all at once)");
+  need(p.channels == info_.C && p.memory >= 0 &&
+       std::all_of(p.steps.begin(), p.steps.end(), [&](const Step& s) {
+         return s.t >= 0 && s.t < int64_t(info_.betas.size()) && int64_t(s.mean_x0_prev.size()) == p.memory &&
+                (!s.learned || info_.variance == "learned_range");
+       }), "the plan was not made for this model (use make_plan with this Sampler's info())");
   need(info_.num_classes || cond.labels.empty(), "this model is unconditional: it takes no labels (--class)");
   need(!cond.labels.empty() || cond.guidance == 1.0, "a guidance scale needs labels (--class or --classes)");
+  need(std::isfinite(cond.guidance), "the guidance scale must be a finite number");
   need(cond.labels.empty() || int64_t(cond.labels.size()) == n, "one label per image is needed");
   for (int64_t y : cond.labels)
     need(y >= 0 && y < info_.num_classes, "label " + std::to_string(y) + " is out of range: the model has classes 0.." +
          std::to_string(info_.num_classes - 1));
-  batch = std::min(batch, n);
-  std::vector<float> result(n * info_.C * info_.H * info_.W);
-  if (x_init) std::copy(x_init, x_init + result.size(), result.begin());
+  need(!o.init || all_finite(o.init, n_floats), "the starting images (init) hold NaN or inf");
+  const int64_t batch = o.batch ? std::min<int64_t>(o.batch, n) : n;
+  if (o.init && o.init != out) std::memmove(out, o.init, n_floats * sizeof(float));
   RandomState rng(seed);
-  StepSessions steps;  // the update graphs of the plan's rows (plain and learned), built once per call
-  const bool guided = batch_labels(cond, 0, 1).guided;
-  if (step_graph_)
-    for (const Step& s : p.steps)
-      if (!steps[s.learned]) {
-        const std::string graph = step_graph(s.learned, info_.out_channels() != info_.C, p.memory, guided);
-        steps[s.learned] = std::make_unique<Ort::Session>(env_, graph.data(), graph.size(), options_);
-      }
   const int64_t n_batches = (n + batch - 1) / batch;
   double network_s = 0.0;
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t bi = 0; bi < n_batches; ++bi) {
     const int64_t b = std::min(batch, n - bi * batch);
-    float* x = result.data() + bi * batch * info_.C * info_.H * info_.W;
+    float* x = out + bi * batch * int64_t(chw);
     const auto tick = [&](int64_t k) {
-      if (progress) progress(bi, n_batches, k, p.steps.size());
+      if (o.progress) o.progress(bi, n_batches, k, p.steps.size());
     };
     Labels labels = batch_labels(cond, bi * batch, b);
-    network_s += step_graph_ ? run_batch_on_provider(p, steps, b, x, !x_init, rng, tick, labels)
-                             : run_batch_on_host(p, b, x, !x_init, rng, tick, labels);
+    network_s += step_graph_ ? run_batch_on_provider(p, b, x, !o.init, rng, tick, labels)
+                             : run_batch_on_host(p, b, x, !o.init, rng, tick, labels);
+    // Finite outputs can still overflow x; the result an app gets is finite or an error.
+    need_finite_output(all_finite(x, size_t(b) * chw), "the samples overflowed");
   }
-  if (stats) *stats = RunStats{seconds_since(t0), network_s};
-  return result;
+  return RunStats{seconds_since(t0), network_s};
 }
 
 // x stays in the result on the host; the network writes into a host buffer and the update is one fused loop.
 // The last M x0 predictions are a ring of M + 1 buffers (zeros before the first row).
-double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng,
-                                  const Tick& tick, Labels& labels) {
+double Sampler::Impl::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng,
+                                        const Tick& tick, Labels& labels) {
   const int64_t C = info_.C, Co = info_.out_channels(), chw = C * info_.H * info_.W, out_chw = Co * info_.H * info_.W;
   const int64_t nb = labels.guided ? 2 * b : b;  // the network's batch
   const int64_t x_shape[4] = {nb, C, info_.H, info_.W}, out_shape[4] = {nb, Co, info_.H, info_.W};
@@ -523,7 +732,7 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_
   Ort::Value output = Ort::Value::CreateTensor<float>(mem, out.data(), nb * out_chw, out_shape, 4);
   const char* input_names[3] = {"x", "t", "y"};
   const size_t n_inputs = info_.num_classes ? 3 : 2;
-  const char* output_name = out_name_.c_str();
+  const char* output_name = "model_output";
   double network_s = 0.0;
   if (draw_x_T) rng.fill_normal(x, b * chw);
   const int64_t ring = p.memory + 1;
@@ -539,6 +748,7 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_
     const auto r0 = std::chrono::steady_clock::now();
     session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, n_inputs, &output_name, &output, 1);
     network_s += seconds_since(r0);
+    need_finite_output(all_finite(out.data(), out.size()), "row " + std::to_string(k) + ", t = " + std::to_string(s.t));
     const float* o = labels.guided ? guide(out.data(), b, chw, out_chw, labels.scale, guided_out.data()) : out.data();
     for (int64_t j = 1; j <= p.memory; ++j) earlier[j - 1] = x0s[(int64_t(k) - j + ring * j) % ring].data();
     step_mean(p, s, b, chw, out_chw, x, o, p.memory ? x0s[k % ring].data() : nullptr, earlier);
@@ -553,17 +763,18 @@ double Sampler::run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_
 
 // x, the network output, the earlier x0s and the update stay on the provider's device (IO binding; the update
 // is the ONNX graph of step_graph): per row only t, the coefficients and z (when drawn) go to the device, and x
-// comes back once, after the last row. On the CPU the same path runs with host memory (tested with --step-graph).
-double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_t b, float* x_out, bool draw_x_T,
-                                      RandomState& rng, const Tick& tick, Labels& labels) {
+// comes back once, after the last row, with the finiteness sum. On the CPU the same path runs with host memory
+// (tested with --step-graph).
+double Sampler::Impl::run_batch_on_provider(const Plan& p, int64_t b, float* x_out, bool draw_x_T,
+                                            RandomState& rng, const Tick& tick, Labels& labels) {
   const int64_t n_c = 11 + p.memory, chw = info_.C * info_.H * info_.W, ring = p.memory + 1;
   const int64_t nb = labels.guided ? 2 * b : b;  // the network's batch
   const int64_t x_shape[4] = {b, info_.C, info_.H, info_.W}, out_shape[4] = {nb, info_.out_channels(), info_.H, info_.W};
-  const int64_t pair_shape[4] = {nb, info_.C, info_.H, info_.W}, one = 1;
+  const int64_t pair_shape[4] = {nb, info_.C, info_.H, info_.W}, one = 1, scalar_shape[4] = {1, 1, 1, 1};
   const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::vector<float> x_T(nb * chw), z(b * chw), zeros(b * chw, 0.0f), c(n_c);
   std::vector<int64_t> t(nb);
-  float scale = labels.scale;
+  float scale = labels.scale, bad_start = 0.0f, bad_end = 0.0f;
   const auto host = [&](float* data, int64_t count, const int64_t* shape, size_t rank) {
     return Ort::Value::CreateTensor<float>(mem, data, count, shape, rank);
   };
@@ -572,30 +783,37 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
   const Ort::Value t_v = Ort::Value::CreateTensor<int64_t>(mem, t.data(), nb, &nb, 1);
   const Ort::Value y_v = Ort::Value::CreateTensor<int64_t>(mem, labels.y.data(), labels.y.size(), &nb, 1);
   const Ort::Value xpair_v = host(x_T.data(), nb * chw, pair_shape, 4), scale_v = host(&scale, 1, &one, 1);
+  const Ort::Value bad_start_v = host(&bad_start, 1, scalar_shape, 4);
+  Ort::Value bad_end_v = host(&bad_end, 1, scalar_shape, 4);
   std::vector<Ort::Value> device_pair;  // guided: the network's next [x; x], written by the update
   for (int j = 0; j < (labels.guided ? 2 : 0); ++j)
     device_pair.push_back(Ort::Value::CreateTensor<float>(device_allocator_, pair_shape, 4));
   Ort::Value result_v = host(x_out, b * chw, x_shape, 4);
   Ort::Value device_x[2] = {Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4),
                             Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4)};
+  Ort::Value device_bad[2] = {Ort::Value::CreateTensor<float>(device_allocator_, scalar_shape, 4),
+                              Ort::Value::CreateTensor<float>(device_allocator_, scalar_shape, 4)};
   std::vector<Ort::Value> x0s;  // the ring of earlier x0s on the device; rows before the first read zeros_v
   for (int64_t j = 0; j < (p.memory ? ring : 0); ++j) x0s.push_back(Ort::Value::CreateTensor<float>(device_allocator_, x_shape, 4));
   const Ort::Value out = Ort::Value::CreateTensor<float>(device_allocator_, out_shape, 4);
   Ort::IoBinding net(session_);
+  Ort::Session* step_sessions[2] = {nullptr, nullptr};
   std::unique_ptr<Ort::IoBinding> updates[2];
-  for (int learned = 0; learned < 2; ++learned)
-    if (steps[learned]) {
-      updates[learned] = std::make_unique<Ort::IoBinding>(*steps[learned]);
-      updates[learned]->BindInput("out", out);
-      if (labels.guided) updates[learned]->BindInput("scale", scale_v);
+  for (const Step& s : p.steps)
+    if (!updates[s.learned]) {
+      step_sessions[s.learned] = &step_session(s.learned, p.memory, labels.guided);
+      updates[s.learned] = std::make_unique<Ort::IoBinding>(*step_sessions[s.learned]);
+      updates[s.learned]->BindInput("out", out);
+      if (labels.guided) updates[s.learned]->BindInput("scale", scale_v);
     }
-  net.BindOutput(out_name_.c_str(), out);
+  net.BindOutput("model_output", out);
   if (info_.num_classes) net.BindInput("y", y_v);
   if (draw_x_T) rng.fill_normal(x_T.data(), b * chw);
   else std::copy(x_out, x_out + b * chw, x_T.begin());
   if (labels.guided) std::copy(x_T.begin(), x_T.begin() + b * chw, x_T.begin() + b * chw);  // [x_T; x_T]
   const Ort::Value* x = &xT_v;
   const Ort::Value* pair = &xpair_v;
+  const Ort::Value* bad = &bad_start_v;
   const Ort::Value* z_bound[2] = {nullptr, nullptr};  // zeros are bound once; z after every draw
   double network_s = 0.0;
   const size_t S = p.steps.size();
@@ -622,19 +840,37 @@ double Sampler::run_batch_on_provider(const Plan& p, StepSessions& steps, int64_
       update.BindInput(("x0_" + std::to_string(j)).c_str(), int64_t(k) >= j ? x0s[(int64_t(k) - j) % ring] : zeros_v);
     if (p.memory) update.BindOutput("x0", x0s[k % ring]);
     Ort::Value& next = k + 1 == S ? result_v : device_x[k % 2];
+    Ort::Value& bad_next = k + 1 == S ? bad_end_v : device_bad[k % 2];
     update.BindInput("x", *x);
     update.BindInput("c", c_v);
+    update.BindInput("bad", *bad);
     update.BindOutput("x_next", next);
+    update.BindOutput("bad_next", bad_next);
     if (labels.guided) update.BindOutput("x_pair", device_pair[k % 2]);
     update.SynchronizeInputs();
-    steps[s.learned]->Run(Ort::RunOptions{nullptr}, update);
+    step_sessions[s.learned]->Run(Ort::RunOptions{nullptr}, update);
     x = &next;
+    bad = &bad_next;
     if (labels.guided) pair = &device_pair[k % 2];
     tick(k + 1);
   }
   for (auto& update : updates)
     if (update) update->SynchronizeOutputs();
+  need_finite_output(S == 0 || bad_end == 0.0f, "at some row of this batch");
   return network_s;
+}
+
+// ---- the public API: every failure leaves as Error -----------------------------------------------------------
+Sampler::Sampler(const std::string& model_path, const LoadOptions& options)
+    : impl_(guarded([&] { return std::make_unique<Impl>(model_path, options); })) {}
+Sampler::~Sampler() = default;
+Sampler::Sampler(Sampler&&) noexcept = default;
+Sampler& Sampler::operator=(Sampler&&) noexcept = default;
+const ModelInfo& Sampler::info() const { return impl_->info_; }
+const std::string& Sampler::provider() const { return impl_->provider_name_; }
+
+RunStats Sampler::sample(const Plan& plan, uint32_t seed, float* out, size_t n_floats, const SampleOptions& options) {
+  return guarded([&] { return impl_->sample(plan, seed, out, n_floats, options); });
 }
 
 }  // namespace ddpm

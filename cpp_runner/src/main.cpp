@@ -11,12 +11,13 @@
 #include <set>
 #include <sstream>
 
-#include "ddpm_sampler.h"
+#include "ddpm/sampler.h"
 #include "mt19937.h"
+#include "parse.h"
 
 namespace {
 
-using ddpm::UsageError;
+using ddpm::Error;
 
 const char* kUsage =
     "usage: ddpm_runner --model MODEL.onnx --out FILE.png|FILE.npy [--n N] [--batch B]\n"
@@ -42,7 +43,7 @@ struct Args {
 
 int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
   const int64_t x = ddpm::parse_int(v, flag);
-  if (x < lo || x > hi) throw UsageError(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  if (x < lo || x > hi) throw Error(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
   return x;
 }
 
@@ -56,9 +57,9 @@ Args parse_args(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
-    if (switches.count(f) == 0 && valued.count(f) == 0) throw UsageError("unknown option '" + f + "' (see --help)");
+    if (switches.count(f) == 0 && valued.count(f) == 0) throw Error("unknown option '" + f + "' (see --help)");
     if (valued.count(f)) {
-      if (i + 1 >= argc) throw UsageError(f + " needs a value");
+      if (i + 1 >= argc) throw Error(f + " needs a value");
       v = argv[++i];
     }
     if (f == "--model") a.model = v;
@@ -86,10 +87,10 @@ Args parse_args(int argc, char** argv) {
     else a.help = true;
   }
   if (a.help || a.dump_noise >= 0) return a;
-  if (a.model.empty()) throw UsageError("--model is required (see --help)");
-  if (a.out.empty() && !a.dump_plan) throw UsageError("--out is required (see --help)");
-  if (a.provider != "cpu" && a.provider != "cuda") throw UsageError("--provider must be cpu or cuda");
-  if (a.invert && a.init.empty()) throw UsageError("--invert encodes images: give them with --init FILE.npy");
+  if (a.model.empty()) throw Error("--model is required (see --help)");
+  if (a.out.empty() && !a.dump_plan) throw Error("--out is required (see --help)");
+  if (a.provider != "cpu" && a.provider != "cuda") throw Error("--provider must be cpu or cuda");
+  if (a.invert && a.init.empty()) throw Error("--invert encodes images: give them with --init FILE.npy");
   return a;
 }
 
@@ -98,11 +99,11 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 void check_writable(const std::string& out) {
-  if (!ends_with(out, ".png") && !ends_with(out, ".npy")) throw UsageError("--out must end in .png or .npy: " + out);
+  if (!ends_with(out, ".png") && !ends_with(out, ".npy")) throw Error("--out must end in .png or .npy: " + out);
   std::filesystem::path dir = std::filesystem::path(out).parent_path();
   if (dir.empty()) dir = ".";
   if (!std::filesystem::is_directory(dir) || access(dir.c_str(), W_OK) != 0)
-    throw UsageError("cannot write " + out + ": " + dir.string() + " is not a writable folder");
+    throw Error("cannot write " + out + ": " + dir.string() + " is not a writable folder");
 }
 
 // Write to a temporary file in the same folder, then rename: nobody sees half a file.
@@ -111,7 +112,7 @@ void write_atomically(const std::string& path, WriteFn write) {
   const std::string tmp = path + ".tmp" + std::to_string(getpid());
   if (!write(tmp) || std::rename(tmp.c_str(), path.c_str()) != 0) {
     std::remove(tmp.c_str());
-    throw UsageError("cannot write " + path);
+    throw Error("cannot write " + path);
   }
 }
 
@@ -132,32 +133,32 @@ void write_npy(const std::string& path, const std::vector<float>& x, const ddpm:
 // float32 [N, C, H, W] from a .npy (format 1.0-3.0, '<f4', C order) whose image shape is the model's.
 std::vector<float> read_npy(const std::string& path, const ddpm::ModelInfo& m, int64_t* n) {
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw UsageError("cannot read " + path);
+  if (!f) throw Error("cannot read " + path);
   char magic[8] = {};
   if (!f.read(magic, 8) || std::string(magic, 6) != "\x93NUMPY" || magic[6] < 1 || magic[6] > 3)
-    throw UsageError(path + ": not a .npy file");
+    throw Error(path + ": not a .npy file");
   uint32_t len = 0;
   unsigned char bytes[4] = {};
   f.read(reinterpret_cast<char*>(bytes), magic[6] == 1 ? 2 : 4);
   for (int i = (magic[6] == 1 ? 1 : 3); i >= 0; --i) len = len << 8 | bytes[i];
   std::string header(len < (1u << 16) ? len : 0, ' ');
   if (!f || header.empty() || !f.read(&header[0], std::streamsize(header.size())))
-    throw UsageError(path + ": truncated .npy header");
+    throw Error(path + ": truncated .npy header");
   const auto has = [&](const char* what) { return header.find(what) != std::string::npos; };
   const size_t open = header.find("'shape': (");
   if (!has("'descr': '<f4'") || !has("'fortran_order': False") || open == std::string::npos)
-    throw UsageError(path + ": --init needs float32 ('<f4') C-order data");
+    throw Error(path + ": --init needs float32 ('<f4') C-order data");
   const std::string shape = header.substr(open + 10, header.find(')', open) - open - 10);
   std::vector<int64_t> dims;
   std::stringstream ss(shape);
   for (std::string d; std::getline(ss, d, ',');)
     if (d.find_first_not_of(' ') != std::string::npos) dims.push_back(ddpm::parse_int(d.substr(d.find_first_not_of(' ')), path));
   if (dims.size() != 4 || dims[1] != m.C || dims[2] != m.H || dims[3] != m.W || dims[0] < 1 || dims[0] > (1 << 24))
-    throw UsageError(path + ": --init needs [N, " + std::to_string(m.C) + ", " + std::to_string(m.H) + ", " +
+    throw Error(path + ": --init needs [N, " + std::to_string(m.C) + ", " + std::to_string(m.H) + ", " +
                      std::to_string(m.W) + "], got (" + shape + ")");
   std::vector<float> x(dims[0] * m.C * m.H * m.W);
   if (!f.read(reinterpret_cast<char*>(x.data()), std::streamsize(x.size() * sizeof(float))))
-    throw UsageError(path + ": truncated .npy data");
+    throw Error(path + ": truncated .npy data");
   *n = dims[0];
   return x;
 }
@@ -167,7 +168,7 @@ std::vector<float> read_npy(const std::string& path, const ddpm::ModelInfo& m, i
 // (nearest neighbour) so that a grid of 8x8 digits can be seen; the same as export/onnx_sampler.py.
 void write_png(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n,
                int64_t columns) {
-  if (m.C != 1 && m.C != 3) throw UsageError("a .png needs 1 or 3 channels, the model has " + std::to_string(m.C) + "; use .npy");
+  if (m.C != 1 && m.C != 3) throw Error("a .png needs 1 or 3 channels, the model has " + std::to_string(m.C) + "; use .npy");
   const int64_t s = std::max<int64_t>(1, 32 / std::max(m.H, m.W)), th = m.H * s, tw = m.W * s;
   const int64_t pad = 2, cols = columns ? columns : int64_t(std::ceil(std::sqrt(double(n)))), rows = (n + cols - 1) / cols;
   const int64_t gw = cols * (tw + pad) + pad, gh = rows * (th + pad) + pad;
@@ -196,7 +197,7 @@ ddpm::Conditioning conditioning(const Args& a, const ddpm::ModelInfo& m, int64_t
   c.guidance = a.guidance;
   if (!m.num_classes) {
     if (!a.classes.empty() || a.guidance != 1.0)
-      throw UsageError("--class/--guidance need a class-conditional model (this one is unconditional)");
+      throw Error("--class/--guidance need a class-conditional model (this one is unconditional)");
     return c;
   }
   std::vector<int64_t> classes;
@@ -206,7 +207,7 @@ ddpm::Conditioning conditioning(const Args& a, const ddpm::ModelInfo& m, int64_t
     for (int64_t k = 0; k < m.num_classes; ++k) classes.push_back(k);
   for (int64_t k : classes)
     if (k < 0 || k >= m.num_classes)
-      throw UsageError("--class " + std::to_string(k) + ": the model's classes are 0.." + std::to_string(m.num_classes - 1));
+      throw Error("--class " + std::to_string(k) + ": the model's classes are 0.." + std::to_string(m.num_classes - 1));
   const int64_t per = (n + int64_t(classes.size()) - 1) / int64_t(classes.size());
   for (int64_t i = 0; i < n; ++i) c.labels.push_back(classes[i / per]);
   return c;
@@ -244,7 +245,7 @@ int run(int argc, char** argv) {
   }
   if (!a.dump_plan) check_writable(a.out);
   const auto t0 = std::chrono::steady_clock::now();
-  ddpm::Sampler sampler(a.model, a.provider, int(a.threads), a.step_graph);
+  ddpm::Sampler sampler(a.model, {a.provider, int(a.threads), a.step_graph});
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ddpm::Plan plan = a.invert ? ddpm::make_inversion_plan(sampler.info(), a.plan.steps, a.plan.spacing)
                                    : ddpm::make_plan(sampler.info(), a.plan);
@@ -252,7 +253,7 @@ int run(int argc, char** argv) {
   int64_t n = a.n;
   const std::vector<float> init = a.init.empty() ? std::vector<float>() : read_npy(a.init, sampler.info(), &n);
   if (!a.init.empty() && a.n_given && n != a.n)
-    throw UsageError("--n " + std::to_string(a.n) + " but " + a.init + " holds " + std::to_string(n) + " images");
+    throw Error("--n " + std::to_string(a.n) + " but " + a.init + " holds " + std::to_string(n) + " images");
 
   const bool tty = isatty(STDERR_FILENO);  // on a terminal every step, in a log once per batch
   const auto progress = [tty](int64_t b, int64_t nb, int64_t k, int64_t s) {
@@ -264,9 +265,11 @@ int run(int argc, char** argv) {
   const int64_t batch = std::min(a.batch ? a.batch : n, n);
   const ddpm::Conditioning cond = conditioning(a, sampler.info(), n);
   const int64_t blocks = cond.labels.empty() ? 0 : std::set<int64_t>(cond.labels.begin(), cond.labels.end()).size();
-  ddpm::RunStats st;
-  const std::vector<float> x = sampler.sample(plan, n, batch, uint32_t(a.seed), &st, progress,
-                                              init.empty() ? nullptr : init.data(), cond);
+  std::vector<float> x(size_t(n) * sampler.image_floats());
+  ddpm::SampleOptions options;
+  options.batch = batch, options.init = init.empty() ? nullptr : init.data();
+  options.conditioning = cond, options.progress = progress;
+  const ddpm::RunStats st = sampler.sample(plan, uint32_t(a.seed), x.data(), x.size(), options);
   (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), n, blocks ? (n + blocks - 1) / blocks : 0);
   const double overhead = st.total_s - st.network_s, ips = double(n) / std::max(st.total_s, 1e-9);
   std::fprintf(stderr, "%s: %lld images x %zu steps in %.3f s (%.2f images/s); Session::Run %.3f s, "
@@ -285,11 +288,7 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
-  } catch (const Ort::Exception& e) {
-    std::string message = e.what();
-    std::replace(message.begin(), message.end(), '\n', ' ');
-    std::fprintf(stderr, "ddpm_runner: error: onnxruntime: %s\n", message.c_str());
-  } catch (const std::exception& e) {
+  } catch (const std::exception& e) {  // ddpm::Error: one line; anything else is a bug, also reported in one line
     std::fprintf(stderr, "ddpm_runner: error: %s\n", e.what());
   }
   return 2;
