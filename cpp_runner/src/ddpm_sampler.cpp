@@ -467,6 +467,7 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spa
   need(one_of(spacing, {"uniform", "linspace", "trailing", "quadratic", "logsnr"}),
        "unknown spacing '" + spacing + "' (uniform, linspace, trailing, quadratic or logsnr)");
   need(S >= 1 && S <= T, "steps must be in 1.." + std::to_string(T) + ", got " + std::to_string(S));
+  need(spacing != "logsnr" || int64_t(abar.size()) >= T, "the logsnr spacing needs alpha_bar for all T timesteps");
   std::vector<int64_t> ts(S);
   std::iota(ts.begin(), ts.end(), 0);
   if (S == T) return ts;

@@ -1,7 +1,9 @@
 // ddpm_sample_each: the driver of the hostile-file tests. Loads each model file with the library and samples 3
 // images (batches of 2, seed 5; a class-conditional model with labels i % K and guidance 2), in one process so
 // that hundreds of files run quickly under the sanitizers. Prints one line per file, "ok" or "error<TAB>message",
-// and writes an ok run's float32 samples to FILE.f32.
+// and writes an ok run's float32 samples to FILE.f32. Each file is sampled twice with the same Sampler (whose
+// sessions the second call reuses); a difference is an error, which the tests do not expect of a valid file.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -33,8 +35,10 @@ int main(int argc, char** argv) {
       options.batch = 2;
       for (int64_t k = 0; k < 3 && sampler.info().num_classes; ++k) options.conditioning.labels.push_back(k % sampler.info().num_classes);
       if (sampler.info().num_classes) options.conditioning.guidance = 2.0;
-      std::vector<float> x(3 * sampler.image_floats());
+      std::vector<float> x(3 * sampler.image_floats()), again(x.size());
       sampler.sample(plan, 5, x.data(), x.size(), options);
+      sampler.sample(plan, 5, again.data(), again.size(), options);  // the sessions are reused: the same samples
+      if (std::memcmp(x.data(), again.data(), x.size() * sizeof(float)) != 0) throw ddpm::Error("a second call differs");
       std::FILE* f = std::fopen((std::string(argv[i]) + ".f32").c_str(), "wb");
       const bool written = f && std::fwrite(x.data(), sizeof(float), x.size(), f) == x.size();
       if (f) std::fclose(f);
