@@ -387,3 +387,30 @@ def test_noise_thread_under_tsan_matches_python(runner, exports, tmp_path):  # n
         from ddpm_reference.export.onnx_sampler import OnnxSampler
         want = OnnxSampler(exports["plain"], provider="cpu", threads=1).sample(256, "ddim", 3, 1.0, seed=4)
         assert np.abs(np.load(out) - want).max() <= 1e-3
+
+
+# ---------------------------------------------------------------- graphs the checks must not refuse
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_quantized_and_fp16_exports_run_unchanged(runner, tmp_path, precision):  # noqa: F811
+    """Only the graph's inputs and outputs are checked: an int8 QDQ or float16 export (other operators inside, the
+    same float32/int64 interface) samples as the onnxruntime sampler does."""
+    import torch
+    from ddpm_reference import ddpm, unet
+    from ddpm_reference.export.onnx_export import export_onnx
+    from ddpm_reference.export.onnx_sampler import OnnxSampler
+    torch.manual_seed(0)
+    net = unet.UNet(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,),
+                    dropout=0.0, image_size=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / f"{precision}.onnx"
+    calibration = np.random.RandomState(0).uniform(-1, 1, (64, *IMAGE)).astype(np.float32)
+    export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", T), "eps", "fixed_small"), IMAGE, path,
+                precision=precision, calibration_images=calibration)
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} & {"QuantizeLinear", "Cast"}  # not the fp32 graph
+    proc = subprocess.run([str(runner), "--model", str(path), "--n", "3", "--sampler", "ddim", "--steps", "5",
+                           "--seed", "1", "--out", str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    want = OnnxSampler(path, provider="cpu").sample(3, "ddim", 5, seed=1)
+    assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-3
