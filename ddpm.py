@@ -1204,51 +1204,68 @@ def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, t
 
 
 def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str, steps: int, repeats: int,
-               precision: str) -> dict:
+               precision: str, out: str) -> dict:
     """The onnxruntime rows' measurement, run by bench_sample in a process of its own: `repeats` timings
-    (after a warm-up) of OnnxSampler.sample and the matmul peak of the file's precision."""
+    (after a warm-up) of OnnxSampler.sample, the last samples saved to `out` (.npy), and the matmul peak
+    of the file's precision."""
     from .export.onnx_sampler import OnnxSampler
     s = OnnxSampler(onnx_path, provider, threads)
-    timings = [s.sample(batch, sampler, steps, return_timing=True)[1] for _ in range(repeats + 1)][1:]
-    return {"timings": timings, "peak": onnx_matmul_peak(precision, threads=threads)}
+    runs = [s.sample(batch, sampler, steps, return_timing=True) for _ in range(repeats + 1)][1:]
+    np.save(out, runs[-1][0])
+    return {"timings": [timing for _, timing in runs], "peak": onnx_matmul_peak(precision, threads=threads)}
 
 
 def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "ort", "cpp"), repeats: int = 3,
                  runs=(("ancestral", 1000), ("ddim", 50)), device: str = "auto", threads: int | None = None,
-                 precisions=("auto",)):
+                 precisions=("auto",), checkpoint: str | None = None):
     """Images/s and network evaluations/s of each backend and precision for each (sampler, steps), the loop
     overhead (the loop's time / the time of the same number of bare network calls), and the achieved FLOP/s
     beside the matmul peak of the row's precision and library. torch runs fp32|bf16|fp16 (auto: see
-    resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32). Weights are the
-    preset's initialisation with a random output layer (speed does not depend on them); int8 is calibrated
-    on uniform noise images."""
+    resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32).
+
+    Without a checkpoint the weights are the preset's initialisation with a random output layer (speed does
+    not depend on them) and int8 is calibrated on uniform noise images. With an (unconditional) checkpoint
+    its EMA weights are timed, int8 is calibrated on its training images, and for 8x8 digits each row also
+    gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no speed without its quality."""
     import subprocess
     import sys
     import tempfile
     dev = resolve_device(device)
-    model = unet.build_unet(preset)
-    torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
+    if checkpoint:
+        model, diffusion, cfg, image_shape = load_model(checkpoint, True)
+        if model.class_names:
+            raise UserError(f"{checkpoint} is class-conditional: bench sample times unconditional models")
+        train_split = load_data(cfg.data, cfg.image_size).train
+        calibration = to_model_range(torch.from_numpy(train_split[np.random.default_rng(0).permutation(len(train_split))[:512]])).numpy()
+    else:
+        model = unet.build_unet(preset)
+        torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
+        diffusion = Diffusion(beta_schedule("linear", 1000))
+        image_shape = (model.config["in_channels"], model.config["image_size"], model.config["image_size"])
+        calibration = np.random.default_rng(0).uniform(-1, 1, (256, *image_shape)).astype(np.float32)
     model = model.to(dev).eval()
-    C, S = model.config["in_channels"], model.config["image_size"]
-    shape = (batch, C, S, S)
-    diffusion = Diffusion(beta_schedule("linear", 1000))
+    shape = (batch, *image_shape)
+    quality = _fd_of_samples() if checkpoint and tuple(image_shape) == (1, 8, 8) else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows, tmp = [], tempfile.mkdtemp()
     flops = unet.flops_per_forward(model)  # per image and network call
     x = torch.randn(shape, device=dev)
     t = torch.full((batch,), 500, device=dev, dtype=torch.long)
     provider = "cuda" if dev.type == "cuda" else "cpu"
-    onnx_files = {}
+    onnx_files, out = {}, os.path.join(tmp, "x.npy")
 
     def onnx_file(precision):
         if precision not in onnx_files:
             from .export.onnx_export import export_onnx
             onnx_files[precision] = os.path.join(tmp, f"model-{precision}.onnx")
-            images = np.random.default_rng(0).uniform(-1, 1, (256, C, S, S)).astype(np.float32)
-            export_onnx(model.cpu(), diffusion, (C, S, S), onnx_files[precision], precision=precision,
-                        calibration_images=images, check=False)
+            export_onnx(model.cpu(), diffusion, image_shape, onnx_files[precision], precision=precision,
+                        calibration_images=calibration, check=False)
             model.to(dev)
         return onnx_files[precision]
+
+    def row(backend, precision, sampler, steps, times, bare, where, peak, samples):
+        r = _bench_row(backend, precision, sampler, steps, batch, times, bare, where, (flops, peak))
+        return {**r, "fd": quality(samples)} if quality else r
 
     for backend in backends:
         if backend not in ("torch", "compile", "ort", "cpp"):
@@ -1257,26 +1274,25 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
             if backend in ("torch", "compile"):
                 net = AtPrecision(model, precision)
                 net = torch.compile(net) if backend == "compile" else net
-                cost = (flops, matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev))
+                peak, last = matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev), []
                 for sampler, steps in runs:
                     plan = make_plan(diffusion, sampler, steps)
                     gen = torch.Generator(dev).manual_seed(0)
-                    times, bare = _timed(lambda: sample(net, plan, shape, torch_noise(gen, dev)), repeats, sync,
-                                         bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
-                    rows.append(_bench_row(backend, precision, sampler, steps, batch, times, bare, str(dev), cost))
+                    times, bare = _timed(lambda: last.append(sample(net, plan, shape, torch_noise(gen, dev))), repeats,
+                                         sync, bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
+                    rows.append(row(backend, precision, sampler, steps, times, bare, str(dev), peak, last[-1]))
             elif backend == "ort":
                 # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
                 # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
                 probe = ("import json, sys; from ddpm_reference import ddpm; "
                          "print(json.dumps(ddpm._ort_bench(*json.loads(sys.argv[1]))))")
                 for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
-                    args = [onnx_file(precision), provider, threads, batch, sampler, steps, repeats, precision]
-                    out = subprocess.run([sys.executable, "-c", probe, json.dumps(args)], capture_output=True, text=True,
-                                         check=True).stdout
-                    res = json.loads(out.strip().splitlines()[-1])
+                    args = [onnx_file(precision), provider, threads, batch, sampler, steps, repeats, precision, out]
+                    res = json.loads(subprocess.run([sys.executable, "-c", probe, json.dumps(args)], capture_output=True,
+                                                    text=True, check=True).stdout.strip().splitlines()[-1])
                     times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
-                    rows.append(_bench_row(backend, precision, sampler, steps, batch, times, bare,
-                                           res["timings"][0]["provider"], (flops, res["peak"])))
+                    rows.append(row(backend, precision, sampler, steps, times, bare, res["timings"][0]["provider"],
+                                    res["peak"], np.load(out)))
             else:
                 runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
                 if not os.path.exists(runner):
@@ -1284,14 +1300,21 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                 peak = onnx_matmul_peak(precision, threads=threads)  # the C++ runner's library is onnxruntime's
                 for sampler, steps in runs:
                     cmd = [runner, "--model", onnx_file(precision), "--n", str(batch), "--sampler", sampler,
-                           "--steps", str(steps), "--json", "--out", os.path.join(tmp, "x.npy"), "--provider", provider]
+                           "--steps", str(steps), "--json", "--out", out, "--provider", provider]
                     cmd += ["--threads", str(threads)] if threads else []
                     runs_json = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
                                             .splitlines()[-1]) for _ in range(repeats + 1)][1:]
                     times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
-                    rows.append(_bench_row("cpp", precision, sampler, steps, batch, times, bare,
-                                           runs_json[0]["provider"], (flops, peak)))
+                    rows.append(row("cpp", precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
+                                    np.load(out)))
     return rows
+
+
+def _fd_of_samples():
+    """samples (float in [-1, 1] or uint8, [N, 1, 8, 8]) -> their FD to the digits training split (`ddpm fd`)."""
+    features = digits_features()
+    ref = features(load_digits_data()[0])
+    return lambda samples: frechet_distance(features(to_uint8(samples)), ref)
 
 
 def _backend_precisions(backend: str, precisions, device: torch.device) -> list[str]:
@@ -1766,17 +1789,25 @@ def _print_table(rows: list[dict], json_: bool) -> None:
 
 
 @bench_app.command("sample")
-def bench_sample_cmd(preset: str = Opt("digits"), batch: int = Opt(64), steps: int = Opt(None, help="override both runs' steps"),
+def bench_sample_cmd(checkpoint: str = Opt(None, help="time this checkpoint (and give each row's FD for digits) "
+                                                         "instead of the preset's initial weights"),
+                     preset: str = Opt("digits"), batch: int = Opt(64),
+                     samplers: str = Opt("ancestral,ddim", help="comma-separated runs: ancestral (1000 steps), ddim (50), "
+                                                                "dpmpp2m (10), dpmpp2m-sde (10)"),
+                     steps: int = Opt(None, help="override every run's steps"),
                      backends: str = Opt("torch,ort,cpp", help="comma-separated: torch,compile,ort,cpp"),
                      precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch), fp32,fp16,int8 "
                                                        "(onnxruntime, C++); auto: bf16 where fast (torch), fp32 (ONNX)"),
                      repeats: int = Opt(3), device: str = Opt("auto"), threads: int = Opt(None, help="onnxruntime/C++ threads"),
                      json_: bool = Opt(False, "--json")):
     """Images/s, network evaluations/s, loop overhead (loop time / bare network time) and achieved FLOP/s
-    against the matmul peak of the row's precision, for 1000-step ancestral and 50-step DDIM sampling."""
-    runs = (("ancestral", steps or 1000), ("ddim", steps or 50))
+    against the matmul peak of the row's precision, for each sampler run (and FD with --checkpoint)."""
+    default_steps = {"ancestral": 1000, "ddim": 50, "dpmpp2m": 10, "dpmpp2m-sde": 10}
+    for name in samplers.split(","):
+        check_choice("sampler", name, Literal["ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde"])
+    runs = tuple((name, steps or default_steps[name]) for name in samplers.split(","))
     _print_table(bench_sample(preset, batch, tuple(backends.split(",")), repeats, runs, device, threads,
-                              tuple(precision.split(","))), json_)
+                              tuple(precision.split(",")), checkpoint), json_)
 
 
 @bench_app.command("train")
