@@ -174,3 +174,27 @@ def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path):
     assert not (tmp_path / "wide.onnx").exists()
     with pytest.raises(onnx_export.ExportError, match="calibration images"):
         onnx_export.export_onnx(Wide().eval(), d, IMAGE, tmp_path / "wide.onnx", precision="int8")
+
+
+def test_compiled_sampling_network_matches_eager():
+    """compile_for_sampling (inductor, frozen weights) computes what the eager module does, in a sampler."""
+    torch.manual_seed(0)
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", T))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = torch.nn.Embedding(T, 4), torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.out = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.out(torch.nn.functional.silu(self.conv(x) + self.emb(t)[:, :, None, None]))
+
+    net = ddpm.AtPrecision(Tiny().eval(), "fp32")
+    net.class_names = ["a"]
+    compiled = ddpm.compile_for_sampling(net)
+    plan = ddpm.make_plan(d, "ddim", 5)
+    want = ddpm.sample(net, plan, (4, *IMAGE), ddpm.numpy_noise(0, torch.device("cpu")))
+    got = ddpm.sample(compiled, plan, (4, *IMAGE), ddpm.numpy_noise(0, torch.device("cpu")))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert compiled.class_names == ["a"]
