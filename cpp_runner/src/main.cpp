@@ -156,7 +156,13 @@ std::vector<float> read_npy(const std::string& path, const ddpm::ModelInfo& m, i
   if (dims.size() != 4 || dims[1] != m.C || dims[2] != m.H || dims[3] != m.W || dims[0] < 1 || dims[0] > (1 << 24))
     throw Error(path + ": --init needs [N, " + std::to_string(m.C) + ", " + std::to_string(m.H) + ", " +
                      std::to_string(m.W) + "], got (" + shape + ")");
-  std::vector<float> x(dims[0] * m.C * m.H * m.W);
+  const uint64_t count = uint64_t(dims[0]) * uint64_t(m.image_floats());
+  const std::streamoff data_at = f.tellg();
+  f.seekg(0, std::ios::end);
+  // The header's shape is checked against the file's size before it sizes an allocation.
+  if (!f || uint64_t(f.tellg() - data_at) < count * sizeof(float)) throw Error(path + ": truncated .npy data");
+  f.seekg(data_at);
+  std::vector<float> x(count);
   if (!f.read(reinterpret_cast<char*>(x.data()), std::streamsize(x.size() * sizeof(float))))
     throw Error(path + ": truncated .npy data");
   *n = dims[0];

@@ -11,11 +11,15 @@
 namespace ddpm {
 
 // Text from a file (or from ONNX Runtime about a file) fit for a one-line message: at most `limit` characters,
-// controls and non-ASCII bytes as '?', so that a hostile file cannot break the line or its encoding.
+// line breaks and tabs as spaces, other controls and non-ASCII bytes as '?', so that a hostile file cannot break
+// the line or its encoding.
 inline std::string printable(const std::string& s, size_t limit = 40) {
   std::string out = s.substr(0, limit);
-  for (char& c : out)
-    if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) c = '?';
+  for (char& c : out) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (c == '\n' || c == '\r' || c == '\t') c = ' ';
+    else if (u < 0x20 || u >= 0x7f) c = '?';
+  }
   return s.size() > limit ? out + "..." : out;
 }
 
