@@ -828,6 +828,14 @@ def make_model(cfg: TrainConfig, image_shape, num_classes: int = 0):
     return unet.UNet(**kwargs)
 
 
+def calibration_images(cfg: TrainConfig, n: int = 512) -> np.ndarray:
+    """n training images of the run's data set (a fixed random choice), float32 NCHW in [-1, 1]: what an int8
+    export is calibrated and checked on."""
+    train_split = load_data(cfg.data, cfg.image_size).train
+    pick = np.random.default_rng(0).permutation(len(train_split))[:n]
+    return to_model_range(torch.from_numpy(train_split[pick])).numpy()
+
+
 def save_checkpoint(path, state: dict) -> None:
     """torch.save, written atomically: a run killed while saving keeps its previous checkpoint."""
     write_atomically(path, lambda f: torch.save(state, f))
@@ -1053,6 +1061,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
         import torch.distributed as dist
         dist.destroy_process_group()
     return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
+            "precision": "{} ({})".format(*resolve_precision(cfg.precision, device)),
             "images_per_s": (trainer.step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
 
 
@@ -1198,9 +1207,8 @@ def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, t
     kind = {"fp32": (TP.FLOAT, TP.FLOAT, TP.FLOAT, "MatMul", np.float32, np.float32),
             "fp16": (TP.FLOAT16, TP.FLOAT16, TP.FLOAT16, "MatMul", np.float16, np.float16),
             "int8": (TP.UINT8, TP.INT8, TP.INT32, "MatMulInteger", np.uint8, np.int8)}[precision]
-    graph = helper.make_graph([helper.make_node(kind[3], ["a", "b"], ["c"])], "matmul",
-                              [helper.make_tensor_value_info("a", kind[0], [n, n]), helper.make_tensor_value_info("b", kind[1], [n, n])],
-                              [helper.make_tensor_value_info("c", kind[2], [n, n])])
+    a, b, c = (helper.make_tensor_value_info(name, kind[i], [n, n]) for i, name in enumerate("abc"))
+    graph = helper.make_graph([helper.make_node(kind[3], ["a", "b"], ["c"])], "matmul", [a, b], [c])
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -1243,8 +1251,7 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
         model, diffusion, cfg, image_shape = load_model(checkpoint, True)
         if model.class_names:
             raise UserError(f"{checkpoint} is class-conditional: bench sample times unconditional models")
-        train_split = load_data(cfg.data, cfg.image_size).train
-        calibration = to_model_range(torch.from_numpy(train_split[np.random.default_rng(0).permutation(len(train_split))[:512]])).numpy()
+        calibration = calibration_images(cfg)
     else:
         model = unet.build_unet(preset)
         torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
@@ -1343,7 +1350,8 @@ def _bench_row(backend, precision, sampler, steps, batch, times, network_times, 
     achieved GFLOP/s and its share of that peak."""
     med = float(np.median(times))
     evals_per_s = batch * steps / med
-    return {"backend": backend, "precision": precision, "sampler": sampler, "steps": steps, "batch": batch, "device": where,
+    return {"backend": backend, "precision": precision, "sampler": sampler, "steps": steps, "batch": batch,
+            "device": where,
             **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": evals_per_s,
             "network_s": float(np.median(network_times)),
             "overhead": float(np.median(np.array(times) / np.array(network_times))),
@@ -1416,17 +1424,16 @@ def _train_progress():
     """The training bar (it stays: it is the run's log), shown from train()'s first report on; yields
     train()'s callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeRemainingColumn(), console=_console())
     task = None
 
     def report(r):
         nonlocal task
         if task is None:
-            if "precision" in r:
-                bar.console.print(f"precision: {r['precision']}")
             bar.start()
-            task = bar.add_task("train", total=r["steps"], completed=r["step"], info="")
+            name = f"train {r['precision'].split()[0]}" if "precision" in r else "train"
+            task = bar.add_task(name, total=r["steps"], completed=r["step"], info="")
         info = "" if r["loss"] is None else f"loss {r['loss']:.4f}  {r['images_per_s']:.0f} img/s"
         bar.update(task, completed=r["step"], info=info)
     try:
@@ -1443,11 +1450,11 @@ COMPILE_OPT = Opt(False, help="torch.compile the network (inductor, frozen weigh
 
 
 def _at_precision(model, precision: str, device: torch.device, compile: bool = False):
-    """The model in the asked precision (AtPrecision), compiled if asked, the choice printed on stderr."""
+    """(the model in the asked precision (AtPrecision), compiled if asked; "bf16 (auto: why)", which the
+    command prints with its result: printed before, it would make a later user error two lines)."""
     chosen, why = resolve_precision(precision, device)
-    typer.echo(f"precision: {chosen} ({why})", err=True)
     net = AtPrecision(model, chosen)
-    return compile_for_sampling(net) if compile else net  # the compiled module forwards .class_names
+    return (compile_for_sampling(net) if compile else net), f"{chosen} ({why})"  # compiled: forwards .class_names
 
 
 def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
@@ -1505,7 +1512,7 @@ def train_cmd(*, resume: bool = Opt(False, help="continue OUT/checkpoint.pt"), *
     cfg = TrainConfig(**options)
     with _train_progress() as callback:
         result = train(cfg, resume=resume, callback=callback)
-    typer.echo(f"trained to step {result['steps']} ({result['images_per_s']:.0f} images/s); "
+    typer.echo(f"trained to step {result['steps']} in {result['precision']} ({result['images_per_s']:.0f} images/s); "
                f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}")
 
 
@@ -1599,7 +1606,7 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
                         "which needs gradients, runs on checkpoints only)")
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
-    model = _at_precision(model, precision, dev, compile)
+    model, precision_note = _at_precision(model, precision, dev, compile)
     clf = load_classifier(classifier, dev) if classifier else None
     labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], n)
     if clf and options["classes"] is None:
@@ -1615,7 +1622,7 @@ def sample_cmd(checkpoint: str, n: int = Opt(64, "--n", help="number of images")
         xs = [_sample_batch(model, diffusion, plan, options["sampler"], shape, labels, options["guidance"], clf,
                             classifier_scale, i, min(n, i + batch_size), noise, tick, dev) for i in range(0, n, batch_size)]
     _samples_to_file(torch.cat(xs).numpy(), out, _row_per_class(labels), labels)
-    typer.echo(f"wrote {n} samples ({options['sampler']}, {len(plan)} network calls) to {out}")
+    typer.echo(f"wrote {n} samples ({options['sampler']}, {len(plan)} network calls, {precision_note}) to {out}")
 
 
 @app.command("nll")
@@ -1626,7 +1633,7 @@ def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint
     """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
-    model = _at_precision(model, precision, dev)
+    model, precision_note = _at_precision(model, precision, dev)
     dataset = load_data(data or cfg.data, cfg.image_size)
     held_out = dataset.held_out
     if tuple(held_out.shape[1:]) != shape:
@@ -1638,10 +1645,10 @@ def nll_cmd(checkpoint: str, data: str = Opt(None, help="default: the checkpoint
         parts = [bits_per_dim(diffusion, _guided(model, labels, 1.0, i, i + batch_size, dev),
                               x0[i:i + batch_size].to(dev), gen, tick) for i in range(0, len(x0), batch_size)]
     res = {k: torch.cat([p[k] for p in parts]).mean().item() for k in ("total", "prior", "vb", "decoder")}
-    res["n"] = len(x0)
+    res["n"], res["precision"] = len(x0), precision_note
     typer.echo(json.dumps(res) if json_ else
                f"bits/dim {res['total']:.4f} on {res['n']} held-out images  (prior L_T {res['prior']:.2e}, "
-               f"sum L_t-1 {res['vb']:.4f}, decoder L_0 {res['decoder']:.4f})")
+               f"sum L_t-1 {res['vb']:.4f}, decoder L_0 {res['decoder']:.4f}; network in {precision_note})")
 
 
 @app.command("export")
@@ -1654,11 +1661,7 @@ def export_cmd(checkpoint: str, out: str = Opt("model.onnx", help="the .onnx fil
     """Export eps_theta and its schedule to one self-describing ONNX file, checked against PyTorch."""
     from .export.onnx_export import export_onnx
     model, diffusion, cfg, shape = load_model(checkpoint, ema)
-    images = None
-    if precision == "int8":
-        train_split = load_data(cfg.data, cfg.image_size).train
-        pick = np.random.default_rng(0).permutation(len(train_split))[:calibration]
-        images = to_model_range(torch.from_numpy(train_split[pick])).numpy()
+    images = calibration_images(cfg, calibration) if precision == "int8" else None
     report = export_onnx(model, diffusion, shape, out, opset=opset, precision=precision, calibration_images=images,
                          clip_denoised=clip, classes=model.class_names)
     rms = [c["relative_rms"] for c in report["checks"] if "relative_rms" in c]
@@ -1876,7 +1879,7 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
     model, diffusion, _, shape = load_model(source, True, dev)
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
-    model = _at_precision(model, precision, dev, compile)
+    model, note = _at_precision(model, precision, dev, compile)
 
     def fd_of(variance=None, clf=None, scale=1.0, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
@@ -1900,31 +1903,33 @@ def fd_cmd(source: str = typer.Argument(..., help="a checkpoint (samples are dra
             rows.update({f"classifier guidance of the unconditional model, g = {g}":  # the null label: s = 0
                          fd_of(clf=clf, scale=float(g), classes=every_class, guidance=0.0) for g in classifier_scale.split(",")})
         if json_:
-            typer.echo(json.dumps({"rows": rows, "floor": floor, "n": n}))
+            typer.echo(json.dumps({"rows": rows, "floor": floor, "n": n, "precision": note}))
             return
         typer.echo("| guidance | class accuracy | FD |\n|---|---|---|")
         for name, (fd, _, accuracy) in rows.items():
             typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f} |")
-        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {n} samples per row, an equal share of each class")
+        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {n} samples per row, an equal share of each class; "
+                   f"network in {note}")
         return
     if nfe_table:
         rows = {name: [fd_of(**{**opts, "steps": s})[:2] for s in steps] for name, opts, steps in NFE_ROWS}
-        _print_fd_table(rows, NFE_COLUMNS, "NFE", floor, n, json_)
+        _print_fd_table(rows, NFE_COLUMNS, "NFE", floor, n, json_, note)
     elif table:
         rows = {f"DDIM eta = {e:g}": [fd_of(sampler="ddim", steps=s, eta=e)[:2] for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
         rows.update({f"ancestral, {v}": [fd_of(v, sampler="ancestral", steps=diffusion.T)[:2]]
                      for v in ("fixed_small", "fixed_large")})
-        _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, n, json_)
+        _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, n, json_, note)
     else:
         fd, _, accuracy = fd_of(variance)
-        res = {"fd": fd, "floor": floor, "n": n, "n_floor": len(held), **({"class_accuracy": accuracy} if accuracy else {})}
-        typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({n} samples vs the training split); "
-                   f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+        res = {"fd": fd, "floor": floor, "n": n, "n_floor": len(held), **({"class_accuracy": accuracy} if accuracy else {}),
+               "precision": note}
+        typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({n} samples vs the training split, network in "
+                   f"{note}); real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
 
 
-def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int, json_: bool) -> None:
-    typer.echo(json.dumps({"columns": columns, "label": label, "rows": rows, "floor": floor, "n": n}) if json_ else
-               fd_table_markdown(rows, columns, label, floor, n))
+def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int, json_: bool, note: str) -> None:
+    typer.echo(json.dumps({"columns": columns, "label": label, "rows": rows, "floor": floor, "n": n, "precision": note})
+               if json_ else fd_table_markdown(rows, columns, label, floor, n) + f"; network in {note}")
 
 
 def fd_table_markdown(rows: dict, columns, label: str, floor: float, n: int) -> str:

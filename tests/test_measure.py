@@ -58,18 +58,38 @@ FLOPS_PER_DIGIT = unet.flops_per_forward(unet.build_unet("digits"))
 def test_bench_sample_report():
     backends = ("torch", "ort") + (("cpp",) if os.path.exists(os.path.join(ROOT, "cpp_runner/build/ddpm_runner")) else ())
     rows = ddpm.bench_sample("digits", batch=4, backends=backends, repeats=1, runs=(("ancestral", 3), ("ddim", 2)),
-                             device="cpu")
-    assert [(r["backend"], r["sampler"], r["steps"]) for r in rows] == [
-        (b, s, n) for b in backends for s, n in (("ancestral", 3), ("ddim", 2))]
+                             device="cpu", precisions=("fp32", "bf16", "int8"))
+    want_precisions = {"torch": ("fp32", "bf16"), "ort": ("fp32", "int8"), "cpp": ("fp32", "int8")}
+    assert [(r["backend"], r["precision"], r["sampler"], r["steps"]) for r in rows] == [
+        (b, p, s, n) for b in backends for p in want_precisions[b] for s, n in (("ancestral", 3), ("ddim", 2))]
     for r in rows:
         assert r["images_per_s"] > 0 and r["network_s"] > 0 and r["overhead"] > 0
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert abs(r["net_evals_per_s"] - r["images_per_s"] * r["steps"]) < 1e-6 * r["net_evals_per_s"]
         assert r["achieved_gflops"] == pytest.approx(r["net_evals_per_s"] * FLOPS_PER_DIGIT / 1e9) and r["of_matmul_peak"] > 0
-    peaks = [r["achieved_gflops"] * 1e9 / r["of_matmul_peak"] for r in rows]  # one matmul probe for the whole run
-    assert max(peaks) == pytest.approx(min(peaks)) and min(peaks) > 1e9
+        assert "fd" not in r  # no checkpoint: random weights, no quality to report
+    peak = {(r["backend"], r["precision"], r["sampler"]): r["achieved_gflops"] * 1e9 / r["of_matmul_peak"] for r in rows}
+    for b, p in {(b, p) for b, p, _ in peak}:  # torch: one probe per precision; an ONNX row: its own process's
+        assert min(v for k, v in peak.items() if k[:2] == (b, p)) > 1e9
+    assert peak["torch", "bf16", "ddim"] == pytest.approx(peak["torch", "bf16", "ancestral"])
     with pytest.raises(ValueError, match="backends"):
         ddpm.bench_sample("digits", batch=2, backends=("tpu",), repeats=1, runs=(("ddim", 1),), device="cpu")
+    with pytest.raises(ValueError, match="precision"):
+        ddpm.bench_sample("digits", batch=2, backends=("torch",), repeats=1, runs=(("ddim", 1),), device="cpu",
+                          precisions=("int4",))
+
+
+def test_bench_sample_of_a_checkpoint_gives_each_rows_fd(tmp_path):
+    res = cli("train", "--steps", 5, "--batch-size", 8, "--T", 20, "--device", "cpu", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = cli("bench", "sample", "--checkpoint", tmp_path / "checkpoint.pt", "--batch", 20, "--samplers", "ddim",
+              "--steps", 2, "--repeats", 1, "--backends", "torch,ort", "--precision", "fp32,int8", "--device", "cpu", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")]
+    fds = [r["fd"] for r in rows]
+    assert all(f > 0 for f in fds)
+    assert_user_error(cli("bench", "sample", "--samplers", "euler"), "sampler must be one of")
 
 
 def test_bench_train_cli_json():

@@ -147,7 +147,8 @@ def test_bf16_unet_is_close_to_fp32_and_really_bf16():
     assert ddpm.AtPrecision(net, "fp32").model is net
 
 
-def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path):
+def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quantizer's scratch files must not land in the working folder
     d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
     images = np.random.default_rng(0).uniform(-1, 1, (64, *IMAGE)).astype(np.float32)
     report = onnx_export.export_onnx(unet_with_outputs(), d, IMAGE, tmp_path / "u8.onnx", precision="int8",
@@ -155,6 +156,7 @@ def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path):
     rel = max(c["relative_rms"] for c in report["checks"])
     assert 0 < rel <= onnx_export.INT8_TOLERANCE and report["tolerance"] == onnx_export.INT8_TOLERANCE
     assert OnnxSampler(tmp_path / "u8.onnx").metadata["ddpm.precision"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u8.onnx"]
 
     class Wide(torch.nn.Module):
         """Reads a channel 10^4 times smaller than its neighbour: one int8 scale per tensor rounds it to 0."""
