@@ -932,7 +932,8 @@ class Trainer:
         self.gen = torch.Generator(device).manual_seed(cfg.seed + rank)
         net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
         self.net = torch.compile(net) if cfg.compile else net
-        self.precision = resolve_precision(cfg.precision, device)[0]
+        self.precision, why = resolve_precision(cfg.precision, device)
+        self.precision_note = f"{self.precision} ({why})"  # what train reports
         self.autocast = AUTOCAST_DTYPE.get(self.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.step = 0
@@ -1036,7 +1037,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     losses, start_step, t0 = [], trainer.step, time.perf_counter()
     if callback and rank == 0:
         callback({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None,
-                  "precision": "{} ({})".format(*resolve_precision(cfg.precision, device))})
+                  "precision": trainer.precision_note})
     while trainer.step < cfg.steps:
         trainer.train_step(data, labels)
         step = trainer.step
@@ -1061,7 +1062,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
         import torch.distributed as dist
         dist.destroy_process_group()
     return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
-            "precision": "{} ({})".format(*resolve_precision(cfg.precision, device)),
+            "precision": trainer.precision_note,
             "images_per_s": (trainer.step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
 
 
