@@ -1,4 +1,4 @@
-# The two commands: `make demo` (train on digits, sample, score, export, sample through ONNX and C++)
+# The two commands: `make demo` (train on digits, score, export, sample the same images in torch, ONNX and C++)
 # and `make test` (the whole test suite). Both create .venv and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 DDPM := $(VENV)/bin/ddpm
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
+TRAIN_FLAGS ?=
 
 .PHONY: install cpp test demo clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,diffusers]"
 	@touch $@
 
 cpp: $(STAMP)
@@ -26,14 +27,19 @@ cpp: $(STAMP)
 test: $(STAMP) cpp
 	$(PY) -m pytest -q --durations=10
 
+# The demo trains afresh each time (--overwrite), so it runs again after any change; it samples the same 64 images
+# (ancestral, seed 0, numpy's noise, float32) in PyTorch, onnxruntime and C++ and checks that they agree.
+SAMPLE := --num-samples 64 --sampler ancestral --seed 0
 demo: $(STAMP) cpp
-	$(DDPM) train --out $(RUN)
-	$(DDPM) sample $(RUN)/checkpoint.pt --n 64 --out $(RUN)/samples.png
+	$(DDPM) train --out $(RUN) --overwrite $(TRAIN_FLAGS)
 	$(DDPM) nll $(RUN)/checkpoint.pt
 	$(DDPM) export $(RUN)/checkpoint.pt --out $(RUN)/model.onnx
-	$(DDPM) onnx-sample $(RUN)/model.onnx --n 64 --sampler ddim --steps 50 --out $(RUN)/onnx-samples.png
-	cpp_runner/build/ddpm_runner --model $(RUN)/model.onnx --n 64 --sampler ddim --steps 50 --seed 0 --out $(RUN)/cpp-samples.png
-	@echo "samples: $(RUN)/samples.png (torch), $(RUN)/onnx-samples.png (onnxruntime), $(RUN)/cpp-samples.png (C++)"
+	$(DDPM) sample $(RUN)/checkpoint.pt $(SAMPLE) --numpy-noise --precision fp32 --out $(RUN)/torch.png
+	$(DDPM) onnx-sample $(RUN)/model.onnx $(SAMPLE) --out $(RUN)/onnxruntime.png
+	cpp_runner/build/ddpm_runner --model $(RUN)/model.onnx $(SAMPLE) --out $(RUN)/cpp.png
+	$(DDPM) compare $(RUN)/torch.png $(RUN)/onnxruntime.png $(RUN)/cpp.png
+	@echo "demo: made $(RUN)/checkpoint.pt and model.onnx; the same 64 samples from PyTorch, onnxruntime and C++ in" \
+	      "$(RUN)/torch.png, onnxruntime.png and cpp.png; training's own grid in $(RUN)/samples-*.png"
 
 clean:
 	rm -rf $(VENV) cpp_runner/build runs/demo

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_sampler import FORMAT, write_atomically
+from .onnx_sampler import FORMAT, PRECISIONS, write_atomically
 
 FP32_TOLERANCE = 1e-4
 # Measured on the digits U-Net (outputs of magnitude ~1.4): float16 convolutions and products differ from
@@ -32,7 +32,6 @@ FP16_TOLERANCE = 1e-2
 # RMS of the float32 output: measured 0.03-0.04 on the digits U-Net; 0.1 refuses a quantization that broke.
 INT8_TOLERANCE = 0.1
 HALF_OPS = ("Conv", "Gemm", "MatMul")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class Schedule(Protocol):

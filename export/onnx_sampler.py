@@ -1,3 +1,5 @@
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 The DDPM reference authors
 """Sample from a DDPM exported by `ddpm export`, with numpy and onnxruntime only (no torch, no onnx).
 
 This file is meant to be copied into an application as it is. It reads the schedule from the ONNX
@@ -8,7 +10,7 @@ the project's one plan builder lives here, in numpy, and ddpm.make_plan calls it
     x = sampler.sample(64, sampler="ddim", steps=50, seed=0)   # float32 [64, C, H, W] in about [-1, 1]
     save_images(x, "samples.png")
 
-Each step runs the network, then a tiny second ONNX graph (built here, byte by byte, at load time)
+Each step runs the network, then a tiny second ONNX graph (built here, byte by byte, once per sampler and kind of row)
 that applies the plan's update to x. Both run on the same execution provider with IO binding, so on
 CUDA x never leaves the device between steps; on the CPU the same code path costs about 10 us per step
 more than numpy would (batch 64 of 8x8 images), against ~20 ms for the network. The CUDA path relies on
@@ -16,14 +18,27 @@ onnxruntime synchronising the provider at the end of each run (its default), whi
 network_s the real network time; it has the CPU path's tests, and a GPU test where CUDA loads. The noise is numpy.random.RandomState(seed).standard_normal, the stream the torch
 sampler (ddpm.numpy_noise) and the C++ runner draw: on CUDA each step's z is drawn on the host and
 copied to the device, one host->device copy per step, the price of bit-exact numpy noise.
+
+An application that manages onnxruntime itself passes its own providers and session options:
+
+    providers = [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    sampler = OnnxSampler("model.onnx", providers=providers, session_options=my_options)  # .provider: the one used
+
+The update graphs run on the network's providers (those of the list that loaded, with their options) and
+take the threads, thread-pool, spinning and log settings of its session options, nothing else (an
+optimized_model_filepath or profiling there is about the network). The sampler never changes onnxruntime's
+global state (its default logger's level belongs to the application).
 """
 from __future__ import annotations
 
+import _ctypes
+import ctypes
 import io
 import json
 import math
 import os
 import struct
+import sys
 import tempfile
 import time
 import zlib
@@ -38,6 +53,7 @@ SPACINGS = ("uniform", "linspace", "trailing", "quadratic", "logsnr")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PRECISIONS = ("fp32", "fp16", "int8")  # how an exported network computes (ddpm.precision); its inputs and output are float32
 FORMAT = "1"
 
 
@@ -75,6 +91,7 @@ class Plan:
     learned: np.ndarray
     mean_x0_prev: np.ndarray
     clip: bool
+    sampler: str = "custom"  # what made it: a name of SAMPLERS, "ddim-inversion", or "custom" for a hand-made plan
 
     def __len__(self):
         return len(self.t)
@@ -253,7 +270,7 @@ def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fi
     rows = [c[::-1].copy() for c in columns]  # sampling order
     if corrector_steps:
         rows = _with_corrector(rows, ab[::-1], parameterization, corrector_steps, snr)
-    return Plan(*rows, clip=bool(clip))
+    return Plan(*rows, clip=bool(clip), sampler=sampler)
 
 
 def _with_corrector(rows: list, ab: np.ndarray, parameterization: str, K: int, snr: float) -> list:
@@ -281,7 +298,7 @@ def ddim_inversion_plan(alphas_cumprod, parameterization: str = "eps", steps: in
     mean_x0, mean_xt = ddim_coefficients(ab[:-1], ab[1:], np.zeros(steps - 1))
     zeros, no = np.zeros(steps - 1), np.zeros(steps - 1, dtype=bool)
     return Plan(ts[:-1], x0_x, x0_o, mean_x0, mean_xt, zeros, zeros, zeros, no, no, np.zeros((steps - 1, 0)),
-                clip=False)
+                clip=False, sampler="ddim-inversion")
 
 
 def balanced_labels(classes, n: int) -> np.ndarray:
@@ -384,55 +401,152 @@ def step_coefficients(plan: Plan, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- the sampler
 
-def _session(model, provider: str, threads: int | None):
-    """An InferenceSession on the requested provider; raises ModelError rather than falling back."""
+# The update graphs share the network's threads, thread pools and log levels; the rest of an app's session
+# options concerns its network, and some would be wrong for a second graph (optimized_model_filepath would
+# overwrite that file). Providers whose tensors live on a CUDA device take x as CUDA OrtValues.
+_STEP_OPTIONS = ("intra_op_num_threads", "inter_op_num_threads", "use_per_session_threads", "log_severity_level",
+                 "log_verbosity_level")
+_STEP_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+_CUDA_DEVICE = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _cuda_loads() -> bool:
+    """Whether onnxruntime's CUDA provider library loads (CUDA, cuBLAS, the driver found), found out without a
+    word on stderr. onnxruntime reports a provider library that fails to load on its global logger, which
+    SessionOptions.log_severity_level does not reach (onnxruntime 1.31: the error and warning still print), and
+    the global level has no getter to restore it from: it is the application's. So on Linux this repeats the
+    two dlopen calls onnxruntime makes (the provider bridge with global symbols, then the provider; both
+    RTLD_NOW, from the same folder) and closes them again. Elsewhere, or where the library is not where it
+    looks, it answers True and onnxruntime's own attempt decides (and may print why it failed)."""
+    folder = os.path.dirname(os.path.abspath(ort.capi.__file__))
+    library = os.path.join(folder, "libonnxruntime_providers_cuda.so")
+    if not sys.platform.startswith("linux") or not os.path.isfile(library) or "cuda-plugin-ep=" in ort.get_build_info():
+        return True
+    handles = []
+    try:
+        for path, mode in ((os.path.join(folder, "libonnxruntime_providers_shared.so"), os.RTLD_GLOBAL),
+                           (library, os.RTLD_LOCAL)):
+            handles.append(ctypes.CDLL(path, mode=mode)._handle)
+        return True
+    except OSError:
+        return False
+    finally:
+        for handle in reversed(handles):
+            _ctypes.dlclose(handle)  # POSIX only, as is this path
+
+
+def _provider_name(entry) -> str | None:
+    """The name in an entry of a providers list (a name, or a (name, options dict) pair); None if it is neither."""
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], dict):
+        entry = entry[0]
+    return entry if isinstance(entry, str) else None
+
+
+def _providers(provider: str, providers) -> list:
+    """The providers list for InferenceSession: an app's `providers`, checked, or the one `provider` names
+    ("auto": CUDA then CPU where CUDA's library loads, else CPU alone)."""
+    available = ort.get_available_providers()
+    if providers is not None:
+        if provider != "auto":
+            raise ValueError(f"give provider or providers, not both (provider={provider!r}, providers={providers!r})")
+        names = [_provider_name(p) for p in providers] if isinstance(providers, (list, tuple)) else []
+        if not names or not all(name in available for name in names):
+            raise ValueError("providers must be a non-empty list of provider names or (name, options dict) pairs, "
+                             f"from those this onnxruntime has: {', '.join(available)}; got {providers!r}")
+        return list(providers)
     _choice("provider", provider, ("auto", "cpu", "cuda"))
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    cuda = PROVIDERS["cuda"] in ort.get_available_providers()
+    cuda = PROVIDERS["cuda"] in available
     if provider == "cuda" and not cuda:
         raise ModelError("provider 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDAExecutionProvider "
                          "(use provider='cpu')")
-    wanted = ["CPUExecutionProvider"] if provider == "cpu" or not cuda else [PROVIDERS["cuda"], PROVIDERS["cpu"]]
-    if provider == "auto" and cuda:
-        ort.set_default_logger_severity(4)  # a CUDA library that fails to load is normal for "auto": stay quiet
-    try:
-        session = ort.InferenceSession(model, options, providers=wanted)
-    finally:
-        if provider == "auto" and cuda:
-            ort.set_default_logger_severity(2)
-    if provider == "cuda" and session.get_providers()[0] != PROVIDERS["cuda"]:
-        raise ModelError("provider 'cuda' requested but CUDAExecutionProvider failed to load (CUDA, cuDNN or a GPU "
-                         "is missing; onnxruntime's message above says which); use provider='cpu'")
-    return session
+    if provider == "cpu" or not cuda or (provider == "auto" and not _cuda_loads()):
+        return [PROVIDERS["cpu"]]
+    return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+
+
+def _session_options(provider: str, threads: int | None, session_options):
+    """An app's SessionOptions as given, or the sampler's: `threads` intra-op threads; errors only in the
+    session's log under "auto", where a node left to the CPU (shape arithmetic) is the sampler's business."""
+    if session_options is not None:
+        if threads is not None:
+            raise ValueError("give threads or session_options, not both: "
+                             "set intra_op_num_threads on the SessionOptions")
+        if not isinstance(session_options, ort.SessionOptions):
+            raise ValueError("session_options must be an onnxruntime.SessionOptions, "
+                             f"got {type(session_options).__name__}")
+        return session_options
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    if provider == "auto":
+        options.log_severity_level = 3
+    return options
+
+
+def _step_options(options):
+    """The update graphs' SessionOptions: the network's threads, thread pools and log levels (_STEP_OPTIONS)."""
+    step = ort.SessionOptions()
+    for name in _STEP_OPTIONS:
+        setattr(step, name, getattr(options, name))
+    for key in _STEP_CONFIG:
+        try:
+            step.add_session_config_entry(key, options.get_session_config_entry(key))
+        except RuntimeError:  # not set there
+            pass
+    return step
 
 
 class OnnxSampler:
     """A DDPM in an ONNX file written by `ddpm export`, ready to sample.
 
-    provider: "auto" (CUDA if it loads, else CPU), "cpu" or "cuda" (ModelError if CUDA cannot be used).
-    threads: onnxruntime's intra-op threads (None: its default). Attributes: provider (the one in use),
-    betas and alphas_cumprod (float64), T, parameterization, variance, image_shape (C, H, W), clip_denoised, metadata.
+    provider: "auto" (CUDA if its library loads, else CPU; its sessions log errors only), "cpu" or "cuda"
+    (ModelError if CUDA cannot be used). threads: onnxruntime's intra-op threads (None: its default).
+    providers: an onnxruntime providers list as InferenceSession takes it (names, or (name, options dict) pairs,
+    in order of preference), instead of `provider` (giving both is a ValueError); a provider that fails to load
+    is skipped, as onnxruntime does, and one that raises is an error, never a silent fall back.
+    session_options: an onnxruntime.SessionOptions for the network, used as given (with threads: a ValueError;
+    set intra_op_num_threads on it). The per-step update graphs run on the same providers (see the module's
+    docstring). Attributes: provider (the one in use), betas and alphas_cumprod (float64), T, parameterization,
+    variance, image_shape (C, H, W), clip_denoised, metadata.
     """
 
-    def __init__(self, path, provider: str = "auto", threads: int | None = None):
+    def __init__(self, path, provider: str = "auto", threads: int | None = None, *, providers=None,
+                 session_options=None):
         self.path = os.fspath(path)
+        options = _session_options(provider, threads, session_options)
+        carried = providers is None and provider == "auto" and session_options is not None and \
+            getattr(session_options, "has_providers", lambda: False)()  # chosen there by add_provider_for_devices
+        wanted = None if carried else _providers(provider, providers)
         if not os.path.isfile(self.path):
             raise ModelError(f"{self.path}: no such file")
-        try:
-            self.session = _session(self.path, provider, threads)
-        except ModelError:
-            raise
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"{self.path} is not a readable ONNX model ({reason[:200]})") from None
-        self.provider = self.session.get_providers()[0]
+        self._load(options, wanted, provider == "cuda", providers is not None or session_options is not None)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self._read_metadata()
         self._check_signature()
-        self._device, self._threads = ("cuda" if self.provider == PROVIDERS["cuda"] else "cpu"), threads
-        self._steps = {}  # (learned, memory) -> the session of that row update, built once when first needed
+        self._steps = {}  # (learned, memory, guided) -> the session of that row update, built once when first needed
+
+    def _load(self, options, wanted: list | None, cuda: bool, given: bool) -> None:
+        """The network's session on the `wanted` providers (None: those of the options), ModelError where the
+        file cannot be loaded or `cuda` was asked for and did not load; then what the update graphs run on:
+        the entries of `wanted` that loaded (with their options), and the device of x."""
+        try:
+            # enable_fallback=0: onnxruntime's Python fallback would print to stdout and retry on the CPU alone
+            self.session = ort.InferenceSession(self.path, options, providers=wanted, enable_fallback=0)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            what = ("cannot be loaded with these providers or session options" if given
+                    else "is not a readable ONNX model")
+            raise ModelError(f"{self.path} {what} ({reason[:200]})") from None
+        used = self.session.get_providers()
+        if cuda and used[0] != PROVIDERS["cuda"]:
+            raise ModelError("provider 'cuda' requested but CUDAExecutionProvider failed to load (CUDA, cuDNN or a GPU "
+                             "is missing; onnxruntime's message above says which); use provider='cpu'")
+        self.provider = used[0]
+        self._providers = [p for p in wanted if _provider_name(p) in used] if wanted else used
+        self._step_options = _step_options(options)
+        self._device = "cuda" if self.provider in _CUDA_DEVICE else "cpu"
+        device_id = self.session.get_provider_options().get(self.provider, {}).get("device_id", "0")
+        self._device_id = int(device_id) if self._device == "cuda" else 0
 
     def _meta(self, key: str) -> str:
         if key not in self.metadata:
@@ -569,13 +683,14 @@ class OnnxSampler:
         return labels.astype(np.int64) if guidance != 0 else np.full(n, self.null_label, dtype=np.int64)
 
     def _ortvalue(self, array: np.ndarray):
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, self._device_id)
 
     def _step_session(self, learned: bool, memory: int, guided: bool):
         key = (learned, memory, guided)
         if key not in self._steps:
             graph = step_graph(learned, self.out_channels == 2 * self.image_shape[0], memory, guided)
-            self._steps[key] = _session(graph, self._device, self._threads)
+            self._steps[key] = ort.InferenceSession(graph, self._step_options, providers=self._providers,
+                                                   enable_fallback=0)
         return self._steps[key]
 
     def _run_batch(self, plan: Plan, coefficients: list, x_first: np.ndarray, rng, tick, y=None, guidance=1.0):
@@ -586,7 +701,8 @@ class OnnxSampler:
         shape, M = x_first.shape, plan.memory
         guided = y is not None and guidance not in (0.0, 1.0)
         net_shape = (2 * shape[0], *shape[1:]) if guided else shape
-        new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device, 0)  # noqa: E731
+        new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device,  # noqa: E731
+                                                                       self._device_id)
         x, x_next, z, out = new(shape), new(shape), new(shape), new((net_shape[0], self.out_channels, H, W))
         x.update_inplace(x_first)  # a copy: ortvalue_from_numpy would alias x_first, which the loop then overwrites
         pair, pair_next = (new(net_shape), new(net_shape)) if guided else (x, None)

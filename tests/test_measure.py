@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from ddpm_reference import ddpm, unet
+from ddpm_reference import bench, ddpm, fd, unet
+from ddpm_reference import data as datasets
 from test_train import ROOT, assert_user_error, cli
 
 
@@ -15,39 +16,39 @@ def test_frechet_distance_closed_form_and_identity():
     a = (a - a.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(a, rowvar=False))).T  # mean 0, covariance I
     b = a * [1.5, 2.0, 0.5] + [1.0, 0.0, 0.0]
     # diagonal covariances: FD = ||mu_a - mu_b||^2 + sum (s_a - s_b)^2
-    assert abs(ddpm.frechet_distance(a, b) - (1.0 + 0.25 + 1.0 + 0.25)) < 1e-9
-    assert abs(ddpm.frechet_distance(a, a)) < 1e-8
-    assert abs(ddpm.frechet_distance(a, b) - ddpm.frechet_distance(b, a)) < 1e-8
+    assert abs(fd.frechet_distance(a, b) - (1.0 + 0.25 + 1.0 + 0.25)) < 1e-9
+    assert abs(fd.frechet_distance(a, a)) < 1e-8
+    assert abs(fd.frechet_distance(a, b) - fd.frechet_distance(b, a)) < 1e-8
 
 
 @pytest.fixture(scope="module")
 def features():
-    return ddpm.digits_features()
+    return fd.digits_features()
 
 
 def test_digits_fd_properties(features):
-    train, held = ddpm.load_digits_data()
+    train, held = datasets.load_digits_data()
     ref = features(train)
-    np.testing.assert_array_equal(ref, ddpm.digits_features()(train))  # trained deterministically
-    assert abs(ddpm.frechet_distance(ref, ref)) < 1e-8
-    floor = ddpm.frechet_distance(features(held), ref)
+    np.testing.assert_array_equal(ref, fd.digits_features()(train))  # trained deterministically
+    assert abs(fd.frechet_distance(ref, ref)) < 1e-8
+    floor = fd.frechet_distance(features(held), ref)
     rng = np.random.RandomState(0)
     fds = []
     for sigma in (20, 60, 150):
         noised = np.clip(held + rng.normal(0, sigma, held.shape), 0, 255).astype(np.uint8)
-        fds.append(ddpm.frechet_distance(features(noised), ref))
+        fds.append(fd.frechet_distance(features(noised), ref))
     assert fds[0] < fds[1] < fds[2] and fds[2] > 3 * floor, (floor, fds)
     noise = rng.randint(0, 256, held.shape).astype(np.uint8)
-    assert ddpm.frechet_distance(features(noise), ref) > 10 * floor
+    assert fd.frechet_distance(features(noise), ref) > 10 * floor
 
 
 def test_fd_cli_on_npz(tmp_path):
-    _, held = ddpm.load_digits_data()
+    _, held = datasets.load_digits_data()
     np.savez(tmp_path / "held.npz", held.transpose(0, 2, 3, 1))
     res = cli("fd", tmp_path / "held.npz", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["n"] == 360 and abs(out["fd"] - out["floor"]) < 1e-9
+    assert out["num_samples"] == 360 and abs(out["fd"] - out["floor"]) < 1e-9
     np.savez(tmp_path / "rgb.npz", np.zeros((4, 8, 8, 3), np.uint8))
     assert_user_error(cli("fd", tmp_path / "rgb.npz"), "8x8 grey digits")
 
@@ -57,7 +58,7 @@ FLOPS_PER_DIGIT = unet.flops_per_forward(unet.build_unet("digits"))
 
 def test_bench_sample_report():
     backends = ("torch", "ort") + (("cpp",) if os.path.exists(os.path.join(ROOT, "cpp_runner/build/ddpm_runner")) else ())
-    rows = ddpm.bench_sample("digits", batch=4, backends=backends, repeats=1, runs=(("ancestral", 3), ("ddim", 2)),
+    rows = bench.bench_sample("digits", batch=4, backends=backends, repeats=1, runs=(("ancestral", 3), ("ddim", 2)),
                              device="cpu", precisions=("fp32", "bf16", "int8"))
     want_precisions = {"torch": ("fp32", "bf16"), "ort": ("fp32", "int8"), "cpp": ("fp32", "int8")}
     assert [(r["backend"], r["precision"], r["sampler"], r["steps"]) for r in rows] == [
@@ -73,30 +74,30 @@ def test_bench_sample_report():
         assert min(v for k, v in peak.items() if k[:2] == (b, p)) > 1e9
     assert peak["torch", "bf16", "ddim"] == pytest.approx(peak["torch", "bf16", "ancestral"])
     with pytest.raises(ValueError, match="backends"):
-        ddpm.bench_sample("digits", batch=2, backends=("tpu",), repeats=1, runs=(("ddim", 1),), device="cpu")
+        bench.bench_sample("digits", batch=2, backends=("tpu",), repeats=1, runs=(("ddim", 1),), device="cpu")
     with pytest.raises(ValueError, match="precision"):
-        ddpm.bench_sample("digits", batch=2, backends=("torch",), repeats=1, runs=(("ddim", 1),), device="cpu",
+        bench.bench_sample("digits", batch=2, backends=("torch",), repeats=1, runs=(("ddim", 1),), device="cpu",
                           precisions=("int4",))
 
 
 def test_bench_sample_of_a_checkpoint_gives_each_rows_fd(tmp_path):
-    res = cli("train", "--steps", 5, "--batch-size", 8, "--T", 20, "--device", "cpu", "--out", tmp_path)
+    res = cli("train", "--train-steps", 5, "--batch-size", 8, "--diffusion-steps", 20, "--device", "cpu", "--out", tmp_path)
     assert res.returncode == 0, res.stderr
-    res = cli("bench", "sample", "--checkpoint", tmp_path / "checkpoint.pt", "--batch", 20, "--samplers", "ddim",
+    res = cli("bench", "sample", "--checkpoint", tmp_path / "checkpoint.pt", "--batch-size", 20, "--samplers", "ddim",
               "--steps", 2, "--repeats", 1, "--backends", "torch,ort", "--precision", "fp32,int8", "--device", "cpu", "--json")
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("ort", "fp32"), ("ort", "int8")]
     fds = [r["fd"] for r in rows]
     assert all(f > 0 for f in fds)
-    assert_user_error(cli("bench", "sample", "--samplers", "euler"), "sampler must be one of")
+    assert_user_error(cli("bench", "sample", "--samplers", "euler"), "--samplers", "is not one of")
 
 
 def test_bench_train_cli_json():
-    res = cli("bench", "train", "--batch", 4, "--steps", 2, "--repeats", 1, "--device", "cpu", "--json")
+    res = cli("bench", "train", "--batch-size", 4, "--train-steps", 2, "--repeats", 1, "--device", "cpu", "--json")
     assert res.returncode == 0, res.stderr
     (row,) = json.loads(res.stdout)
     assert row["preset"] == "digits" and row["images_per_s"] > 0 and row["peak_memory_bytes"] > 0
     assert row["achieved_tflops"] > 0 and row["matmul_peak_tflops"] > 0
     assert row["of_matmul_peak"] == pytest.approx(row["achieved_tflops"] / row["matmul_peak_tflops"])
-    assert_user_error(cli("bench", "train", "--precision", "fp8"), "precision must be one of")
+    assert_user_error(cli("bench", "train", "--precision", "fp8"), "--precision", "is not one of")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ddpm_reference import ddpm, unet
+from ddpm_reference import precision as prec
 from ddpm_reference.export import onnx_export
 from ddpm_reference.export.onnx_sampler import OnnxSampler
 from oracle import GaussianOracle
@@ -28,9 +29,9 @@ def simulate(monkeypatch, *, amx=False, avx512_bf16=False, cuda_bf16=False):
 ])
 def test_auto_precision_follows_the_hardware(monkeypatch, machine, device, want):
     simulate(monkeypatch, **machine)
-    chosen, why = ddpm.resolve_precision("auto", torch.device(device))
+    chosen, why = prec.resolve_precision("auto", torch.device(device))
     assert chosen == want and why.startswith("auto: ")
-    assert ddpm.resolve_precision("fp32", torch.device(device)) == ("fp32", "as asked")
+    assert prec.resolve_precision("fp32", torch.device(device)) == ("fp32", "as asked")
 
 
 def test_training_default_is_auto_and_fp32_without_bf16(monkeypatch):
@@ -46,7 +47,7 @@ def test_training_default_is_auto_and_fp32_without_bf16(monkeypatch):
     trainer.train_step(data)
     assert torch.isfinite(trainer.running) and trainer.step == 1 and not trainer.bad
     with pytest.raises(ValueError, match="precision must be one of"):
-        ddpm.resolve_precision("int4", torch.device("cpu"))
+        prec.resolve_precision("int4", torch.device("cpu"))
 
 
 class OracleNet(torch.nn.Module):
@@ -102,7 +103,7 @@ def test_reduced_precision_hits_the_exact_moments(oracle_files, executor):
     mean, var = GaussianOracle(d, MU, S).exact_moments(plan)
     n = 512
     if executor.startswith("torch"):
-        model = ddpm.AtPrecision(net, executor.split()[1])
+        model = prec.AtPrecision(net, executor.split()[1])
         x = ddpm.sample(model, plan, (n, *IMAGE), ddpm.numpy_noise(0, torch.device("cpu"))).numpy()
         assert x.dtype == np.float32
     else:
@@ -139,12 +140,12 @@ def test_bf16_unet_is_close_to_fp32_and_really_bf16():
     net = unet_with_outputs()
     x, t = torch.randn(16, *IMAGE), torch.randint(0, 1000, (16,))
     with torch.no_grad():
-        want, got = net(x, t), ddpm.AtPrecision(net, "bf16")(x, t)
+        want, got = net(x, t), prec.AtPrecision(net, "bf16")(x, t)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     rel = ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item()
     assert 1e-4 < rel < 0.05
-    assert next(ddpm.AtPrecision(net, "bf16").model.parameters()).dtype == torch.bfloat16
-    assert ddpm.AtPrecision(net, "fp32").model is net
+    assert next(prec.AtPrecision(net, "bf16").model.parameters()).dtype == torch.bfloat16
+    assert prec.AtPrecision(net, "fp32").model is net
 
 
 def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path, monkeypatch):
@@ -192,9 +193,9 @@ def test_compiled_sampling_network_matches_eager():
         def forward(self, x, t):
             return self.out(torch.nn.functional.silu(self.conv(x) + self.emb(t)[:, :, None, None]))
 
-    net = ddpm.AtPrecision(Tiny().eval(), "fp32")
+    net = prec.AtPrecision(Tiny().eval(), "fp32")
     net.class_names = ["a"]
-    compiled = ddpm.compile_for_sampling(net)
+    compiled = prec.compile_for_sampling(net)
     plan = ddpm.make_plan(d, "ddim", 5)
     want = ddpm.sample(net, plan, (4, *IMAGE), ddpm.numpy_noise(0, torch.device("cpu")))
     got = ddpm.sample(compiled, plan, (4, *IMAGE), ddpm.numpy_noise(0, torch.device("cpu")))

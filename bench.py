@@ -1,0 +1,255 @@
+"""Speed: sampling per backend and precision (torch, torch.compile, onnxruntime, the C++ runner) and training
+throughput, each beside the matmul peak of the same precision and library measured in the same run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import get_args
+
+import numpy as np
+import torch
+
+from . import unet
+from .data import calibration_images, load_digits_data
+from .ddpm import (Diffusion, Trainer, TrainConfig, UserError, beta_schedule,
+                   load_model, make_plan, preset_config, resolve_device,
+                   sample, torch_noise)
+from .export import onnx_sampler
+from .precision import AUTOCAST_DTYPE, AtPrecision, Precision, compile_for_sampling, resolve_precision
+from .fd import fd_of_samples
+
+
+
+def matmul_peak(dtype=torch.float32, device="cpu", n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of an n x n matrix product in dtype on the device (the best of `repeats` after a warm-up): the
+    dense peak of this machine and precision, against which a network's achieved FLOP/s is read."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return 2 * n ** 3 / min(_timed(lambda: a @ a, repeats, sync))
+
+
+def _median_spread(times):
+    return {"median_s": float(np.median(times)), "min_s": float(min(times)), "max_s": float(max(times))}
+
+
+def _timed(fn, repeats: int, sync=lambda: None, bare=None):
+    """Seconds of `repeats` calls of fn after one warm-up call. With `bare`, each repeat also times bare()
+    right after fn(), and the pairs are returned: a shared machine drifts less within a pair."""
+    fn()  # warm-up, excluded
+    sync()
+    times, bare_times = [], []
+    for _ in range(repeats):
+        for f, out in ((fn, times), (bare, bare_times))[:2 if bare else 1]:
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return (times, bare_times) if bare else times
+
+
+def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, threads: int | None = None) -> float:
+    """Operations/s of an n x n product in onnxruntime's CPU provider (the best of `repeats` after a warm-up):
+    MatMul in float32 (fp16: float16), MatMulInteger (uint8 x int8 -> int32, the kernel under quantized
+    Conv and MatMul) for int8. The peak an exported file's achieved FLOP/s is read against."""
+    from onnx import TensorProto as TP, helper
+    import onnxruntime as ort
+    kind = {"fp32": (TP.FLOAT, TP.FLOAT, TP.FLOAT, "MatMul", np.float32, np.float32),
+            "fp16": (TP.FLOAT16, TP.FLOAT16, TP.FLOAT16, "MatMul", np.float16, np.float16),
+            "int8": (TP.UINT8, TP.INT8, TP.INT32, "MatMulInteger", np.uint8, np.int8)}[precision]
+    a, b, c = (helper.make_tensor_value_info(name, kind[i], [n, n]) for i, name in enumerate("abc"))
+    graph = helper.make_graph([helper.make_node(kind[3], ["a", "b"], ["c"])], "matmul", [a, b], [c])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # what onnxruntime reads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.integers(0, 100, (n, n)).astype(kind[4]), "b": rng.integers(-100, 100, (n, n)).astype(kind[5])}
+    return 2 * n ** 3 / min(_timed(lambda: session.run(None, feed), repeats))
+
+
+def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str, steps: int, repeats: int,
+               precision: str, out: str) -> dict:
+    """The onnxruntime rows' measurement, run by bench_sample in a process of its own: `repeats` timings
+    (after a warm-up) of OnnxSampler.sample, the last samples saved to `out` (.npy), and the matmul peak
+    of the file's precision."""
+    from .export.onnx_sampler import OnnxSampler
+    s = OnnxSampler(onnx_path, provider, threads)
+    runs = [s.sample(batch, sampler, steps, return_timing=True) for _ in range(repeats + 1)][1:]
+    np.save(out, runs[-1][0])
+    return {"timings": [timing for _, timing in runs], "peak": onnx_matmul_peak(precision, threads=threads)}
+
+
+BACKENDS = ("torch", "compile", "ort", "cpp")  # torch eager, torch.compile, onnxruntime, the C++ runner
+PRECISIONS = tuple(dict.fromkeys(get_args(Precision) + onnx_sampler.PRECISIONS))  # what bench sample runs
+
+
+def _die_with_parent():
+    """A preexec_fn for the child processes of bench sample (Linux): the kernel sends the child SIGKILL when this
+    process dies, so an interrupted or killed bench leaves no sampler running. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm():
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_DEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(1)
+    return arm
+
+
+def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "ort", "cpp"), repeats: int = 3,
+                 runs=(("ancestral", 1000), ("ddim", 50)), device: str = "auto", threads: int | None = None,
+                 precisions=("auto",), checkpoint: str | None = None):
+    """Images/s and network evaluations/s of each backend and precision for each (sampler, steps), the loop
+    overhead (the loop's time / the time of the same number of bare network calls), and the achieved FLOP/s
+    beside the matmul peak of the row's precision and library. torch runs fp32|bf16|fp16 (auto: see
+    resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32).
+
+    Without a checkpoint the weights are the preset's initialisation with a random output layer (speed does
+    not depend on them) and int8 is calibrated on uniform noise images. With an (unconditional) checkpoint
+    its EMA weights are timed, int8 is calibrated on its training images, and for 8x8 digits each row also
+    gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no speed without its quality."""
+    import tempfile
+    dev = resolve_device(device)
+    if checkpoint:
+        model, diffusion, cfg, image_shape = load_model(checkpoint, True)
+        if model.class_names:
+            raise UserError(f"{checkpoint} is class-conditional: bench sample times unconditional models")
+        calibration = calibration_images(cfg)
+    else:
+        model = unet.build_unet(preset)
+        torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
+        diffusion = Diffusion(beta_schedule("linear", 1000))
+        image_shape = (model.config["in_channels"], model.config["image_size"], model.config["image_size"])
+        calibration = np.random.default_rng(0).uniform(-1, 1, (256, *image_shape)).astype(np.float32)
+    model = model.to(dev).eval()
+    shape = (batch, *image_shape)
+    quality = fd_of_samples() if checkpoint and tuple(image_shape) == (1, 8, 8) else None
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows, tmp = [], tempfile.mkdtemp()
+    flops = unet.flops_per_forward(model)  # per image and network call
+    x = torch.randn(shape, device=dev)
+    t = torch.full((batch,), 500, device=dev, dtype=torch.long)
+    provider = "cuda" if dev.type == "cuda" else "cpu"
+    onnx_files, out = {}, os.path.join(tmp, "x.npy")
+
+    def onnx_file(precision):
+        if precision not in onnx_files:
+            from .export.onnx_export import export_onnx
+            onnx_files[precision] = os.path.join(tmp, f"model-{precision}.onnx")
+            export_onnx(model.cpu(), diffusion, image_shape, onnx_files[precision], precision=precision,
+                        calibration_images=calibration, check=False)
+            model.to(dev)
+        return onnx_files[precision]
+
+    def row(backend, precision, sampler, steps, times, bare, where, peak, samples):
+        r = _bench_row(backend, precision, sampler, steps, batch, times, bare, where, (flops, peak))
+        return {**r, "fd": quality(samples)} if quality else r
+
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"backends must be among {', '.join(BACKENDS)}, got {backend!r}")
+        for precision in _backend_precisions(backend, precisions, dev):
+            if backend in ("torch", "compile"):
+                net = AtPrecision(model, precision)
+                net = compile_for_sampling(net) if backend == "compile" else net
+                peak, last = matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev), []
+                for sampler, steps in runs:
+                    plan = make_plan(diffusion, sampler, steps)
+                    gen = torch.Generator(dev).manual_seed(0)
+                    times, bare = _timed(lambda: last.append(sample(net, plan, shape, torch_noise(gen, dev))), repeats,
+                                         sync, bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
+                    rows.append(row(backend, precision, sampler, steps, times, bare, str(dev), peak, last[-1]))
+            elif backend == "ort":
+                # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
+                # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
+                probe = ("import json, sys; from ddpm_reference import bench; "
+                         "print(json.dumps(bench._ort_bench(*json.loads(sys.argv[1]))))")
+                for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
+                    args = [onnx_file(precision), provider, threads, batch, sampler, steps, repeats, precision, out]
+                    res = json.loads(subprocess.run([sys.executable, "-c", probe, json.dumps(args)], preexec_fn=_die_with_parent(), capture_output=True,
+                                                    text=True, check=True).stdout.strip().splitlines()[-1])
+                    times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
+                    rows.append(row(backend, precision, sampler, steps, times, bare, res["timings"][0]["provider"],
+                                    res["peak"], np.load(out)))
+            else:
+                runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
+                if not os.path.exists(runner):
+                    raise UserError(f"{runner} not built: run `make cpp` (or drop cpp from --backends)")
+                peak = onnx_matmul_peak(precision, threads=threads)  # the C++ runner's library is onnxruntime's
+                for sampler, steps in runs:
+                    cmd = [runner, "--model", onnx_file(precision), "--num-samples", str(batch), "--batch-size",
+                           str(batch), "--sampler", sampler, "--steps", str(steps), "--json", "--out", out,
+                           "--provider", provider]
+                    cmd += ["--threads", str(threads)] if threads else []
+                    runs_json = [json.loads(subprocess.run(cmd, preexec_fn=_die_with_parent(), capture_output=True, text=True, check=True).stdout.strip()
+                                            .splitlines()[-1]) for _ in range(repeats + 1)][1:]
+                    times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
+                    rows.append(row("cpp", precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
+                                    np.load(out)))
+    return rows
+
+
+def _backend_precisions(backend: str, precisions, device: torch.device) -> list[str]:
+    """The precisions of `precisions` that `backend` runs, auto resolved (torch: resolve_precision; an ONNX
+    file: fp32), in order, once each."""
+    torch_side = backend in ("torch", "compile")
+    runs = get_args(Precision)[1:] if torch_side else onnx_sampler.PRECISIONS
+    chosen = [(resolve_precision(p, device)[0] if torch_side else "fp32") if p == "auto" else p for p in precisions]
+    for p in chosen:
+        if p not in PRECISIONS:
+            raise ValueError(f"precision must be among {', '.join(PRECISIONS)}, got {p!r}")
+    return list(dict.fromkeys(p for p in chosen if p in runs))
+
+
+def _bench_row(backend, precision, sampler, steps, batch, times, network_times, where, cost):
+    """One report row; overhead is the median over repeats of loop time / network time of that repeat;
+    cost = (FLOP per network call and image, the matmul peak FLOP/s of the row's precision) gives the
+    achieved GFLOP/s and its share of that peak."""
+    med = float(np.median(times))
+    evals_per_s = batch * steps / med
+    return {"backend": backend, "precision": precision, "sampler": sampler, "steps": steps, "batch": batch,
+            "device": where,
+            **_median_spread(times), "images_per_s": batch / med, "net_evals_per_s": evals_per_s,
+            "network_s": float(np.median(network_times)),
+            "overhead": float(np.median(np.array(times) / np.array(network_times))),
+            "achieved_gflops": evals_per_s * cost[0] / 1e9, "of_matmul_peak": evals_per_s * cost[0] / cost[1]}
+
+
+def bench_train(preset: str = "digits", batch: int = 64, precision: str = "auto", compile: bool = False,
+                channels_last: bool = False, synthetic: bool = True, steps: int = 20, repeats: int = 3,
+                device: str = "auto"):
+    """Training images/s after warm-up (median of `repeats` timings of `steps` steps of Trainer.train_step,
+    the step `ddpm train` runs, with the default TrainConfig otherwise), peak memory and the achieved
+    FLOP/s, counting a training step as 3 forward passes (forward + backward), beside the matmul peak of the
+    same precision on the same device (matmul_peak)."""
+    import resource
+    cfg = TrainConfig(preset=preset, batch_size=batch, precision=precision, compile=compile,
+                      channels_last=channels_last, device=device)
+    cfg.validate()
+    dev = resolve_device(device)
+    C, S = preset_config(preset)["in_channels"], preset_config(preset)["image_size"]
+    if synthetic or preset != "digits":
+        data = torch.randint(0, 256, (max(batch, 256), C, S, S), dtype=torch.uint8, device=dev)
+    else:
+        data = torch.from_numpy(load_digits_data()[0]).to(dev)
+    trainer = Trainer(cfg, data.shape[1:], dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = _timed(lambda: [trainer.train_step(data) for _ in range(steps)], repeats, sync)
+    images_per_s = batch * steps / float(np.median(times))
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    flops = 3 * unet.flops_per_forward(trainer.model) * images_per_s
+    dense = matmul_peak(AUTOCAST_DTYPE.get(trainer.precision, torch.float32), dev)
+    return {"preset": preset, "batch": batch, "precision": trainer.precision, "compile": compile, "device": str(dev),
+            **_median_spread([t / steps for t in times]), "images_per_s": images_per_s, "peak_memory_bytes": int(peak),
+            "achieved_tflops": flops / 1e12, "matmul_peak_tflops": dense / 1e12, "of_matmul_peak": flops / dense}
+

@@ -1,0 +1,818 @@
+"""The command line, `ddpm ...`: train, sample, score, export and benchmark, on top of ddpm.py.
+
+One name per concept across the commands and the C++ runner (the README's table): --num-samples (images
+drawn), --num-images (held-out images read), --batch-size (images per network call or optimizer step), --steps
+(the sampler's network calls), --train-steps (optimizer steps). Every option is checked at this boundary
+(choices, ranges, finite numbers), and an option given where it cannot apply is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import sys
+import typing
+
+import numpy as np
+import torch
+import typer
+from typer._click.core import ParameterSource
+
+from . import unet
+from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench_train
+from .data import calibration_images, load_data, load_dataset, load_digits_data, load_npz
+from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, TrainConfig, UserError, Variance,
+                   __version__, balanced_labels, bits_per_dim, check_resumable, classifier_free_guidance,
+                   classifier_guidance, classifier_mean_shift, ddim_inversion_plan, load_checkpoint, load_classifier,
+                   load_model, make_plan, numpy_noise, option_flag, resolve_device, run_plan, sample, save_images,
+                   to_model_range, to_uint8, torch_noise, train, train_classifier)
+from .export import onnx_sampler
+from .fd import digits_features, frechet_distance
+from .precision import AtPrecision, Precision, compile_for_sampling, resolve_precision
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
+Opt = typer.Option
+Provider = typing.Literal["auto", "cpu", "cuda"]
+FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
+
+
+def _finite(value):
+    """A float option's check: click's ranges let nan and inf through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def Number(default, help: str, *decls, min=None, max=None):  # noqa: N802 (an option, like typer.Option)
+    """A float option: finite, within [min, max] where given."""
+    return Opt(default, *decls, help=help, min=min, max=max, callback=_finite)
+
+
+SEED = Opt(0, min=0, max=2 ** 32 - 1, help="seed of the noise (numpy RandomState's range)")
+JSON = Opt(False, "--json", help="print JSON")
+DEVICE = Opt("auto", help="torch device (auto: CUDA if available, else CPU)")
+EITHER_DEVICE = Opt("auto", "--device", help="a checkpoint's torch device, or an .onnx file's onnxruntime provider "
+                                             "(auto: CUDA if available, else CPU)")
+PROVIDER = Opt("auto", help="onnxruntime provider (auto: CUDA if it loads, else CPU)")
+THREADS = Opt(None, min=1, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+BATCH = Opt(256, "--batch-size", min=1, help="images per network call")
+EMA = Opt(True, help="the EMA weights (--no-ema: the raw weights)")
+COMPILE = Opt(False, help="torch.compile the network (inductor, frozen weights): a minute or so to compile, then faster")
+OUT_IMAGES = "a .png grid, or a .npz (arr_0: uint8 NHWC, the layout of OpenAI's evaluation scripts; arr_1: labels)"
+
+
+def _console():
+    """Progress bars go to stderr: stdout carries results (tables, JSON) that users redirect."""
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int):
+    """A transient progress bar on stderr; yields a callback that advances it by one (any arguments)."""
+    from rich.progress import Progress
+    with Progress(transient=True, console=_console()) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda *_: bar.advance(task)
+
+
+@contextlib.contextmanager
+def _train_progress():
+    """The training bar (it stays: it is the run's log), shown from the first report on; yields the callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=_console())
+    task = None
+
+    def report(r):
+        nonlocal task
+        if task is None:
+            bar.start()
+            name = f"train {r['precision'].split()[0]}" if "precision" in r else "train"
+            task = bar.add_task(name, total=r["steps"], completed=r["step"], info="")
+        info = "" if r["loss"] is None else f"loss {r['loss']:.4f}  {r['images_per_s']:.0f} img/s"
+        bar.update(task, completed=r["step"], info=info)
+    try:
+        yield report
+    finally:
+        bar.stop()
+
+
+@contextlib.contextmanager
+def _as_user_error():
+    """ValueErrors of the library's own option checks (a plan the schedule cannot give, a config that does not
+    fit together) become one-line user errors here, at the boundary; elsewhere a ValueError is a bug."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The parameters given on the command line (not defaults)."""
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+
+
+def _refuse(ctx: typer.Context, names, why: str) -> None:
+    """An option that cannot apply is an error, not silently ignored."""
+    given = sorted(_given(ctx) & set(names))
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-').rstrip('-')} {why}")
+
+
+def _at_precision(model, precision: str, device: torch.device, compile: bool = False):
+    """(the model in the asked precision (AtPrecision), compiled if asked; "bf16 (auto: why)", which the
+    command prints with its result: printed before, it would make a later user error two lines)."""
+    chosen, why = resolve_precision(precision, device)
+    net = AtPrecision(model, chosen)
+    return (compile_for_sampling(net) if compile else net), f"{chosen} ({why})"
+
+
+def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
+    if not path.lower().endswith(suffixes):
+        raise UserError(f"--out {path}: must end in {' or '.join(suffixes)}")
+    return path
+
+
+def _samples_to_file(x: np.ndarray, out: str, columns: int | None = None, labels=None) -> None:
+    try:
+        save_images(x, out, columns, labels)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
+
+
+def _int_list(text: str, flag: str, lo: int = 0) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < lo:
+        raise UserError(f"{flag} {text}: expected comma-separated whole numbers >= {lo}")
+    return values
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag} {text}: expected comma-separated finite numbers")
+    return values
+
+
+# ----------------------------------------------------------------------------- options shared by commands
+
+def _config_options(config, only=None, help=None) -> list[inspect.Parameter]:
+    """A keyword-only typer option for the fields of the dataclass `config` (those in `only`, if given), with
+    the field's type, default, help (or help[name]) and range: the dataclass is the one place where an option
+    and its default are written."""
+    hints = typing.get_type_hints(config)
+    params = []
+    for f in dataclasses.fields(config):
+        if only is not None and f.name not in only:
+            continue
+        flag = option_flag(f)
+        decl = f"{flag}/--no-{flag[2:]}" if hints[f.name] in (bool, bool | None) else flag
+        kind = hints[f.name]
+        number = {"min": f.metadata.get("min"), "max": f.metadata.get("max")} if kind in (int, float, int | None,
+                                                                                          float | None) else {}
+        check = {"callback": _finite} if kind in (float, float | None) else {}
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=Opt(
+            f.default, decl, *f.metadata.get("aliases", ()), help=(help or {}).get(f.name, f.metadata["help"]),
+            **number, **check)))
+    return params
+
+
+def _with_options(*configs, only=None, help=None):
+    """Give a command `fn(..., **options)` the fields of the dataclasses `configs` as options."""
+    def wrap(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = inspect.Signature(own + [p for c in configs for p in _config_options(c, only, help)])
+        return fn
+    return wrap
+
+
+def _field(default, help: str, **cli):
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+@dataclasses.dataclass
+class SampleOptions:
+    """The sampler of `sample`, `onnx-sample`, `fd` and the C++ runner (make_plan's arguments)."""
+    sampler: Sampler = _field("ancestral", "the sampler")
+    steps: int | None = _field(None, "network calls of the sampler (default: T for ancestral, 50 for the others)",
+                               min=1)
+    eta: float = _field(0.0, "DDIM's eta (ddim only)", min=0.0, max=1.0)
+    spacing: Spacing = _field("uniform", "which timesteps are kept when --steps < T")
+    clip: bool | None = _field(None, "clip the predicted x0 to [-1, 1] (default: on; for an .onnx file, the file's)")
+    corrector_steps: int = _field(0, "Langevin corrector steps per timestep (predictor-corrector; ancestral, ddim)",
+                                  min=0, max=1000)
+    snr: float = _field(0.16, "the corrector's signal-to-noise ratio r (with --corrector-steps)", min=1e-6, max=10.0)
+
+
+@dataclasses.dataclass
+class GuidanceOptions:
+    """The classes and guidance of a class-conditional model (sample, onnx-sample, fd, the C++ runner)."""
+    classes: str | None = _field(None, "a class or comma-separated classes (indices or names); default: every class, "
+                                       "a row each", aliases=("--class",))
+    guidance: float = _field(1.0, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, "
+                                  "0 unconditional")
+
+
+def _plan_options(ctx: typer.Context, options: dict) -> dict:
+    """make_plan's arguments from the sampling options; --snr without a corrector cannot apply."""
+    if options["corrector_steps"] == 0:
+        _refuse(ctx, ["snr"], "needs --corrector-steps K > 0 (it sets the corrector's step size)")
+    return {f.name: options[f.name] for f in dataclasses.fields(SampleOptions)}
+
+
+def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> np.ndarray | None:
+    """The n labels a command samples (a balanced sweep over the requested classes), or None for an
+    unconditional model; UserError for labels or guidance it cannot take."""
+    if not class_names:
+        if classes is not None or guidance != 1.0:
+            raise UserError("--class/--guidance need a class-conditional model (train one with --class-cond)")
+        return None
+    if classes is None:
+        return balanced_labels(list(range(len(class_names))), n)
+    wanted = []
+    for c in classes.split(","):
+        c = c.strip()
+        index = class_names.index(c) if c in class_names else int(c) if c.lstrip("-").isdigit() else None
+        if index is None or not 0 <= index < len(class_names):
+            raise UserError(f"--class {c}: not a class of this model ({', '.join(class_names)}; or 0..{len(class_names) - 1})")
+        wanted.append(index)
+    return balanced_labels(wanted, n)
+
+
+def _row_per_class(labels) -> int | None:
+    """Grid columns that put each class of balanced_labels on a row of its own (None: no labels)."""
+    return None if labels is None else -(-len(labels) // len(set(labels.tolist())))
+
+
+@dataclasses.dataclass
+class TorchRun:
+    """A torch sampling run of `sample` and `fd`: the model (at its precision) and its diffusion, the plan, the
+    labels of the run's images with their classifier-free guidance, classifier guidance (classifier = the
+    `load_classifier` triple, with its scale g), and one noise stream for the whole run."""
+    model: typing.Any
+    diffusion: Diffusion
+    plan: onnx_sampler.Plan
+    shape: tuple
+    noise: typing.Callable
+    device: torch.device
+    labels: np.ndarray | None = None
+    guidance: float = 1.0
+    classifier: tuple | None = None
+    scale: float = 1.0
+
+    def images(self, start: int, stop: int, tick=None) -> torch.Tensor:
+        """Images start..stop of the run: classifier-free guidance for a conditional model; with a classifier,
+        Dhariwal & Nichol's mean shift for ancestral rows, their eps shift for the other samplers."""
+        y = None if self.labels is None else torch.as_tensor(self.labels[start:stop], device=self.device)
+        net, shape = self.model, (stop - start, *self.shape)
+        if y is not None and self.model.class_names:
+            net = classifier_free_guidance(net, y, self.guidance, len(self.model.class_names))
+        if self.classifier is None:
+            return sample(net, self.plan, shape, self.noise, tick).cpu()
+        clf = self.classifier[0]
+        if self.plan.sampler == "ancestral":
+            return sample(net, self.plan, shape, self.noise, tick, classifier_mean_shift(clf, y, self.scale)).cpu()
+        return sample(classifier_guidance(net, self.diffusion, clf, y, self.scale), self.plan, shape, self.noise,
+                      tick).cpu()
+
+
+def _torch_plan(diffusion: Diffusion, plan: dict):
+    with _as_user_error():
+        return make_plan(diffusion, **{**plan, "clip": plan["clip"] is not False})
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"ddpm-reference {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = Opt(False, "--version", callback=_version, is_eager=True, help="print the version and exit")):
+    """Denoising Diffusion Probabilistic Models: train, sample, score, export."""
+
+
+@app.command("train")
+@_with_options(TrainConfig)
+def train_cmd(ctx: typer.Context, *, resume: bool = Opt(False, help="continue OUT/checkpoint.pt (changing only "
+                                                                   "how long and how it trains)"),
+              overwrite: bool = Opt(False, help="start afresh, replacing OUT/checkpoint.pt at the first checkpoint"),
+              **options):
+    """Train eps_theta (Algorithm 1). Under torchrun it trains with DDP on every process."""
+    if resume and overwrite:
+        raise UserError("--resume continues OUT/checkpoint.pt and --overwrite replaces it: give one")
+    cfg, changes = TrainConfig(**options), []
+    if resume:
+        saved = load_checkpoint(f"{cfg.out}/checkpoint.pt")["config"]
+        given = {name: options[name] for name in _given(ctx) & set(options)}
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in options}, **given})
+        check_resumable(saved, cfg)
+        changes = [f"{option_flag(f)} {saved.get(f.name)} -> {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                   if f.name in given and f.name in RESUMABLE and f.name not in ("steps", "out")
+                   and saved.get(f.name) != getattr(cfg, f.name)]
+    with _as_user_error():
+        cfg.validate()
+    with _train_progress() as callback:
+        result = train(cfg, load_data(cfg.data, cfg.image_size), resume, callback, overwrite)
+    said = f"; resumed with {', '.join(changes)}" if changes else ""
+    typer.echo(f"trained to step {result['steps']} in {result['precision']} ({result['images_per_s']:.0f} images/s); "
+               f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}{said}")
+
+
+CLASSIFIER_OPTIONS = ("data", "preset", "image_size", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
+                      "schedule", "T", "zero_terminal_snr", "seed", "device", "log_every", "out")
+
+
+@app.command("train-classifier")
+@_with_options(TrainConfig, only=CLASSIFIER_OPTIONS, help={"out": "folder of the classifier file, OUT/classifier.pt",
+                                                              "log_every": "report the loss every this many steps"})
+def train_classifier_cmd(**options):
+    """Train a noisy classifier p_phi(y | x_t, t) on the data's labels, for `ddpm sample --classifier` (classifier
+    guidance). Its schedule (--schedule, --diffusion-steps) must be the model's."""
+    cfg = TrainConfig(**options)
+    with _as_user_error():
+        cfg.validate()
+    with _train_progress() as callback:
+        result = train_classifier(cfg, load_data(cfg.data, cfg.image_size), callback)
+    typer.echo(f"trained the classifier to step {result['steps']}; final loss {result['losses'][-1][1]:.4f}; "
+               f"wrote {result['checkpoint']}")
+
+
+@app.command("sample")
+@_with_options(SampleOptions, GuidanceOptions)
+def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm train`"),
+               num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED,
+               classifier: str = Opt(None, help="classifier guidance with this `ddpm train-classifier` file (torch only)"),
+               classifier_scale: float = Number(1.0, "classifier guidance's g (with --classifier)"),
+               numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of "
+                                        "`onnx-sample` and the C++ runner (same seed, same images)"),
+               ema: bool = EMA, batch_size: int = BATCH, device: Device = DEVICE,
+               precision: Precision = Opt("auto", help="network precision (auto: bf16 where the device runs it fast)"),
+               compile: bool = COMPILE, out: str = Opt("samples.png", help=OUT_IMAGES), **options):
+    """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE), with a corrector or not;
+    a class-conditional model samples the requested classes, with classifier-free guidance."""
+    _check_out(out)
+    if checkpoint.endswith(".onnx"):
+        raise UserError(f"{checkpoint} is an ONNX file: sample it with `ddpm onnx-sample` (classifier guidance, "
+                        "which needs gradients, runs on checkpoints only)")
+    if classifier is None:
+        _refuse(ctx, ["classifier_scale"], "needs --classifier")
+    plan_options = _plan_options(ctx, options)
+    dev = resolve_device(device)
+    model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    model, precision_note = _at_precision(model, precision, dev, compile)
+    clf = load_classifier(classifier, dev) if classifier else None
+    labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], num_samples)
+    if clf and options["classes"] is None:
+        raise UserError("--classifier guides to the classes of --class/--classes: give them")
+    if clf and (clf[1].schedule, clf[1].T, clf[1].zero_terminal_snr) != (cfg.schedule, cfg.T, cfg.zero_terminal_snr):
+        raise UserError(f"{classifier} was trained on the {clf[1].schedule} schedule with T = {clf[1].T}, the model "
+                        f"on {cfg.schedule} with T = {cfg.T}: the noise levels must match")
+    if clf and not model.class_names and options["guidance"] not in (0.0, 1.0):
+        raise UserError("--guidance (classifier-free) needs a class-conditional model; --classifier-scale sets g")
+    plan = _torch_plan(diffusion, plan_options)
+    noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)
+    run = TorchRun(model, diffusion, plan, shape, noise, dev, labels, options["guidance"], clf, classifier_scale)
+    with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
+        xs = [run.images(i, min(num_samples, i + batch_size), tick) for i in range(0, num_samples, batch_size)]
+    _samples_to_file(torch.cat(xs).numpy(), out, _row_per_class(labels), labels)
+    typer.echo(f"wrote {num_samples} samples ({options['sampler']}, {len(plan)} network calls, {precision_note}) to {out}")
+
+
+@app.command("nll")
+def nll_cmd(checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm train`"),
+            data: str = Opt(None, help="the data set (default: the checkpoint's)"),
+            num_images: int = Opt(360, min=1, help="held-out images to score"),
+            batch_size: int = Opt(512, "--batch-size", min=1, help="images per network call"),
+            seed: int = SEED, ema: bool = EMA, device: Device = DEVICE,
+            precision: Precision = Opt("fp32", help="network precision (fp32: the published figures; bf16 moves them)"),
+            json_: bool = JSON):
+    """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
+    dev = resolve_device(device)
+    model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    net, precision_note = _at_precision(model, precision, dev)
+    dataset = load_data(data or cfg.data, cfg.image_size)
+    held_out = dataset.held_out
+    if tuple(held_out.shape[1:]) != shape:
+        raise UserError(f"data images are {held_out.shape[1:]}, the model's are {shape}")
+    x0 = to_model_range(torch.from_numpy(held_out[:num_images]))
+    labels = dataset.held_out_labels[:num_images] if model.class_names and dataset.held_out_labels is not None else None
+
+    def guided(i):  # a conditional model is scored on the true labels
+        if labels is None:
+            return net
+        return classifier_free_guidance(net, torch.as_tensor(labels[i:i + batch_size], device=dev), 1.0,
+                                        len(model.class_names))
+    gen = torch.Generator(dev).manual_seed(seed)
+    with _progress("bits/dim", diffusion.T * -(-len(x0) // batch_size)) as tick:
+        parts = [bits_per_dim(diffusion, guided(i), x0[i:i + batch_size].to(dev), gen, tick)
+                 for i in range(0, len(x0), batch_size)]
+    res = {k: torch.cat([p[k] for p in parts]).mean().item() for k in ("total", "prior", "vb", "decoder")}
+    res["num_images"], res["precision"] = len(x0), precision_note
+    typer.echo(json.dumps(res) if json_ else
+               f"bits/dim {res['total']:.4f} on {len(x0)} held-out images  (prior L_T {res['prior']:.2e}, "
+               f"sum L_t-1 {res['vb']:.4f}, decoder L_0 {res['decoder']:.4f}; network in {precision_note})")
+
+
+@app.command("export")
+def export_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm train`"),
+               out: str = Opt("model.onnx", help="the .onnx file to write"),
+               opset: int = Opt(17, min=17, max=23, help="ONNX opset"), ema: bool = EMA,
+               precision: typing.Literal[onnx_sampler.PRECISIONS] = Opt(
+                   "fp32", help="how the file's network computes (int8: static QDQ quantization, calibrated on the "
+                                "checkpoint's training images); its inputs and output are float32 in all three"),
+               calibration: int = Opt(512, min=1, help="with int8: training images to calibrate and check on"),
+               clip: bool = Opt(True, help="the file's default for clipping the predicted x0")):
+    """Export eps_theta and its schedule to one self-describing ONNX file, checked against PyTorch."""
+    from .export.onnx_export import ExportError, export_onnx
+    if precision != "int8":
+        _refuse(ctx, ["calibration"], "applies to --precision int8 only")
+    model, diffusion, cfg, shape = load_model(checkpoint, ema)
+    images = calibration_images(cfg, calibration) if precision == "int8" else None
+    try:
+        report = export_onnx(model, diffusion, shape, out, opset=opset, precision=precision, calibration_images=images,
+                             clip_denoised=clip, classes=model.class_names)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    rms = [c["relative_rms"] for c in report["checks"] if "relative_rms" in c]
+    error = (f"relative RMS |onnxruntime - torch| = {max(rms):.3f} on {sum(c['batch'] for c in report['checks'])} "
+             f"noisy training images not used to calibrate" if rms else
+             f"max |onnxruntime - torch| = {report['max_abs_diff']:.2e} over {len(report['checks'])} checks")
+    typer.echo(f"wrote {out} ({precision}, {report['size_bytes'] / 1e6:.1f} MB, opset {opset}, {report['exporter']} "
+               f"exporter); {error} (tolerance {report['tolerance']:g})")
+
+
+@app.command("onnx-sample")
+@_with_options(SampleOptions, GuidanceOptions)
+def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="an .onnx file of `ddpm export`"),
+                    num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED,
+                    batch_size: int = BATCH, provider: Provider = PROVIDER, threads: int = THREADS,
+                    out: str = Opt("samples.png", help=OUT_IMAGES), **options):
+    """Sample from an exported .onnx file with onnxruntime (no torch in the loop)."""
+    _check_out(out)
+    ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads)
+    labels = _labels(ort_sampler.class_names, options["classes"], options["guidance"], num_samples)
+    with _as_user_error():
+        plan = ort_sampler.plan(**_plan_options(ctx, options))
+    with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
+        x, timing = ort_sampler.run(plan, num_samples, seed, batch_size, progress=tick, return_timing=True,
+                                    labels=labels, guidance=options["guidance"])
+    _samples_to_file(x, out, _row_per_class(labels), labels)
+    typer.echo(f"wrote {num_samples} samples to {out}: {timing['steps']} network calls on {timing['provider']}, "
+               f"{num_samples / timing['total_s']:.1f} images/s, loop/network time "
+               f"{timing['total_s'] / timing['network_s']:.3f}")
+
+
+class _Encoder:
+    """DDIM encoding and decoding with a checkpoint (torch) or an .onnx file (onnxruntime; the device names its
+    provider), the same plans."""
+
+    def __init__(self, model: str, device: str, data: str | None):
+        if model.endswith(".onnx"):
+            self.onnx = onnx_sampler.OnnxSampler(model, device)
+            self.diffusion, shape, default_data = None, self.onnx.image_shape, "digits"
+        else:
+            self.onnx, dev = None, resolve_device(device)
+            self.net, self.diffusion, cfg, shape = load_model(model, True, dev)
+            default_data = cfg.data
+        _, held_out = load_dataset(data or default_data)
+        if tuple(held_out.shape[1:]) != tuple(shape):
+            raise UserError(f"data images are {held_out.shape[1:]}, the model's are {tuple(shape)} (pass --data)")
+        self.held_out, self.shape = held_out, tuple(shape)
+
+    def images(self, idx) -> np.ndarray:
+        return to_model_range(torch.from_numpy(self.held_out[idx])).numpy()
+
+    def encode(self, x: np.ndarray, steps: int) -> np.ndarray:
+        with _as_user_error():
+            if self.onnx:
+                return self.onnx.run(self.onnx.inversion_plan(steps), x)
+            dev = next(self.net.parameters()).device
+            return run_plan(self.net, ddim_inversion_plan(self.diffusion, steps), torch.from_numpy(x).to(dev)).cpu().numpy()
+
+    def decode(self, latents: np.ndarray, steps: int) -> np.ndarray:
+        if self.onnx:
+            return self.onnx.run(self.onnx.plan("ddim", steps, clip=False), latents)
+        dev = next(self.net.parameters()).device
+        plan = make_plan(self.diffusion, "ddim", steps, clip=False)
+        return run_plan(self.net, plan, torch.from_numpy(latents).float().to(dev)).cpu().numpy()
+
+
+MODEL_ARG = typer.Argument(..., help="a checkpoint or an exported .onnx file")
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(model: str = MODEL_ARG,
+                    step_counts: str = Opt("10,20,50,100", help="comma-separated DDIM step counts S"),
+                    num_images: int = Opt(360, min=1, help="held-out images to encode and decode"),
+                    data: str = Opt(None, help="the data set (default: the checkpoint's; digits for an .onnx file)"),
+                    device: Device = EITHER_DEVICE, json_: bool = JSON):
+    """Encode held-out images with DDIM inversion, decode them, and print the per-dimension MSE in [0, 1]
+    units for each S (the shape of Table 2 of Song et al.)."""
+    counts = _int_list(step_counts, "--step-counts", lo=2)
+    enc = _Encoder(model, device, data)
+    x = enc.images(slice(0, num_images))
+    rows = []
+    for S in counts:
+        recon = enc.decode(enc.encode(x, S), S)
+        rows.append({"steps": S, "mse": float((((recon - x) / 2) ** 2).mean()), "num_images": len(x)})
+    if json_:
+        typer.echo(json.dumps(rows))
+        return
+    typer.echo("| S | " + " | ".join(str(r["steps"]) for r in rows) + " |")
+    typer.echo("|---" * (len(rows) + 1) + "|")
+    typer.echo(f"| MSE per dimension, [0, 1] units, {len(x)} images | " + " | ".join(f"{r['mse']:.4g}" for r in rows) + " |")
+
+
+@app.command("interpolate")
+def interpolate_cmd(ctx: typer.Context, model: str = MODEL_ARG,
+                    images: str = Opt("0,1", help="I,J: the held-out images whose DDIM latents are interpolated"),
+                    seeds: str = Opt(None, help="A,B: interpolate between the x_T of these two seeds instead"),
+                    frames: int = Opt(8, min=2, help="images along the path, ends included"),
+                    steps: int = Opt(50, min=2, help="DDIM steps"),
+                    data: str = Opt(None, help="the data set of --images (default: the checkpoint's; digits for .onnx)"),
+                    device: Device = EITHER_DEVICE, out: str = Opt("interpolation.png", help=OUT_IMAGES)):
+    """Slerp between the DDIM latents of two held-out images (or of two seeds' x_T) and decode each point
+    (Song et al. Section 5.4)."""
+    _check_out(out)
+    if seeds:
+        _refuse(ctx, ["images"], "and --seeds are two starting points: give one")
+    pair = _int_list(seeds or images, "--seeds" if seeds else "--images")
+    if len(pair) != 2:
+        raise UserError(f"{'--seeds' if seeds else '--images'} {seeds or images}: expected two numbers A,B")
+    enc = _Encoder(model, device, data)
+    if seeds:
+        latents = np.stack([np.random.RandomState(s).standard_normal(enc.shape) for s in pair]).astype(np.float32)
+    else:
+        for i in pair:
+            if not 0 <= i < len(enc.held_out):
+                raise UserError(f"--images: {i} is out of range: the held-out split has {len(enc.held_out)} images")
+        latents = enc.encode(enc.images(pair), steps)
+    path = onnx_sampler.slerp(latents[0], latents[1], np.linspace(0, 1, frames)).astype(np.float32)
+    _samples_to_file(enc.decode(path, steps), out)
+    typer.echo(f"wrote {frames} images from {'seeds' if seeds else 'held-out images'} {pair[0]} and {pair[1]} to {out}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Speed: sampling per backend, training throughput.")
+app.add_typer(bench_app, name="bench")
+
+
+def _print_table(rows: list[dict], json_: bool) -> None:
+    """Rows as JSON, or as a plain fixed-width table (it stays readable in a log or a narrow terminal)."""
+    if json_:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(rows[0])]
+    for line in [list(rows[0])] + cells:
+        typer.echo("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+BENCH_STEPS = {"ancestral": 1000, "ddim": 50, "dpmpp2m": 10, "dpmpp2m-sde": 10}
+
+
+def _choices(text: str, flag: str, valid) -> tuple:
+    values = tuple(v.strip() for v in text.split(","))
+    bad = [v for v in values if v not in valid]
+    if bad:
+        raise UserError(f"{flag} {text}: {bad[0]!r} is not one of {', '.join(valid)}")
+    return values
+
+
+@bench_app.command("sample")
+def bench_sample_cmd(checkpoint: str = Opt(None, help="time this checkpoint (and give each row's FD for digits) "
+                                                      "instead of the preset's initial weights"),
+                     preset: Preset = Opt("digits", help="U-Net preset timed without --checkpoint (see `ddpm info`)"),
+                     batch_size: int = Opt(64, min=1, help="images per network call"),
+                     samplers: str = Opt("ancestral,ddim", help="comma-separated runs: ancestral (1000 steps), ddim (50), "
+                                                                "dpmpp2m (10), dpmpp2m-sde (10)"),
+                     steps: int = Opt(None, min=1, help="every run's network calls (default: each sampler's above)"),
+                     backends: str = Opt("torch,ort,cpp", help=f"comma-separated: {','.join(BACKENDS)}"),
+                     precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch), fp32,fp16,int8 "
+                                                       "(onnxruntime, C++); auto: bf16 where fast (torch), fp32 (ONNX)"),
+                     repeats: int = Opt(3, min=1, help="timed runs per row (after a warm-up)"), device: Device = DEVICE,
+                     threads: int = THREADS, json_: bool = JSON):
+    """Images/s, network evaluations/s, loop overhead (loop time / bare network time) and achieved FLOP/s
+    against the matmul peak of the row's precision, for each sampler run (and FD with --checkpoint)."""
+    runs = tuple((name, steps or BENCH_STEPS[name]) for name in _choices(samplers, "--samplers", onnx_sampler.SAMPLERS))
+    rows = bench_sample(preset, batch_size, _choices(backends, "--backends", BACKENDS), repeats, runs, device, threads,
+                        _choices(precision, "--precision", BENCH_PRECISIONS), checkpoint)
+    _print_table(rows, json_)
+
+
+@bench_app.command("train")
+def bench_train_cmd(preset: Preset = Opt("digits", help="U-Net preset (see `ddpm info`)"),
+                    batch_size: int = Opt(64, min=1, help="images per optimizer step"),
+                    precision: Precision = Opt("auto", help="autocast precision (auto: bf16 where the device runs it fast)"),
+                    compile: bool = Opt(False, help="torch.compile the network"),
+                    channels_last: bool = Opt(False, help="channels-last memory format"),
+                    synthetic: bool = Opt(False, help="random data of the preset's shape (always for non-digits presets)"),
+                    train_steps: int = Opt(20, min=1, help="optimizer steps per timing"),
+                    repeats: int = Opt(3, min=1, help="timings (after a warm-up)"), device: Device = DEVICE,
+                    json_: bool = JSON):
+    """Training images/s after warm-up, peak memory and achieved FLOP/s."""
+    _print_table([bench_train(preset, batch_size, precision, compile, channels_last, synthetic, train_steps, repeats,
+                              device)], json_)
+
+
+# The NFE table of BENCHMARKS.md: rows (name, sampler options, steps for each NFE column).
+NFE_COLUMNS = (5, 10, 20, 50, 100, 1000)
+NFE_ROWS = (("ancestral", {"sampler": "ancestral"}, NFE_COLUMNS),
+            ("DDIM, eta = 0", {"sampler": "ddim"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M)", {"sampler": "dpmpp2m"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M), logsnr spacing", {"sampler": "dpmpp2m", "spacing": "logsnr"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M) SDE", {"sampler": "dpmpp2m-sde"}, NFE_COLUMNS[:-1]),
+            ("PC: ancestral + 1 Langevin step", {"sampler": "ancestral", "corrector_steps": 1}, (3, 5, 10, 25, 50)))
+SAMPLING_OPTIONS = [f.name for c in (SampleOptions, GuidanceOptions) for f in dataclasses.fields(c)]
+
+
+@app.command("fd")
+@_with_options(SampleOptions, GuidanceOptions)
+def fd_cmd(ctx: typer.Context,
+           source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
+           num_samples: int = Opt(360, min=2, help="images to draw from a checkpoint"),
+           variance: Variance = Opt(None, help="override the model's variance for the sampler"),
+           table: bool = Opt(False, help="the DDIM table: S in 10,20,50,100,1000 x eta in 0,0.5,1, and ancestral "
+                                         "with fixed_small and fixed_large, as a Markdown table"),
+           nfe_table: bool = Opt(False, help="FD against network calls (NFE) for every sampler, as a Markdown table"),
+           guidance_table: bool = Opt(False, help="a class-conditional model: class accuracy and FD for guidance "
+                                                  "s = 0, 1, 2, 3 (and classifier guidance with --classifier)"),
+           classifier: str = Opt(None, help="with --guidance-table: also classifier guidance with this classifier"),
+           classifier_scales: str = Opt("1,2", help="with --guidance-table --classifier: the g values"),
+           seed: int = SEED, device: Device = DEVICE,
+           precision: Precision = Opt("fp32", help="network precision (fp32: the published figures)"),
+           compile: bool = COMPILE, json_: bool = JSON, **options):
+    """Frechet distance to the digits training split in the features of a small digits classifier, with
+    the real-vs-real floor (held-out vs training) to judge it by; for a class-conditional model (samples
+    over all classes by default) also the share of samples that classifier assigns to the requested class."""
+    if sum((table, nfe_table, guidance_table)) > 1:
+        raise UserError("--table, --nfe-table and --guidance-table are separate tables: give one")
+    if not guidance_table:
+        _refuse(ctx, ["classifier", "classifier_scales"], "applies to --guidance-table only")
+    if table or nfe_table or guidance_table:
+        _refuse(ctx, ["variance", "sampler", "steps", "eta"] + (["classes", "guidance"] if guidance_table else []),
+                "is set by the table's rows")
+    if source.endswith(".npz"):
+        _refuse(ctx, SAMPLING_OPTIONS + ["num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
+                                         "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
+    _plan_options(ctx, options)
+    features = digits_features()
+    train_split, held = load_digits_data()
+    ref = features(train_split)
+    floor = frechet_distance(features(held), ref)
+    if source.endswith(".npz"):
+        arr, _ = load_npz(source)
+        if arr.shape[1:] != (1, 8, 8):
+            raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
+        res = {"fd": frechet_distance(features(arr), ref), "floor": floor, "num_samples": len(arr), "n_floor": len(held)}
+        typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({len(arr)} samples vs the training split); "
+                   f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+        return
+    dev = resolve_device(device)
+    model, diffusion, _, shape = load_model(source, True, dev)
+    if shape != (1, 8, 8):
+        raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
+    model, note = _at_precision(model, precision, dev, compile)
+
+    def fd_of(variance=None, clf=None, scale=1.0, **changes):
+        d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
+        opts = {**options, **changes}
+        plan = _torch_plan(d, {f.name: opts[f.name] for f in dataclasses.fields(SampleOptions)})
+        labels = _labels(model.class_names or (clf[2] if clf else []), opts["classes"], opts["guidance"], num_samples)
+        noise = torch_noise(torch.Generator(dev).manual_seed(seed), dev)
+        with _progress("sampling", len(plan)) as tick:
+            x = TorchRun(model, d, plan, shape, noise, dev, labels, opts["guidance"], clf, scale).images(0, num_samples, tick)
+        pixels = to_uint8(x)
+        accuracy = float((features.classify(pixels) == labels).mean()) if labels is not None else None
+        return frechet_distance(features(pixels), ref), len(plan), accuracy
+
+    if guidance_table:
+        if not model.class_names and not classifier:
+            raise UserError("--guidance-table needs a class-conditional model (or --classifier)")
+        rows = {f"classifier-free, s = {g:g}": fd_of(guidance=g) for g in ((0.0, 1.0, 2.0, 3.0) if model.class_names else ())}
+        if classifier:
+            clf = load_classifier(classifier, dev)
+            every_class = ",".join(map(str, range(len(clf[2]))))
+            rows.update({f"classifier guidance of the unconditional model, g = {g:g}":  # the null label: s = 0
+                         fd_of(clf=clf, scale=g, classes=every_class, guidance=0.0)
+                         for g in _float_list(classifier_scales, "--classifier-scales")})
+        if json_:
+            typer.echo(json.dumps({"rows": rows, "floor": floor, "num_samples": num_samples, "precision": note}))
+            return
+        typer.echo("| guidance | class accuracy | FD |\n|---|---|---|")
+        for name, (fd, _, accuracy) in rows.items():
+            typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f} |")
+        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {num_samples} samples per row, an equal share of each class; "
+                   f"network in {note}")
+        return
+    if nfe_table:
+        rows = {name: [fd_of(**{**opts, "steps": s})[:2] for s in steps] for name, opts, steps in NFE_ROWS}
+        _print_fd_table(rows, NFE_COLUMNS, "NFE", floor, num_samples, json_, note)
+    elif table:
+        rows = {f"DDIM eta = {e:g}": [fd_of(sampler="ddim", steps=s, eta=e)[:2] for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
+        rows.update({f"ancestral, {v}": [fd_of(v, sampler="ancestral", steps=diffusion.T)[:2]]
+                     for v in ("fixed_small", "fixed_large")})
+        _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, num_samples, json_, note)
+    else:
+        fd, _, accuracy = fd_of(variance)
+        res = {"fd": fd, "floor": floor, "num_samples": num_samples, "n_floor": len(held),
+               **({"class_accuracy": accuracy} if accuracy is not None else {}), "precision": note}
+        typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f} ({num_samples} samples vs the training split, network in "
+                   f"{note}); real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+
+
+def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int, json_: bool, note: str) -> None:
+    typer.echo(json.dumps({"columns": columns, "label": label, "rows": rows, "floor": floor, "num_samples": n,
+                           "precision": note})
+               if json_ else fd_table_markdown(rows, columns, label, floor, n) + f"; network in {note}")
+
+
+def fd_table_markdown(rows: dict, columns, label: str, floor: float, n: int) -> str:
+    """rows: name -> [(fd, network calls)] filling the first columns (the last, for a row of one cell)."""
+    lines = ["| sampler | " + " | ".join(f"{label} = {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, cells in rows.items():
+        cells = cells if len(cells) > 1 else [None] * (len(columns) - 1) + cells
+        text = ["" if c is None else f"{c[0]:.3f}" + ("" if c[1] == col or label == "S" else f" ({c[1]})")
+                for c, col in zip(cells + [None] * (len(columns) - len(cells)), columns)]
+        lines.append(f"| {name} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + (f"\n\nreal-vs-real floor (360 held-out vs training): {floor:.3f}; {n} samples per cell"
+                               + ("; (k): the cell's network calls where they differ from its column" if label == "NFE" else ""))
+
+
+def _pixels(path: str) -> np.ndarray:
+    """The uint8 pixels of a .npz of samples (arr_0) or of a .png grid."""
+    if path.lower().endswith(".npz"):
+        return load_npz(path)[0]
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except OSError as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+@app.command("compare")
+def compare_cmd(files: list[str] = typer.Argument(..., help="two or more .png grids or .npz files of the same images"),
+                tolerance: int = Opt(1, min=0, max=255, help="the largest difference allowed, in grey levels")):
+    """The largest pixel difference between sample files of the same images (the parity of the three executors,
+    checked by `make demo`); exit status 1 when it exceeds --tolerance."""
+    if len(files) < 2:
+        raise UserError("compare needs two or more files")
+    first = _pixels(files[0])
+    worst = 0
+    for path in files[1:]:
+        other = _pixels(path)
+        if other.shape != first.shape:
+            raise UserError(f"{path}: {other.shape} images, {files[0]}: {first.shape}: not the same images")
+        worst = max(worst, int(np.abs(other.astype(np.int16) - first).max()))
+    same = "the same images" if worst <= tolerance else "DIFFERENT images"
+    typer.echo(f"{', '.join(files)}: {same} (largest difference {worst} grey levels, tolerance {tolerance})")
+    raise typer.Exit(0 if worst <= tolerance else 1)
+
+
+@app.command("info")
+def info_cmd(preset: Preset = Opt(None, help="one preset (default: all)")):
+    """Parameters and FLOPs per forward pass of the U-Net presets."""
+    for name in [preset] if preset else list(unet.PRESETS):
+        model = unet.build_unet(name)
+        c = model.config
+        typer.echo(f"{name:12s} {c['in_channels']}x{c['image_size']}x{c['image_size']}  "
+                   f"params {unet.count_parameters(model):,}  GFLOPs/forward {unet.flops_per_forward(model) / 1e9:.3f}")
+
+
+def main(argv=None) -> None:
+    """Entry point: a user's error (a bad option, path or file) ends in one line on stderr and exit status 2, with no
+    traceback; anything else is a bug and keeps its traceback."""
+    from typer.exceptions import Abort, Exit, TyperException
+    try:
+        code = typer.main.get_command(app).main(args=argv, prog_name="ddpm", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except Exit as e:
+        sys.exit(e.exit_code)
+    except Abort:
+        sys.exit(130)
+    except TyperException as e:  # usage errors: bad option, bad value, missing argument
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.ctx.get_help())
+            sys.exit(0)
+        print(f"ddpm: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(2)
+    except (UserError, onnx_sampler.ModelError) as e:
+        print(f"ddpm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
