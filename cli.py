@@ -35,7 +35,7 @@ from .precision import AtPrecision, Precision, compile_for_sampling, resolve_pre
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
 Opt = typer.Option
-Provider = typing.Literal["auto", "cpu", "cuda"]
+Provider = typing.Literal[("auto", *onnx_sampler.PROVIDERS)]  # onnxruntime providers by name
 FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
 
 
@@ -780,6 +780,36 @@ def compare_cmd(files: list[str] = typer.Argument(..., help="two or more .png gr
     same = "the same images" if worst <= tolerance else "DIFFERENT images"
     typer.echo(f"{', '.join(files)}: {same} (largest difference {worst} grey levels, tolerance {tolerance})")
     raise typer.Exit(0 if worst <= tolerance else 1)
+
+
+@app.command("import")
+def import_cmd(folder: str = typer.Argument(..., help="a diffusers UNet2DModel folder (config.json, weights, "
+                                                       "scheduler_config.json beside it or in ../scheduler/), or a "
+                                                       "pipeline folder with unet/ and scheduler/"),
+               out: str = Opt("checkpoint.pt", help="the checkpoint to write")):
+    """Import the weights Ho et al. released (google/ddpm-cifar10-32, ...-256), in diffusers' format, as a
+    checkpoint that sample, nll, export and bench use. Local files only: nothing is downloaded."""
+    from .diffusers_io import import_diffusers
+    state = import_diffusers(folder, out)
+    cfg, kw = state["config"], state["unet"]
+    params = sum(t.numel() for t in state["model"].values())
+    typer.echo(f"wrote {out}: {'x'.join(map(str, state['image_shape']))} U-Net of {params:,} parameters "
+               f"(ch {kw['ch']}, ch_mult {','.join(map(str, kw['ch_mult']))}, attention at {kw['attn_resolutions']}), "
+               f"{cfg['schedule']} schedule, T = {cfg['T']}, predicts {cfg['parameterization']}, {cfg['variance']} variance")
+    for note in state["notes"]:
+        typer.echo(f"note: {note}")
+
+
+@app.command("export-diffusers")
+def export_diffusers_cmd(checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm train` or `ddpm import`"),
+                         out: str = Opt("diffusers-model", help="the folder to write (must not exist, or be empty)"),
+                         ema: bool = EMA):
+    """Write a checkpoint as a diffusers folder (UNet2DModel + DDPMScheduler, google/ddpm-cifar10-32's layout)."""
+    from .diffusers_io import export_diffusers
+    report = export_diffusers(checkpoint, out, ema)
+    typer.echo(f"wrote {out}: UNet2DModel of {report['parameters']:,} parameters ({report['tensors']} tensors), "
+               f"DDPMScheduler ({report['scheduler']['beta_schedule']}, T = {report['scheduler']['num_train_timesteps']}, "
+               f"{report['scheduler']['prediction_type']}, {report['scheduler']['variance_type']})")
 
 
 @app.command("info")

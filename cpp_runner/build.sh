@@ -12,8 +12,7 @@ PYTHON=${PYTHON:-$HERE/../.venv/bin/python}
 missing=""
 command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
 command -v g++ >/dev/null 2>&1 || missing="$missing g++"
-command -v pkg-config >/dev/null 2>&1 || missing="$missing pkg-config"
-[ -f /usr/include/png.h ] || missing="$missing libpng-dev"
+[ -f /usr/include/zlib.h ] || missing="$missing zlib1g-dev"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing

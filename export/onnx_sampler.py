@@ -454,7 +454,7 @@ def _providers(provider: str, providers) -> list:
             raise ValueError("providers must be a non-empty list of provider names or (name, options dict) pairs, "
                              f"from those this onnxruntime has: {', '.join(available)}; got {providers!r}")
         return list(providers)
-    _choice("provider", provider, ("auto", "cpu", "cuda"))
+    _choice("provider", provider, ("auto", *PROVIDERS))
     cuda = PROVIDERS["cuda"] in available
     if provider == "cuda" and not cuda:
         raise ModelError("provider 'cuda' needs onnxruntime-gpu: this onnxruntime has no CUDAExecutionProvider "

@@ -1,16 +1,18 @@
 """The C++ library against hostile files, under the sanitizers.
 
 Hundreds of mutations of real exports (the project's exporter on small U-Nets: one unconditional, one
-class-conditional with learned variances) - metadata missing, empty, garbage, huge or negative; graph inputs and
-outputs renamed, retyped, reshaped, added or removed; NaN and inf outputs; truncated files; random bytes - are
-sampled by cpp_runner/tests/sample_each.cpp, built with AddressSanitizer and UndefinedBehaviorSanitizer, in one
-process. Every file must give a one-line error (those that are broken) or samples equal to the onnxruntime
-sampler's (those that are valid); a sanitizer report aborts the driver and fails the test. The row noise that
-is drawn on a second thread runs under ThreadSanitizer.
+class-conditional with learned variances) - metadata missing, empty, garbage, huge or negative, the JSON list of
+class names among them; graph inputs and outputs renamed, retyped, reshaped, added or removed; NaN and inf
+outputs; truncated files; random bytes - are sampled by cpp_runner/tests/sample_each.cpp, built with
+AddressSanitizer and UndefinedBehaviorSanitizer, in one process, which writes each valid run's samples with
+ddpm::save_images (.npy, .npz, .png). Every file must give a one-line error (those that are broken) or samples and
+files equal to the onnxruntime sampler's and the Python writer's (those that are valid); a sanitizer report
+aborts the driver and fails the test. The row noise that is drawn on a second thread runs under ThreadSanitizer.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -188,6 +190,8 @@ def metadata_cases(meta: dict[str, str], conditional: bool):
         yield f"{key} deleted", {key: None}, "same"
         for i, v in enumerate(values):
             yield f"{key} ignored {i}", {key: v}, "same"
+    for i, (names, expect) in enumerate(class_name_lists(conditional)):
+        yield f"ddpm.class_names {expect} {i}", {"ddpm.class_names": names}, expect
     if conditional:
         yield "class_names deleted", {"ddpm.class_names": None}, "same"
         yield "classes 0", {"ddpm.num_classes": "0", "ddpm.null_label": "0", "ddpm.class_names": "[]"}, "error"
@@ -202,6 +206,38 @@ def metadata_cases(meta: dict[str, str], conditional: bool):
         yield f"parameterization {par}", {"ddpm.parameterization": par}, "valid"
     yield "T 100", {"ddpm.num_timesteps": "100", "ddpm.betas": ",".join(betas[:100])}, "valid"
     yield "betas halved", {"ddpm.betas": ",".join(repr(float(b) / 2) for b in betas)}, "valid"
+
+
+def class_name_lists(conditional: bool):
+    """(ddpm.class_names, expectation): a JSON list of exactly K strings is read (its escapes decoded as Python's
+    json.loads decodes them), anything else refused (test_class_name_cases_are_pythons_json); the names do not
+    change the samples (the driver gives labels by index)."""
+    if not conditional:
+        return [("[]", "same"), (" [ ] ", "same"), ('["a"]', "error"), ('[""]', "error"), ("{}", "error")] + \
+            [(g, "error") for g in GARBAGE]
+    bad = ['["a", "b"]', '["a", "b", "c", "d"]', '["a", "b", 3]', '["a" "b" "c"]', '["a", "b", "c",]',
+           '["a", "b", "c"] x', '["a", "b", "c"', '["a", "b", "c', '["a", "b", "c\\"]', "[", "]", "[]", "[,]",
+           '{"a": 1}', "null", '"a"', '["a\\x", "b", "c"]', '["\\ud800\\", "b", "c"]', '["\\u12", "b", "c"]', '["\\u12G4", "b", "c"]',
+           '["a\nb", "b", "c"]', '["a\tb", "b", "c"]', '[["a"], "b", "c"]', '[null, "b", "c"]', "['a', 'b', 'c']",
+           '["a", "b", "c"]]', '[' + '"x",' * 1_000_000 + '"x"]', "[" * 100_000, '["' + "\\" * 99_999 + '"]']
+    good = ['["a", "b", "c"]', ' \t[ "a" ,\n"b",\r"c" ] \n', '["2", "1", "0"]', '["a", "a", "a"]', '["", "", ""]',
+            '["\\u00e9\\ud83d\\ude00", "\\"quoted\\"", "back\\\\slash\\/\\b\\f\\n\\r\\t"]', '["\\u0000", "b", "c"]',
+            '["\\ud800", "\\udc00", "\\ud800\\u0041"]',  # lone surrogates, as Python's json takes them
+            '["\u00e9t\u00e9", "\u4e2d", "c"]', '["' + "x" * 100_000 + '", "b", "c"]']
+    return [(g, "error") for g in GARBAGE + bad] + [(g, "same") for g in good]
+
+
+def test_class_name_cases_are_pythons_json():
+    """The cases' verdicts are json.loads's: a list of K strings. (The onnxruntime sampler is laxer: it also takes
+    other JSON values in the list, as their str().)"""
+    for conditional in (True, False):
+        for names, expect in class_name_lists(conditional):
+            try:
+                value = json.loads(names)
+            except (ValueError, RecursionError):
+                value = None
+            ok = isinstance(value, list) and len(value) == (3 if conditional else 0) and all(isinstance(v, str) for v in value)
+            assert ok == (expect == "same"), names[:100]
 
 
 def graph_cases(conditional: bool):
@@ -320,11 +356,25 @@ def cases(exports, tmp_path_factory):
     shutil.rmtree(d, ignore_errors=True)
 
 
-def onnxruntime_samples(path: Path, sampler: str, steps: int) -> np.ndarray:
+def onnxruntime_samples(path: Path, sampler: str, steps: int) -> tuple[np.ndarray, list[int] | None]:
+    """The driver's run in the onnxruntime sampler: (samples, labels)."""
     from ddpm_reference.export.onnx_sampler import OnnxSampler
     python = OnnxSampler(path, provider="cpu", threads=1)
     labels = [i % python.num_classes for i in range(N)] if python.num_classes else None
-    return python.sample(N, sampler, steps, seed=5, batch=2, labels=labels, guidance=2.0 if labels else 1.0)
+    return python.sample(N, sampler, steps, seed=5, batch=2, labels=labels, guidance=2.0 if labels else 1.0), labels
+
+
+def assert_files_are_pythons(stem: str, x: np.ndarray, labels: list[int] | None) -> None:
+    """stem.npz and stem.png (ddpm::save_images) hold what export/onnx_sampler.save_images writes for x."""
+    from PIL import Image
+    from ddpm_reference.export.onnx_sampler import image_grid, to_uint8
+    npz = np.load(stem + ".npz")
+    assert npz.files == (["arr_0", "arr_1"] if labels else ["arr_0"]), npz.files
+    np.testing.assert_array_equal(npz["arr_0"], to_uint8(x).transpose(0, 2, 3, 1))
+    if labels:
+        assert npz["arr_1"].dtype == np.int64 and npz["arr_1"].tolist() == labels
+    columns = -(-len(x) // len(set(labels))) if labels else None  # a row per class
+    np.testing.assert_array_equal(np.asarray(Image.open(stem + ".png")), image_grid(to_uint8(x), columns=columns))
 
 
 @pytest.mark.parametrize("path,sampler", [("host", "ancestral"), ("step-graph", "dpmpp2m")])
@@ -351,17 +401,20 @@ def test_hostile_files_are_clean_errors_or_correct_runs_under_asan_ubsan(asan, c
         reference = ref if expect in ("same", "either") else file
         if reference not in references:
             references[reference] = onnxruntime_samples(reference, sampler, steps)
-        got = np.fromfile(str(file) + ".f32", dtype=np.float32).reshape(references[reference].shape)
-        assert np.abs(got - references[reference]).max() <= 1e-3, name
+        want, labels = references[reference]
+        got = np.load(str(file) + ".npy")
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3, name
+        assert_files_are_pythons(str(file), got, labels)
     statuses = [line.split("\t")[1] for line in lines]
     assert statuses.count("ok") >= 20 and statuses.count("error") >= (300 if path == "host" else 40)
 
 
-def test_hostile_files_through_the_command_are_one_line_and_status_2(asan, cases, tmp_path):
-    """The command over a sample of the hostile files, under the same sanitizers: exit 2 with one line, or 0."""
+def test_hostile_files_through_the_command_are_one_line_and_status_2(asan, cases, exports, tmp_path):
+    """The command over a sample of the hostile files, under the same sanitizers: exit 2 with one line, or 0; and
+    classes given by name or index, or neither."""
     for file, expect, _, name, _ in cases[::15]:
-        proc = subprocess.run([str(asan / "ddpm_runner"), "--model", str(file), "--n", "2", "--steps", "2",
-                               "--sampler", "ddim", "--out", str(tmp_path / "x.npy")], capture_output=True, text=True,
+        proc = subprocess.run([str(asan / "ddpm_runner"), "--model", str(file), "--num-samples", "2", "--steps", "2",
+                               "--sampler", "ddim", "--out", str(tmp_path / "x.npz")], capture_output=True, text=True,
                               timeout=120, env={**os.environ, **SANITIZER_ENV})
         lines = proc.stderr.strip().splitlines()
         if proc.returncode == 2:
@@ -369,6 +422,12 @@ def test_hostile_files_through_the_command_are_one_line_and_status_2(asan, cases
                 (name, proc.stderr[-2000:])
         else:
             assert proc.returncode == 0 and expect != "error", (name, proc.returncode, proc.stderr[-2000:])
+    for classes, status in [("c, a,b", 0), ("2,0", 0), ("a,", 2), ("d", 2), ("-1", 2), ("9" * 30, 2)]:  # names, indices
+        proc = subprocess.run([str(asan / "ddpm_runner"), "--model", str(exports["cond"]), "--num-samples", "3",
+                               "--steps", "2", "--sampler", "ddim", "--classes", classes, "--out", str(tmp_path / "c.npz")],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, **SANITIZER_ENV})
+        assert proc.returncode == status and (status == 0 or "not a class of this model (a, b, c; or 0..2)" in proc.stderr), \
+            (classes, proc.stderr[-2000:])
 
 
 # ---------------------------------------------------------------- the noise thread under ThreadSanitizer
@@ -379,7 +438,7 @@ def test_noise_thread_under_tsan_matches_python(runner, exports, tmp_path):  # n
     tsan = build(runner, "build-tsan", "thread")
     out = tmp_path / "x.npy"
     for extra in ([], ["--step-graph"]):
-        proc = subprocess.run([str(tsan / "ddpm_runner"), "--model", str(exports["plain"]), "--n", "256",
+        proc = subprocess.run([str(tsan / "ddpm_runner"), "--model", str(exports["plain"]), "--num-samples", "256",
                                "--threads", "1", "--sampler", "ddim", "--eta", "1", "--steps", "3", "--seed", "4",
                                "--out", str(out), *extra], capture_output=True, text=True, timeout=600,
                               env={**os.environ, **SANITIZER_ENV})
@@ -409,7 +468,7 @@ def test_quantized_and_fp16_exports_run_unchanged(runner, tmp_path, precision): 
     export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", T), "eps", "fixed_small"), IMAGE, path,
                 precision=precision, calibration_images=calibration)
     assert {n.op_type for n in onnx.load(str(path)).graph.node} & {"QuantizeLinear", "Cast"}  # not the fp32 graph
-    proc = subprocess.run([str(runner), "--model", str(path), "--n", "3", "--sampler", "ddim", "--steps", "5",
+    proc = subprocess.run([str(runner), "--model", str(path), "--num-samples", "3", "--sampler", "ddim", "--steps", "5",
                            "--seed", "1", "--out", str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     want = OnnxSampler(path, provider="cpu").sample(3, "ddim", 5, seed=1)

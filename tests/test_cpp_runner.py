@@ -1,5 +1,6 @@
 """The C++ runner (cpp_runner/) against the sampling contract: same noise stream as numpy's RandomState,
-same plan, same samples as a Python executor of the same ONNX file, and one-line errors with exit status 2.
+same plan, same samples as a Python executor of the same ONNX file, the same files as `ddpm onnx-sample` writes,
+the same command-line language, and one-line errors with exit status 2.
 
 The Python side is `python_reference` below: the project's onnxruntime sampler (export/onnx_sampler.py);
 plans are also compared with ddpm.make_plan directly.
@@ -32,7 +33,7 @@ def runner() -> Path:
     in_ci = bool(os.environ.get("CI"))
     tools = shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))
     if not tools and not in_ci and os.geteuid() != 0:
-        pytest.skip("cmake or a C++ compiler is missing (apt-get install cmake g++ libpng-dev)")
+        pytest.skip("cmake or a C++ compiler is missing (apt-get install cmake g++ zlib1g-dev)")
     # Link against the onnxruntime wheel of this very interpreter.
     env = {**os.environ, "PYTHON": sys.executable}
     build = subprocess.run(["sh", str(RUNNER_DIR / "build.sh")], capture_output=True, text=True, env=env)
@@ -228,8 +229,8 @@ def test_samples_match_python(runner, models, tmp_path, model_name, sampler, ste
     model, n, batch, seed = models[model_name], 5, 2, 2**31 + 7  # a partial last batch; a seed above 2^31
     out = tmp_path / "x.npy"
     args = plan_args(sampler, steps, eta, spacing, clip, K)
-    run(runner, "--model", model, "--n", n, "--batch", batch, "--seed", seed, "--threads", 1, "--out", out,
-        *args, *(["--step-graph"] if path == "step-graph" else []))
+    run(runner, "--model", model, "--num-samples", n, "--batch-size", batch, "--seed", seed, "--threads", 1,
+        "--out", out, *args, *(["--step-graph"] if path == "step-graph" else []))
     got = np.load(out)
     ts, want = python_reference(model, n=n, batch=batch, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
                                 clip=clip, seed=seed, corrector_steps=K)
@@ -248,7 +249,7 @@ def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path
     python = OnnxSampler(model, provider="cpu", threads=1)
     x0 = np.random.RandomState(1).uniform(-1, 1, (5, *IMAGE)).astype(np.float32)
     np.save(tmp_path / "x0.npy", x0)
-    run(runner, "--model", model, "--init", tmp_path / "x0.npy", "--invert", "--steps", 7, "--batch", 2,
+    run(runner, "--model", model, "--init", tmp_path / "x0.npy", "--invert", "--steps", 7, "--batch-size", 2,
         "--threads", 1, "--out", tmp_path / "latent.npy", *extra)
     latent = np.load(tmp_path / "latent.npy")
     assert np.abs(latent - python.run(python.inversion_plan(7), x0, batch=2)).max() <= 1e-3
@@ -286,7 +287,7 @@ def test_guided_samples_match_python(runner, conditional_model, tmp_path, path, 
     n, batch, seed = 5, 2, 9
     args = ["--sampler", sampler, "--steps", steps, "--guidance", guidance] + (["--eta", eta] if eta else [])
     args += ["--classes", classes] if classes else []
-    run(runner, "--model", conditional_model, "--n", n, "--batch", batch, "--seed", seed, "--threads", 1,
+    run(runner, "--model", conditional_model, "--num-samples", n, "--batch-size", batch, "--seed", seed, "--threads", 1,
         "--out", tmp_path / "x.npy", *args, *(["--step-graph"] if path == "step-graph" else []))
     python = OnnxSampler(conditional_model, provider="cpu", threads=1)
     labels = balanced_labels([int(c) for c in classes.split(",")] if classes else [0, 1, 2], n)
@@ -298,8 +299,12 @@ def test_label_errors(runner, conditional_model, models, tmp_path):
     out = tmp_path / "x.npy"
     for model, args, message in [(models["eps_small"], ["--class", 1], "unconditional"),
                                  (models["eps_small"], ["--guidance", 2], "unconditional"),
-                                 (conditional_model, ["--class", 3], "classes are 0..2"),
-                                 (conditional_model, ["--classes", "1,x"], "not an integer")]:
+                                 (conditional_model, ["--class", 3],
+                                  "--class 3: not a class of this model (a, b, c; or 0..2)"),
+                                 (conditional_model, ["--classes", "1,x"], "--class x: not a class"),
+                                 (conditional_model, ["--classes", "b,"], "--class : not a class"),
+                                 (conditional_model, ["--class", "-1"], "--class -1: not a class"),
+                                 (conditional_model, ["--class", "B"], "--class B: not a class")]:
         proc = run(runner, "--model", model, "--out", out, "--steps", 3, "--sampler", "ddim", *args, check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
@@ -314,7 +319,7 @@ def test_init_errors(runner, models, tmp_path):
     (tmp_path / "x0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     for args, message in [(["--invert"], "--init"), (["--init", tmp_path / "wrong.npy"], "--init needs [N, 1, 8, 8]"),
                           (["--init", tmp_path / "f64.npy"], "float32"), (["--init", tmp_path / "junk.npy"], "truncated"),
-                          (["--init", tmp_path / "ok.npy", "--n", 3], "holds 2 images"),
+                          (["--init", tmp_path / "ok.npy", "--num-samples", 3], "holds 2 images"),
                           (["--init", tmp_path / "missing.npy"], "cannot read"),
                           (["--init", tmp_path / "x0.png"], "not a .npy file")]:
         proc = run(runner, "--model", model, "--out", tmp_path / "x.npy", *args, check=False)
@@ -325,7 +330,7 @@ def test_init_errors(runner, models, tmp_path):
 def test_png_is_the_clamped_rounded_grid(runner, models, tmp_path):
     from PIL import Image
 
-    args = ["--model", models["eps_small"], "--n", 3, "--sampler", "ddim", "--steps", 5, "--seed", 3]
+    args = ["--model", models["eps_small"], "--num-samples", 3, "--sampler", "ddim", "--steps", 5, "--seed", 3]
     run(runner, *args, "--out", tmp_path / "x.npy")
     run(runner, *args, "--out", tmp_path / "x.png")
     x = np.load(tmp_path / "x.npy")
@@ -339,12 +344,128 @@ def test_png_is_the_clamped_rounded_grid(runner, models, tmp_path):
 
 
 def test_json_summary(runner, models, tmp_path):
-    proc = run(runner, "--model", models["eps_small"], "--n", 4, "--sampler", "ddim", "--steps", 5, "--json",
+    proc = run(runner, "--model", models["eps_small"], "--num-samples", 4, "--sampler", "ddim", "--steps", 5, "--json",
                "--out", tmp_path / "x.npy")
     summary = json.loads(proc.stdout)
-    assert summary["provider"] == "CPUExecutionProvider" and summary["n"] == 4 and summary["steps"] == 5
+    assert summary["num_samples"] == 4 and summary["batch_size"] == 4 and summary["steps"] == 5
+    # --provider auto (the default): CUDA where its execution provider can be used, else the CPU; the one used.
+    assert summary["provider"] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert summary["provider"] in proc.stderr
+    if not _has_gpu():  # also with the onnxruntime-gpu wheel: its CUDA provider cannot load, and auto says nothing
+        assert summary["provider"] == "CPUExecutionProvider"
+        assert len(proc.stderr.strip().splitlines()) == 2  # the progress and the summary: nothing from ONNX Runtime
     assert 0 < summary["network_s"] <= summary["total_s"] and summary["images_per_s"] > 0
-    assert "CPUExecutionProvider" in proc.stderr
+    cpu = json.loads(run(runner, "--model", models["eps_small"], "--num-samples", 2, "--sampler", "ddim", "--steps", 2,
+                         "--provider", "cpu", "--json", "--out", tmp_path / "y.npy").stdout)
+    assert cpu["provider"] == "CPUExecutionProvider"
+
+
+# ---------------------------------------------------------------- the files and the language of `ddpm onnx-sample`
+def python_cli(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ddpm_reference.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_npz_and_png_equal_what_onnx_sample_writes(runner, models, conditional_model, tmp_path, conditional):
+    """.npz: arr_0 uint8 [N, H, W, C] (and arr_1 int64 labels for a class-conditional model), the arrays of
+    `ddpm onnx-sample` for the same model, seed and options; .png: the same grid (a row per class)."""
+    from PIL import Image
+    model = conditional_model if conditional else models["eps_small"]
+    args = ["--num-samples", 5, "--batch-size", 2, "--sampler", "ddim", "--steps", 8, "--seed", 3,
+            "--provider", "cpu", "--threads", 1] + (["--classes", "c,0", "--guidance", 2] if conditional else [])
+    for suffix in ("npz", "png"):
+        python_cli("onnx-sample", model, *args, "--out", tmp_path / f"python.{suffix}")
+        run(runner, "--model", model, *args, "--out", tmp_path / f"cpp.{suffix}")
+    want, got = np.load(tmp_path / "python.npz"), np.load(tmp_path / "cpp.npz")
+    assert sorted(got.files) == sorted(want.files) == (["arr_0", "arr_1"] if conditional else ["arr_0"])
+    for key in want.files:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        np.testing.assert_array_equal(got[key], want[key])
+    assert got["arr_0"].dtype == np.uint8 and got["arr_0"].shape == (5, 8, 8, 1)
+    if conditional:
+        assert got["arr_1"].dtype == np.int64 and got["arr_1"].tolist() == [2, 2, 2, 0, 0]
+    grid = np.asarray(Image.open(tmp_path / "cpp.png"))
+    np.testing.assert_array_equal(grid, np.asarray(Image.open(tmp_path / "python.png")))
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2)  # 3 columns: a row per class (2 of them), or ceil(sqrt(5))
+
+
+def test_npz_pixels_are_to_uint8_of_the_samples(runner, models, tmp_path):
+    """The pixels of export/onnx_sampler.to_uint8 (half to even) of the very samples; the suffix in any case."""
+    from ddpm_reference.export.onnx_sampler import to_uint8
+    args = ["--model", models["v_large"], "--num-samples", 7, "--sampler", "ddim", "--steps", 4, "--seed", 1]
+    run(runner, *args, "--out", tmp_path / "x.npy")
+    run(runner, *args, "--out", tmp_path / "x.NPZ")
+    x = np.load(tmp_path / "x.npy")
+    assert np.abs(x).max() > 1  # v_large does not clip: the clamp is exercised
+    np.testing.assert_array_equal(np.load(tmp_path / "x.NPZ")["arr_0"], to_uint8(x).transpose(0, 2, 3, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.NPZ", "x.npy"]  # no temporary file left behind
+
+
+def test_classes_by_name_or_index(runner, conditional_model, tmp_path):
+    args = ["--model", conditional_model, "--num-samples", 4, "--sampler", "ddim", "--steps", 3, "--guidance", 2]
+    run(runner, *args, "--classes", " c, a", "--out", tmp_path / "names.npz")
+    run(runner, *args, "--classes", "2,0", "--out", tmp_path / "indices.npz")
+    names, indices = np.load(tmp_path / "names.npz"), np.load(tmp_path / "indices.npz")
+    assert names["arr_1"].tolist() == indices["arr_1"].tolist() == [2, 2, 0, 0]
+    np.testing.assert_array_equal(names["arr_0"], indices["arr_0"])
+
+
+def test_defaults_are_those_of_onnx_sample(runner, models, tmp_path):
+    """64 samples, in batches of 256 (so one batch of 64), from the CPU where CUDA cannot be used."""
+    proc = run(runner, "--model", models["eps_small"], "--sampler", "ddim", "--steps", 3, "--json",
+               "--out", tmp_path / "x.npz")
+    summary = json.loads(proc.stdout)
+    assert (summary["num_samples"], summary["batch_size"]) == (64, 64)
+    assert np.load(tmp_path / "x.npz")["arr_0"].shape == (64, 8, 8, 1)
+    proc = run(runner, "--model", models["eps_small"], "--sampler", "ddim", "--steps", 3, "--num-samples", 300,
+               "--json", "--out", tmp_path / "y.npy")
+    assert json.loads(proc.stdout)["batch_size"] == 256
+
+
+FLAGS = ["--model", "--out", "--num-samples", "--batch-size", "--sampler", "--steps", "--eta", "--spacing",
+         "--corrector-steps", "--snr", "--clip", "--no-clip", "--seed", "--provider", "--threads", "--json", "--init",
+         "--invert", "--class", "--classes", "--guidance", "--help", "--dump-noise", "--dump-plan", "--step-graph"]
+
+
+def test_help_shows_every_option_with_its_default(runner):
+    text = run(runner, "--help").stdout
+    for flag in FLAGS:
+        assert flag in text, flag
+    for default in ["(samples.png)", "(64)", "(256)", "(ancestral)", "(uniform)", "(0.16)", "(auto)"]:
+        assert default in text, default
+    assert "--n " not in text and "--batch " not in text
+
+
+NUMERIC_ERRORS = [
+    (["--eta", "nan"], "--eta: not a finite number"), (["--eta", "inf"], "--eta: not a finite number"),
+    (["--eta", "2"], "--eta must be in [0, 1]"), (["--eta", "-0.5"], "--eta must be in [0, 1]"),
+    (["--guidance", "inf"], "--guidance: not a finite number"), (["--guidance", "nan"], "--guidance: not a finite"),
+    (["--guidance", "x"], "--guidance: not a finite number"),
+    (["--snr", "-1"], "--snr must be > 0"), (["--snr", "0"], "--snr must be > 0"), (["--snr", "nan"], "--snr: not a"),
+    (["--steps", "0"], "--steps must be in 1.."), (["--steps", "-3"], "--steps must be in 1.."),
+    (["--steps", "1.5"], "--steps: not an integer"), (["--steps", str(2**70)], "--steps: not an integer"),
+    (["--num-samples", "0"], "--num-samples must be in 1.."), (["--num-samples", "-1"], "--num-samples must be"),
+    (["--batch-size", "0"], "--batch-size must be in 1.."), (["--corrector-steps", "-1"], "--corrector-steps must be"),
+    (["--corrector-steps", "1001"], "--corrector-steps must be in 0..1000"),
+    (["--threads", "-1"], "--threads must be in 0..1024"), (["--threads", "1025"], "--threads must be in 0..1024"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295"), (["--dump-noise", "-1"], "--dump-noise must be"),
+    (["--spacing", "cubic"], "--spacing: unknown spacing 'cubic'"),
+    (["--sampler", "euler"], "--sampler: unknown sampler 'euler' (ancestral, ddim, dpmpp2m or dpmpp2m-sde)"),
+    (["--steps"], "--steps needs a value"),
+]
+
+
+@pytest.mark.parametrize("args,message", NUMERIC_ERRORS, ids=[" ".join(a) for a, _ in NUMERIC_ERRORS])
+def test_options_are_checked_at_the_boundary(runner, models, tmp_path, args, message):
+    """Checked before the model is read: even a missing model file is not reached."""
+    proc = run(runner, "--model", tmp_path / "absent.onnx", "--out", tmp_path / "x.npz", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"ddpm_runner: error: {message}"), proc.stderr
+    assert not (tmp_path / "x.npz").exists()
 
 
 # ---------------------------------------------------------------- user errors: one line, exit status 2
@@ -378,9 +499,12 @@ ERROR_CASES = {
     "bad spacing": (lambda m, d: ["--model", m["eps_small"], "--spacing", "cubic"], "unknown spacing"),
     "eta out of range": (lambda m, d: ["--model", m["eps_small"], "--sampler", "ddim", "--eta", 2], "eta"),
     "seed out of range": (lambda m, d: ["--model", m["eps_small"], "--seed", 2**32], "--seed"),
-    "bad provider": (lambda m, d: ["--model", m["eps_small"], "--provider", "tpu"], "--provider"),
+    "bad provider": (lambda m, d: ["--model", m["eps_small"], "--provider", "tpu"],
+                     "--provider: unknown provider 'tpu'"),
     "unwritable output": (lambda m, d: ["--model", m["eps_small"], "--out", d / "no" / "dir" / "x.npy"], "cannot write"),
-    "bad output type": (lambda m, d: ["--model", m["eps_small"], "--out", d / "x.jpg"], ".png or .npy"),
+    "bad output type": (lambda m, d: ["--model", m["eps_small"], "--out", d / "x.jpg"], ".png, .npz or .npy"),
+    "old flag --n": (lambda m, d: ["--model", m["eps_small"], "--n", 4], "unknown option '--n'"),
+    "old flag --batch": (lambda m, d: ["--model", m["eps_small"], "--batch", 4], "unknown option '--batch'"),
 }
 
 
@@ -406,13 +530,13 @@ def test_cuda_provider_without_gpu_is_one_line_error(runner, models, tmp_path):
     proc = run(runner, "--model", models["eps_small"], "--provider", "cuda", "--out", tmp_path / "x.npy", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm_runner: error: --provider cuda"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("ddpm_runner: error: provider cuda: "), proc.stderr
 
 
 @pytest.mark.skipif(not _has_gpu(), reason="no GPU here; the CPU path of the same loop is tested above")
 def test_cuda_matches_cpu(runner, models, tmp_path):
-    args = ["--model", models["eps_learned"], "--n", 5, "--batch", 2, "--seed", 9]
+    args = ["--model", models["eps_learned"], "--num-samples", 5, "--batch-size", 2, "--seed", 9]
     proc = run(runner, *args, "--provider", "cuda", "--json", "--out", tmp_path / "gpu.npy")
     assert json.loads(proc.stdout)["provider"] == "CUDAExecutionProvider"
-    run(runner, *args, "--out", tmp_path / "cpu.npy")
+    run(runner, *args, "--provider", "cpu", "--out", tmp_path / "cpu.npy")
     assert np.abs(np.load(tmp_path / "gpu.npy") - np.load(tmp_path / "cpu.npy")).max() <= 1e-3

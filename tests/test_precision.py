@@ -123,8 +123,8 @@ def test_int8_file_runs_unchanged_in_the_cpp_runner(runner, oracle_files, tmp_pa
     """The C++ runner reads the quantized file as any other and gives the onnxruntime sampler's samples."""
     _, _, files = oracle_files
     want = OnnxSampler(files["int8"], provider="cpu", threads=1).sample(5, "ddim", 10, clip=False, seed=3, batch=2)
-    run(runner, "--model", files["int8"], "--n", 5, "--batch", 2, "--sampler", "ddim", "--steps", 10, "--no-clip",
-        "--seed", 3, "--threads", 1, "--out", tmp_path / "x.npy")
+    run(runner, "--model", files["int8"], "--num-samples", 5, "--batch-size", 2, "--sampler", "ddim", "--steps", 10,
+        "--no-clip", "--seed", 3, "--threads", 1, "--out", tmp_path / "x.npy")
     got = np.load(tmp_path / "x.npy")
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3
 

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +16,7 @@
 #include <sstream>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 
 #include "ddpm/sampler.h"
 #include "mt19937.h"
@@ -30,29 +33,45 @@ Error::~Error() = default;
 
 namespace {
 
-void need(bool ok, const std::string& message) {
-  if (!ok) throw Error(message);
-}
-
 bool one_of(const std::string& v, std::initializer_list<const char*> allowed) {
   return std::any_of(allowed.begin(), allowed.end(), [&](const char* a) { return v == a; });
 }
 
-// Every comma-separated field, empty ones included ("1,8,8," has four), as Python's str.split(",").
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> parts(1);
-  for (char c : s) {
-    if (c == ',') parts.emplace_back();
-    else parts.back().push_back(c);
+std::string one_line(const std::string& s) { return printable(s, 500); }
+
+// The names of the enums' values, in their order.
+constexpr std::array<const char*, 4> kSamplers = {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde"};
+constexpr std::array<const char*, 5> kSpacings = {"uniform", "linspace", "trailing", "quadratic", "logsnr"};
+constexpr std::array<const char*, 3> kProviders = {"auto", "cpu", "cuda"};
+
+template <typename E, size_t N>
+E parse_name(const std::string& name, const std::array<const char*, N>& names, const std::string& what) {
+  std::string valid;
+  for (size_t i = 0; i < N; ++i) {
+    if (name == names[i]) return E(i);
+    valid += std::string(i == 0 ? "" : i + 1 < N ? ", " : " or ") + names[i];
   }
-  return parts;
+  throw Error("unknown " + what + " '" + printable(name) + "' (" + valid + ")");
 }
 
-std::string one_line(const std::string& s) { return printable(s, 500); }
+// The name of e, or an Error for a value outside the enum (a cast from a bad integer).
+template <typename E, size_t N>
+std::string name_of(E e, const std::array<const char*, N>& names, const std::string& what) {
+  const auto i = static_cast<std::make_unsigned_t<std::underlying_type_t<E>>>(e);
+  need(i < N, "unknown " + what + " (enum value " + std::to_string(i) + ")");
+  return names[i];
+}
 
 // Bounds on what a file may ask for, checked before anything is allocated from it: T up to 10^5 timesteps, images
 // of up to 2^24 floats (e.g. 4 x 2048 x 2048), up to 2^20 classes.
 constexpr int64_t kMaxTimesteps = 100000, kMaxImageFloats = int64_t(1) << 24, kMaxClasses = int64_t(1) << 20;
+constexpr int64_t kMaxCorrectorSteps = 1000;
+
+std::string str(double v) {  // for a message: 2, 0.5, 1e-20, nan, inf
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", v);
+  return text;
+}
 
 // The metadata_props of an ONNX file (ModelProto field 14, entries StringStringEntryProto {1: key, 2: value}; the
 // last of a repeated key wins, as in ONNX Runtime), read from the protobuf wire format without ONNX Runtime, so that
@@ -110,6 +129,69 @@ std::map<std::string, std::string> read_metadata_props(const std::string& path) 
   return props;
 }
 
+// One JSON string from s[i], just after its opening quote, to the closing one, as Python's json reads it: escapes
+// decoded to UTF-8 (a surrogate pair joined; a lone surrogate as its 3 bytes); a bad escape, a control character
+// or the end of s is an Error.
+std::string json_string(const std::string& s, size_t& i, const std::string& bad) {
+  const auto hex4 = [&](size_t at) {
+    uint32_t v = 0;
+    for (size_t k = at; k < at + 4; ++k) {
+      need(k < s.size() && std::isxdigit(uint8_t(s[k])), bad);
+      v = v << 4 | uint32_t(std::isdigit(uint8_t(s[k])) ? s[k] - '0' : (s[k] | 0x20) - 'a' + 10);
+    }
+    return v;
+  };
+  static const char kEscaped[] = "\"\\/bfnrt", kMeant[] = "\"\\/\b\f\n\r\t";
+  std::string out;
+  for (char c; need(i < s.size(), bad), (c = s[i++]) != '"';) {
+    need(uint8_t(c) >= 0x20, bad);
+    if (c != '\\') {
+      out += c;
+      continue;
+    }
+    need(i < s.size() && s[i] != 0, bad);
+    const char e = s[i++];
+    if (const char* plain = std::strchr(kEscaped, e)) {
+      out += kMeant[plain - kEscaped];
+      continue;
+    }
+    need(e == 'u', bad);
+    uint32_t u = hex4(i);
+    i += 4;
+    if (u >= 0xD800 && u < 0xDC00 && s.compare(i, 2, "\\u") == 0) {  // a high surrogate, and a low one after it?
+      const uint32_t low = hex4(i + 2);
+      if (low >= 0xDC00 && low < 0xE000) u = 0x10000 + ((u - 0xD800) << 10) + (low - 0xDC00), i += 6;
+    }
+    static const uint8_t kLead[4] = {0x00, 0xC0, 0xE0, 0xF0};
+    const int extra = u < 0x80 ? 0 : u < 0x800 ? 1 : u < 0x10000 ? 2 : 3;
+    out += char(kLead[extra] | u >> (6 * extra));
+    for (int k = extra - 1; k >= 0; --k) out += char(0x80 | ((u >> (6 * k)) & 0x3F));
+  }
+  return out;
+}
+
+// ddpm.class_names: a JSON list of exactly K strings (json.dumps of the exporter's names), parsed strictly: other
+// JSON is an Error, and the parse stops at a K+1st name, so that a hostile list costs no more than K names (and
+// no recursion: nested lists are refused at their first bracket).
+std::vector<std::string> parse_class_names(const std::string& s, int64_t K, const std::string& in) {
+  const std::string bad = in + "ddpm.class_names must be a JSON list of ddpm.num_classes = " + std::to_string(K) + " strings";
+  size_t i = 0;
+  const auto skip = [&] { i = std::min(s.find_first_not_of(" \t\n\r", i), s.size()); };  // JSON's white space
+  const auto next = [&](char c) { return skip(), i < s.size() && s[i] == c ? (++i, true) : false; };
+  std::vector<std::string> names;
+  need(next('['), bad);
+  if (!next(']')) {
+    do {
+      need(int64_t(names.size()) < K && next('"'), bad);
+      names.push_back(json_string(s, i, bad));
+    } while (next(','));
+    need(next(']'), bad);
+  }
+  skip();
+  need(i == s.size() && int64_t(names.size()) == K, bad);
+  return names;
+}
+
 ModelInfo read_metadata(const std::map<std::string, std::string>& props, const std::string& path) {
   const auto has = [&](const std::string& key) { return props.count("ddpm." + key) > 0; };
   const auto get = [&](const std::string& key) -> const std::string& {
@@ -149,7 +231,8 @@ ModelInfo read_metadata(const std::map<std::string, std::string>& props, const s
     need(m.num_classes >= 0 && m.num_classes <= kMaxClasses && parse_int(get("null_label"), in + "ddpm.null_label") == m.num_classes,
          in + "ddpm.num_classes K (at most " + std::to_string(kMaxClasses) + ") and ddpm.null_label K must agree");
   }
-  return m;  // other keys (ddpm.version, ddpm.class_names, ...) are not needed here and are ignored
+  if (has("class_names")) m.class_names = parse_class_names(get("class_names"), m.num_classes, in);
+  return m;  // other keys (ddpm.version, ddpm.data_range, ...) are not needed here and are ignored
 }
 
 // One input or output of the graph as ONNX Runtime reports it; dims of -1 are symbolic or unknown.
@@ -453,21 +536,25 @@ void init_ort_api() {
 template <typename F>
 auto guarded(F&& f) -> decltype(f()) {
   try {
-    return f();
+    return allocating(f);
   } catch (const Ort::Exception& e) {
     throw Error("onnxruntime: " + one_line(e.what()));
-  } catch (const std::bad_alloc&) {
-    throw Error("out of memory (use a smaller batch)");
   }
 }
 
 }  // namespace
 
-std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing, const std::vector<double>& abar) {
-  need(one_of(spacing, {"uniform", "linspace", "trailing", "quadratic", "logsnr"}),
-       "unknown spacing '" + spacing + "' (uniform, linspace, trailing, quadratic or logsnr)");
+SamplerKind parse_sampler(const std::string& name) { return parse_name<SamplerKind>(name, kSamplers, "sampler"); }
+Spacing parse_spacing(const std::string& name) { return parse_name<Spacing>(name, kSpacings, "spacing"); }
+Provider parse_provider(const std::string& name) { return parse_name<Provider>(name, kProviders, "provider"); }
+std::string to_string(SamplerKind sampler) { return name_of(sampler, kSamplers, "sampler"); }
+std::string to_string(Spacing spacing) { return name_of(spacing, kSpacings, "spacing"); }
+std::string to_string(Provider provider) { return name_of(provider, kProviders, "provider"); }
+
+std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, Spacing spacing, const std::vector<double>& abar) {
+  const std::string name = to_string(spacing);
   need(S >= 1 && S <= T, "steps must be in 1.." + std::to_string(T) + ", got " + std::to_string(S));
-  need(spacing != "logsnr" || int64_t(abar.size()) >= T, "the logsnr spacing needs alpha_bar for all T timesteps");
+  need(spacing != Spacing::LogSnr || int64_t(abar.size()) >= T, "the logsnr spacing needs alpha_bar for all T timesteps");
   std::vector<int64_t> ts(S);
   std::iota(ts.begin(), ts.end(), 0);
   if (S == T) return ts;
@@ -476,16 +563,16 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spa
     return S == 1 ? start : i == S - 1 ? stop : double(i) * ((stop - start) / double(S - 1)) + start;
   };
   std::vector<double> lam;
-  if (spacing == "logsnr")
+  if (spacing == Spacing::LogSnr)
     for (int64_t t = 0; t < T; ++t) lam.push_back(log_snr(abar[t]));
   for (int64_t i = 0; i < S; ++i) {
-    if (spacing == "uniform") {
+    if (spacing == Spacing::Uniform) {
       ts[i] = i * (T / S);
-    } else if (spacing == "linspace") {
+    } else if (spacing == Spacing::Linspace) {
       ts[i] = int64_t(std::nearbyint(linspace(0.0, double(T - 1), i)));
-    } else if (spacing == "trailing") {  // round(T - j T/S) - 1 with j = S-1-i: already ascending
+    } else if (spacing == Spacing::Trailing) {  // round(T - j T/S) - 1 with j = S-1-i: already ascending
       ts[i] = int64_t(std::nearbyint(double(T) - double(S - 1 - i) * (double(T) / double(S)))) - 1;
-    } else if (spacing == "quadratic") {
+    } else if (spacing == Spacing::Quadratic) {
       const double r = linspace(0.0, std::sqrt(0.8 * double(T)), i);
       ts[i] = int64_t(r * r);
     } else {  // the timestep whose lambda is nearest to linspace(lambda_0, max(lambda_{T-1}, kLambdaMin), S)[i],
@@ -499,36 +586,38 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spa
   }
   for (int64_t i = 0; i < S; ++i)
     need(ts[i] >= 0 && ts[i] <= T - 1 && (i == 0 || ts[i] > ts[i - 1]),
-         "spacing " + spacing + " cannot give " + std::to_string(S) + " distinct steps for T=" + std::to_string(T));
+         "spacing " + name + " cannot give " + std::to_string(S) + " distinct steps for T=" + std::to_string(T));
   return ts;
 }
 
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
-  need(one_of(opt.sampler, {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde"}),
-       "unknown sampler '" + opt.sampler + "' (ancestral, ddim, dpmpp2m or dpmpp2m-sde)");
-  need(opt.eta >= 0.0 && opt.eta <= 1.0, "eta must be in [0, 1]");
-  need(opt.eta == 0.0 || opt.sampler == "ddim", "eta applies to the ddim sampler only");
-  need(opt.corrector_steps >= 0 && opt.snr > 0, "corrector steps must be >= 0 and snr > 0");
-  const bool ddim = opt.sampler == "ddim", dpmpp = opt.sampler.rfind("dpmpp", 0) == 0;
+  to_string(opt.sampler);  // an Error for a value outside the enum (kept_timesteps checks the spacing)
+  need(opt.eta >= 0.0 && opt.eta <= 1.0, "eta must be in [0, 1], got " + str(opt.eta));  // NaN fails, too
+  need(opt.eta == 0.0 || opt.sampler == SamplerKind::Ddim, "eta applies to the ddim sampler only");
+  need(opt.corrector_steps >= 0 && opt.corrector_steps <= kMaxCorrectorSteps,
+       "corrector steps must be in 0.." + std::to_string(kMaxCorrectorSteps) + ", got " + std::to_string(opt.corrector_steps));
+  need(opt.snr > 0 && std::isfinite(opt.snr), "snr must be a finite number > 0, got " + str(opt.snr));
+  const bool ddim = opt.sampler == SamplerKind::Ddim, ancestral = opt.sampler == SamplerKind::Ancestral;
+  const bool sde = opt.sampler == SamplerKind::DpmPP2MSde, dpmpp = sde || opt.sampler == SamplerKind::DpmPP2M;
   need(!(dpmpp && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers (ancestral, ddim): a "
        "corrector row would replace the x0 that DPM-Solver++(2M) keeps from its previous step");
   std::vector<double> abar(info.betas.size());
   for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
   const int64_t T = dpmpp ? std::count_if(abar.begin(), abar.end(), [](double ab) { return log_snr(ab) >= kLambdaMin; })
                           : int64_t(abar.size());
-  const int64_t S = opt.steps ? opt.steps : (opt.sampler == "ancestral" ? T : std::min<int64_t>(50, T));
+  const int64_t S = opt.steps ? *opt.steps : ancestral ? T : std::min<int64_t>(50, T);
   const std::vector<int64_t> ts = kept_timesteps(T, S, opt.spacing, abar);
   const auto ab_prev = [&](int64_t k) { return k ? abar[ts[k - 1]] : 1.0; };
   std::vector<double> h(S), r(S, INFINITY);  // DPM-Solver: h and r = h_prev / h in sampling order
   for (int64_t k = 0; k < S; ++k) {
     const double lam = log_snr(abar[ts[S - 1 - k]]), lam_to = k + 1 < S ? log_snr(abar[ts[S - 2 - k]]) : INFINITY;
     need(!dpmpp || k + 1 == S || lam_to > lam, "the kept timesteps' lambdas are not strictly decreasing (" +
-         opt.spacing + ", " + std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
+         to_string(opt.spacing) + ", " + std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
     h[k] = lam_to - lam;
     if (k >= 1 && k + 1 < S) r[k] = h[k - 1] / h[k];
   }
   Plan p;
-  p.clip = opt.clip < 0 ? info.clip_denoised : opt.clip != 0;
+  p.clip = opt.clip.value_or(info.clip_denoised);
   p.channels = info.C;
   p.memory = dpmpp ? 1 : 0;
   for (int64_t i = S - 1; i >= 0; --i) {  // kept timestep i, sampling row S-1-i
@@ -538,12 +627,12 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
     const double log_var_min = i ? std::log(posterior_variance(ab, ap))
                                : S > 1 ? std::log(posterior_variance(abar[ts[1]], ab_prev(1))) : std::log(beta);
     Step step{ts[i], x0.a, x0.b, 0, 0, 0, log_var_min, std::log(beta), i > 0 && (!ddim || opt.eta > 0.0),
-              info.variance == "learned_range" && opt.sampler == "ancestral", {}};
+              info.variance == "learned_range" && ancestral, {}};
     if (dpmpp) {
-      const Row row = dpmpp_2m(ab, ap, r[S - 1 - i], opt.sampler == "dpmpp2m-sde");
+      const Row row = dpmpp_2m(ab, ap, r[S - 1 - i], sde);
       step.mean_xt = row.mean_xt, step.mean_x0 = row.mean_x0, step.sigma = row.sigma;
       step.mean_x0_prev = {row.mean_x0_prev};
-      step.add_noise = step.add_noise && opt.sampler == "dpmpp2m-sde";
+      step.add_noise = step.add_noise && sde;
     } else {
       step.sigma = ddim ? ddim_sigma(ab, ap, opt.eta)
                         : std::sqrt(info.variance == "fixed_large" ? beta : posterior_variance(ab, ap));
@@ -560,10 +649,10 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   return p;
 }
 
-Plan make_inversion_plan(const ModelInfo& info, int64_t steps, const std::string& spacing) {
+Plan make_inversion_plan(const ModelInfo& info, std::optional<int64_t> steps, Spacing spacing) {
   std::vector<double> abar(info.betas.size());
   for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
-  const int64_t T = abar.size(), S = steps ? steps : std::min<int64_t>(50, T);
+  const int64_t T = abar.size(), S = steps.value_or(std::min<int64_t>(50, T));
   const std::vector<int64_t> ts = kept_timesteps(T, S, spacing, abar);
   Plan p;
   p.clip = false;
@@ -586,6 +675,7 @@ struct Sampler::Impl {
     float scale = 1.0f;
   };
   Labels batch_labels(const Conditioning& cond, int64_t first, int64_t b) const;
+  bool open_session(const std::string& path, std::optional<int> threads, bool cuda, bool required);
   Ort::Session& step_session(bool learned, int64_t memory, bool guided);
   RunStats sample(const Plan& plan, uint32_t seed, float* out, size_t n_floats, const SampleOptions& options);
   // Both run the plan on x (the batch's slice of the result), which holds the start (init) or is drawn as x_T.
@@ -611,33 +701,14 @@ struct Sampler::Impl {
 Sampler::Impl::Impl(const std::string& model_path, const LoadOptions& opt) : env_(ORT_LOGGING_LEVEL_FATAL, "ddpm") {
   std::error_code ec;
   need(std::filesystem::is_regular_file(model_path, ec), "model file not found: " + model_path);
-  need(opt.provider == "cpu" || opt.provider == "cuda", "unknown provider '" + opt.provider + "' (cpu or cuda)");
-  need(opt.threads >= 0 && opt.threads <= 1024, "threads must be in 0..1024");
-  if (opt.threads > 0) options_.SetIntraOpNumThreads(opt.threads);
-  cuda_ = opt.provider == "cuda";
+  to_string(opt.provider);  // an Error for a value outside the enum
+  need(!opt.threads || (*opt.threads >= 1 && *opt.threads <= 1024), "threads must be in 1..1024 (or none: ONNX Runtime's default)");
+  info_ = read_metadata(read_metadata_props(model_path), model_path);
+  if (opt.provider == Provider::Cpu || !open_session(model_path, opt.threads, true, opt.provider == Provider::Cuda))
+    open_session(model_path, opt.threads, false, true);
   step_graph_ = opt.step_graph || cuda_;
   // ONNX Runtime's CPU default is a thread per core, so only a GPU run or a capped thread count leaves one.
-  spare_core_ = cuda_ || (opt.threads > 0 && unsigned(opt.threads) < std::thread::hardware_concurrency());
-  provider_name_ = cuda_ ? "CUDAExecutionProvider" : "CPUExecutionProvider";
-  if (cuda_) {
-    const auto available = Ort::GetAvailableProviders();
-    need(std::count(available.begin(), available.end(), provider_name_) == 1,
-         "--provider cuda: this ONNX Runtime build has no CUDA execution provider");
-    // Warnings on stderr, among them the list of nodes that fell back to the CPU (a silent slowdown otherwise).
-    options_.SetLogSeverityLevel(ORT_LOGGING_LEVEL_WARNING);
-    try {
-      options_.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions{});
-    } catch (const Ort::Exception& e) {
-      throw Error("--provider cuda: CUDA execution provider unavailable (it needs an NVIDIA GPU and the CUDA 12 "
-                  "and cuDNN 9 libraries on the library path): " + one_line(e.what()));
-    }
-  }
-  info_ = read_metadata(read_metadata_props(model_path), model_path);
-  try {
-    session_ = Ort::Session(env_, model_path.c_str(), options_);
-  } catch (const Ort::Exception& e) {
-    throw Error("cannot load " + model_path + " with " + provider_name_ + ": " + one_line(e.what()));
-  }
+  spare_core_ = cuda_ || (opt.threads && unsigned(*opt.threads) < std::thread::hardware_concurrency());
   check_graph(session_, info_, model_path);
   Ort::AllocatorWithDefaultOptions alloc;
   device_allocator_ = alloc;
@@ -645,6 +716,38 @@ Sampler::Impl::Impl(const std::string& model_path, const LoadOptions& opt) : env
     cuda_allocator_ = std::make_unique<Ort::Allocator>(session_, Ort::MemoryInfo("Cuda", OrtArenaAllocator, 0, OrtMemTypeDefault));
     device_allocator_ = *cuda_allocator_;
   }
+}
+
+// The network's session on CUDA or the CPU. Where CUDA is not `required` (Provider::Auto), a CUDA that cannot be
+// used (no such provider in this build, a library or the GPU missing) returns false, quietly, instead of an Error.
+bool Sampler::Impl::open_session(const std::string& path, std::optional<int> threads, bool cuda, bool required) {
+  options_ = Ort::SessionOptions();
+  if (threads) options_.SetIntraOpNumThreads(*threads);
+  const std::string name = cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  const auto no_cuda = [&](const std::string& why) {
+    need(!required, "provider cuda: " + why);
+    return false;
+  };
+  if (cuda) {
+    const auto available = Ort::GetAvailableProviders();
+    if (std::count(available.begin(), available.end(), name) == 0) return no_cuda("this ONNX Runtime build has no CUDA execution provider");
+    // Warnings on stderr, among them the list of nodes that fell back to the CPU (a silent slowdown otherwise).
+    if (required) options_.SetLogSeverityLevel(ORT_LOGGING_LEVEL_WARNING);
+    try {
+      options_.AppendExecutionProvider_CUDA(OrtCUDAProviderOptions{});
+    } catch (const Ort::Exception& e) {
+      return no_cuda("CUDA execution provider unavailable (it needs an NVIDIA GPU and the CUDA and cuDNN libraries "
+                     "of this ONNX Runtime build on the library path): " + one_line(e.what()));
+    }
+  }
+  try {
+    session_ = Ort::Session(env_, path.c_str(), options_);
+  } catch (const Ort::Exception& e) {
+    if (cuda && !required) return false;  // the CPU's attempt says what is wrong with the file, if anything
+    throw Error("cannot load " + path + " with " + name + ": " + one_line(e.what()));
+  }
+  cuda_ = cuda, provider_name_ = name;
+  return true;
 }
 
 Ort::Session& Sampler::Impl::step_session(bool learned, int64_t memory, bool guided) {
@@ -681,7 +784,7 @@ RunStats Sampler::Impl::sample(const Plan& p, uint32_t seed, float* out, size_t 
   need(n_floats <= size_t(PTRDIFF_MAX) / (8 * sizeof(float)), "the output buffer is too large");
   const int64_t n = int64_t(n_floats / chw);
   const Conditioning& cond = o.conditioning;
-  need(o.batch >= 0, "batch must be at least 1 (or 0: all at once)");
+  need(!o.batch || *o.batch >= 1, "batch must be at least 1 (or none: all at once)");
   need(p.channels == info_.C && p.memory >= 0 &&
        std::all_of(p.steps.begin(), p.steps.end(), [&](const Step& s) {
          return s.t >= 0 && s.t < int64_t(info_.betas.size()) && int64_t(s.mean_x0_prev.size()) == p.memory &&
@@ -695,7 +798,7 @@ RunStats Sampler::Impl::sample(const Plan& p, uint32_t seed, float* out, size_t 
     need(y >= 0 && y < info_.num_classes, "label " + std::to_string(y) + " is out of range: the model has classes 0.." +
          std::to_string(info_.num_classes - 1));
   need(!o.init || all_finite(o.init, n_floats), "the starting images (init) hold NaN or inf");
-  const int64_t batch = o.batch ? std::min<int64_t>(o.batch, n) : n;
+  const int64_t batch = std::min<int64_t>(o.batch.value_or(n), n);
   if (o.init && o.init != out) std::memmove(out, o.init, n_floats * sizeof(float));
   RandomState rng(seed);
   const int64_t n_batches = (n + batch - 1) / batch;

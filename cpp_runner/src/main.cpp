@@ -1,13 +1,14 @@
-// ddpm_runner: sample images from an exported DDPM eps_theta ONNX file.
-#include <png.h>
+// ddpm_runner: sample images from an exported DDPM eps_theta ONNX file, with the options, defaults and output
+// formats of `ddpm onnx-sample`.
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -20,67 +21,105 @@ namespace {
 using ddpm::Error;
 
 const char* kUsage =
-    "usage: ddpm_runner --model MODEL.onnx --out FILE.png|FILE.npy [--n N] [--batch B]\n"
-    "         [--sampler ancestral|ddim|dpmpp2m|dpmpp2m-sde] [--steps S] [--eta E]\n"
-    "         [--spacing uniform|linspace|trailing|quadratic|logsnr] [--corrector-steps K] [--snr R]\n"
-    "         [--clip|--no-clip] [--seed SEED] [--provider cpu|cuda] [--threads K] [--json]\n"
-    "         [--init FILE.npy [--invert]] [--class K | --classes K1,K2,...] [--guidance S]\n"
-    "Defaults: n 16, batch n, sampler ancestral, steps T (ancestral) or min(50, T) (the others), eta 0 (ddim only),\n"
-    "spacing uniform, corrector steps 0 (K Langevin rows per timestep, ancestral or ddim), snr 0.16,\n"
-    "clip as the model says, seed 0, provider cpu. --init starts from the float32 [N, C, H, W] of a .npy (latents to\n"
-    "decode; N replaces --n) instead of drawing x_T; with --invert it encodes those images by DDIM inversion over\n"
-    "--steps and --spacing (write the latents to a .npy). A class-conditional model samples the classes given (indices;\n"
-    "default: all, in equal blocks, a grid row each) with classifier-free guidance S (1: conditional, 0: unconditional). The same seed and batch give the same images as the\n"
-    "Python sampler. .png: a grid, pixel = round((clamp(x, -1, 1) + 1) * 127.5); .npy: float32 [N, C, H, W].\n";
+    "usage: ddpm_runner --model FILE.onnx [--out FILE.png|FILE.npz|FILE.npy] [options]\n"
+    "Samples images from an eps_theta ONNX file written by `ddpm export`: for the same model, seed, batch size and\n"
+    "options, the images of `ddpm onnx-sample`. Options (default):\n"
+    "  --model FILE.onnx            the model (required)\n"
+    "  --out FILE                   .png: a grid; .npz: arr_0 uint8 [N, H, W, C] and, for a class-conditional model,\n"
+    "                               arr_1 int64 labels [N]; .npy: float32 [N, C, H, W] (samples.png)\n"
+    "  --num-samples N              images to sample, 1..16777216 (64)\n"
+    "  --batch-size B               images per network call, 1..16777216 (256)\n"
+    "  --sampler NAME               ancestral|ddim|dpmpp2m|dpmpp2m-sde (ancestral)\n"
+    "  --steps S                    network calls, 1..T (T for ancestral, min(50, T) for the others)\n"
+    "  --eta E                      DDIM's eta in [0, 1], ddim only (0)\n"
+    "  --spacing NAME               uniform|linspace|trailing|quadratic|logsnr: the kept timesteps (uniform)\n"
+    "  --corrector-steps K          Langevin corrector rows per timestep, 0..1000; ancestral, ddim (0)\n"
+    "  --snr R                      the corrector's signal-to-noise ratio, > 0 (0.16)\n"
+    "  --clip | --no-clip           clip the predicted x0 to [-1, 1] (the model's ddpm.clip_denoised)\n"
+    "  --seed S                     numpy RandomState seed, 0..4294967295 (0)\n"
+    "  --provider NAME              auto|cpu|cuda; auto: CUDA if it can be used, else the CPU (auto)\n"
+    "  --threads K                  ONNX Runtime's intra-op threads, 0..1024; 0: its default, a thread per core (0)\n"
+    "  --json                       a JSON summary on stdout (off)\n"
+    "  --init FILE.npy              start from its float32 [N, C, H, W] instead of drawing x_T, e.g. latents to\n"
+    "                               decode; N replaces --num-samples (none)\n"
+    "  --invert                     with --init: encode those images by DDIM inversion over --steps and --spacing,\n"
+    "                               into latents (write a .npy) (off)\n"
+    "  --class K | --classes K1,K2  the classes (indices or names) of a class-conditional model, in equal blocks,\n"
+    "                               a grid row each (every class)\n"
+    "  --guidance S                 classifier-free guidance out_u + S (out_c - out_u): 1 conditional, 0 unconditional (1)\n"
+    "  --help                       this text\n"
+    "Testing aids: --dump-noise COUNT (the seed's first COUNT float64 normals), --dump-plan (the plan as JSON),\n"
+    "--step-graph (the CUDA path's row updates as ONNX graphs, on any provider).\n"
+    "A user's error prints one line and exits with status 2.\n";
 
 struct Args {
-  std::string model, out, provider = "cpu", init, classes;
+  std::string model, out = "samples.png", init;
+  std::optional<std::string> classes;
   double guidance = 1.0;
   ddpm::PlanOptions plan;
-  int64_t n = 16, batch = 0, threads = 0, dump_noise = -1, seed = 0;
-  bool json = false, help = false, dump_plan = false, step_graph = false, invert = false, n_given = false;
+  ddpm::Provider provider = ddpm::Provider::Auto;
+  int64_t num_samples = 64, batch_size = 256, threads = 0, dump_noise = -1, seed = 0;
+  bool json = false, help = false, dump_plan = false, step_graph = false, invert = false, num_samples_given = false;
 };
 
 int64_t int_in(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
   const int64_t x = ddpm::parse_int(v, flag);
-  if (x < lo || x > hi) throw Error(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  if (x < lo || x > hi) throw Error(flag + " must be in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + v);
   return x;
+}
+
+// A finite number that `ok` accepts (`range` says which, for the message).
+double real_in(const std::string& flag, const std::string& v, bool ok(double), const char* range) {
+  const double x = ddpm::parse_double(v, flag);  // NaN and inf: an Error naming the flag
+  if (!ok(x)) throw Error(flag + " must be " + range + ", got " + v);
+  return x;
+}
+
+// A name parsed by the library, its Error prefixed with the flag.
+template <typename Parse>
+auto named(const std::string& flag, Parse parse) {
+  try {
+    return parse();
+  } catch (const Error& e) {
+    throw Error(flag + ": " + e.what());
+  }
 }
 
 Args parse_args(int argc, char** argv) {
   static const std::set<std::string> switches = {"--clip", "--no-clip", "--json", "--dump-plan", "--step-graph",
                                                  "--invert", "--help", "-h"};
-  static const std::set<std::string> valued = {"--model", "--out", "--n", "--batch", "--sampler", "--steps", "--eta",
-                                               "--spacing", "--seed", "--provider", "--threads", "--dump-noise",
-                                               "--corrector-steps", "--snr", "--init", "--class", "--classes",
-                                               "--guidance"};
+  static const std::set<std::string> valued = {
+      "--model", "--out", "--num-samples", "--batch-size", "--sampler", "--steps", "--eta", "--spacing",
+      "--corrector-steps", "--snr", "--seed", "--provider", "--threads", "--init", "--class", "--classes",
+      "--guidance", "--dump-noise"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
-    if (switches.count(f) == 0 && valued.count(f) == 0) throw Error("unknown option '" + f + "' (see --help)");
+    if (switches.count(f) == 0 && valued.count(f) == 0)
+      throw Error("unknown option '" + ddpm::printable(f) + "' (see --help)");
     if (valued.count(f)) {
       if (i + 1 >= argc) throw Error(f + " needs a value");
       v = argv[++i];
     }
     if (f == "--model") a.model = v;
     else if (f == "--out") a.out = v;
-    else if (f == "--n") a.n = int_in(f, v, 1, 1 << 24), a.n_given = true;
-    else if (f == "--init") a.init = v;
-    else if (f == "--class" || f == "--classes") a.classes = v;
-    else if (f == "--guidance") a.guidance = ddpm::parse_double(v, f);
-    else if (f == "--invert") a.invert = true;
-    else if (f == "--batch") a.batch = int_in(f, v, 1, 1 << 24);
-    else if (f == "--sampler") a.plan.sampler = v;
+    else if (f == "--num-samples") a.num_samples = int_in(f, v, 1, 1 << 24), a.num_samples_given = true;
+    else if (f == "--batch-size") a.batch_size = int_in(f, v, 1, 1 << 24);
+    else if (f == "--sampler") a.plan.sampler = named(f, [&] { return ddpm::parse_sampler(v); });
     else if (f == "--steps") a.plan.steps = int_in(f, v, 1, 1 << 24);
-    else if (f == "--eta") a.plan.eta = ddpm::parse_double(v, f);
-    else if (f == "--spacing") a.plan.spacing = v;
+    else if (f == "--eta") a.plan.eta = real_in(f, v, [](double x) { return x >= 0 && x <= 1; }, "in [0, 1]");
+    else if (f == "--spacing") a.plan.spacing = named(f, [&] { return ddpm::parse_spacing(v); });
     else if (f == "--corrector-steps") a.plan.corrector_steps = int_in(f, v, 0, 1000);
-    else if (f == "--snr") a.plan.snr = ddpm::parse_double(v, f);
+    else if (f == "--snr") a.plan.snr = real_in(f, v, [](double x) { return x > 0; }, "> 0");
     else if (f == "--clip" || f == "--no-clip") a.plan.clip = f == "--clip";
     else if (f == "--seed") a.seed = int_in(f, v, 0, 4294967295LL);  // numpy's RandomState seed range
-    else if (f == "--provider") a.provider = v;
+    else if (f == "--provider") a.provider = named(f, [&] { return ddpm::parse_provider(v); });
     else if (f == "--threads") a.threads = int_in(f, v, 0, 1024);
     else if (f == "--json") a.json = true;
+    else if (f == "--init") a.init = v;
+    else if (f == "--invert") a.invert = true;
+    else if (f == "--class" || f == "--classes") a.classes = v;
+    else if (f == "--guidance") a.guidance = ddpm::parse_double(v, f);
     else if (f == "--dump-noise") a.dump_noise = int_in(f, v, 0, 1 << 30);  // testing aid
     else if (f == "--dump-plan") a.dump_plan = true;                        // testing aid
     else if (f == "--step-graph") a.step_graph = true;  // the CUDA path's update, on the CPU: testing aid
@@ -88,46 +127,23 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.help || a.dump_noise >= 0) return a;
   if (a.model.empty()) throw Error("--model is required (see --help)");
-  if (a.out.empty() && !a.dump_plan) throw Error("--out is required (see --help)");
-  if (a.provider != "cpu" && a.provider != "cuda") throw Error("--provider must be cpu or cuda");
   if (a.invert && a.init.empty()) throw Error("--invert encodes images: give them with --init FILE.npy");
   return a;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
+// The checks of --out that can be made before sampling: its format, and a folder to write it into.
 void check_writable(const std::string& out) {
-  if (!ends_with(out, ".png") && !ends_with(out, ".npy")) throw Error("--out must end in .png or .npy: " + out);
+  std::string lower = out;
+  for (char& c : lower) c = char(std::tolower(uint8_t(c)));
+  const auto ends_with = [&](const std::string& suffix) {
+    return lower.size() >= suffix.size() && lower.compare(lower.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  if (!ends_with(".png") && !ends_with(".npz") && !ends_with(".npy"))
+    throw Error("--out must end in .png, .npz or .npy: " + out);
   std::filesystem::path dir = std::filesystem::path(out).parent_path();
   if (dir.empty()) dir = ".";
   if (!std::filesystem::is_directory(dir) || access(dir.c_str(), W_OK) != 0)
     throw Error("cannot write " + out + ": " + dir.string() + " is not a writable folder");
-}
-
-// Write to a temporary file in the same folder, then rename: nobody sees half a file.
-template <typename WriteFn>
-void write_atomically(const std::string& path, WriteFn write) {
-  const std::string tmp = path + ".tmp" + std::to_string(getpid());
-  if (!write(tmp) || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error("cannot write " + path);
-  }
-}
-
-// float32 [N, C, H, W] as .npy format 1.0 (little-endian, C order), header padded to 64 bytes.
-void write_npy(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n, int64_t) {
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(n) + ", " +
-                       std::to_string(m.C) + ", " + std::to_string(m.H) + ", " + std::to_string(m.W) + "), }";
-  header.append(63 - (10 + header.size()) % 64, ' ').push_back('\n');
-  const char preamble[10] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, char(header.size() & 0xff), char(header.size() >> 8)};
-  write_atomically(path, [&](const std::string& tmp) {
-    std::ofstream f(tmp, std::ios::binary);
-    f.write(preamble, 10).write(header.data(), header.size());
-    f.write(reinterpret_cast<const char*>(x.data()), std::streamsize(x.size() * sizeof(float)));
-    return bool(f.flush());
-  });
 }
 
 // float32 [N, C, H, W] from a .npy (format 1.0-3.0, '<f4', C order) whose image shape is the model's.
@@ -169,51 +185,37 @@ std::vector<float> read_npy(const std::string& path, const ddpm::ModelInfo& m, i
   return x;
 }
 
-// A grid of ceil(sqrt(N)) columns with 2-pixel black gutters; pixel = round((clamp(x, -1, 1) + 1) * 127.5),
-// rounding half to even as numpy does. Images under 32 pixels are enlarged by an integer factor
-// (nearest neighbour) so that a grid of 8x8 digits can be seen; the same as export/onnx_sampler.py.
-void write_png(const std::string& path, const std::vector<float>& x, const ddpm::ModelInfo& m, int64_t n,
-               int64_t columns) {
-  if (m.C != 1 && m.C != 3) throw Error("a .png needs 1 or 3 channels, the model has " + std::to_string(m.C) + "; use .npy");
-  const int64_t s = std::max<int64_t>(1, 32 / std::max(m.H, m.W)), th = m.H * s, tw = m.W * s;
-  const int64_t pad = 2, cols = columns ? columns : int64_t(std::ceil(std::sqrt(double(n)))), rows = (n + cols - 1) / cols;
-  const int64_t gw = cols * (tw + pad) + pad, gh = rows * (th + pad) + pad;
-  std::vector<png_byte> img(gw * gh * m.C, 0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < m.C; ++c)
-      for (int64_t y = 0; y < th; ++y)
-        for (int64_t u = 0; u < tw; ++u) {
-          const float v = std::min(std::max(x[((i * m.C + c) * m.H + y / s) * m.W + u / s], -1.0f), 1.0f);
-          const int64_t gy = (i / cols) * (th + pad) + pad + y, gx = (i % cols) * (tw + pad) + pad + u;
-          img[(gy * gw + gx) * m.C + c] = png_byte(std::nearbyint((v + 1.0f) * 127.5f));
-        }
-  write_atomically(path, [&](const std::string& tmp) {
-    png_image im{};
-    im.version = PNG_IMAGE_VERSION;
-    im.width = png_uint_32(gw), im.height = png_uint_32(gh);
-    im.format = m.C == 3 ? PNG_FORMAT_RGB : PNG_FORMAT_GRAY;
-    return png_image_write_to_file(&im, tmp.c_str(), 0, img.data(), 0, nullptr) != 0;
-  });
+// A class given by name (one of the model's class names) or index, as `ddpm onnx-sample` takes it.
+int64_t class_index(const ddpm::ModelInfo& m, const std::string& given) {
+  const size_t first = given.find_first_not_of(" \t\n\r\f\v"), last = given.find_last_not_of(" \t\n\r\f\v");
+  const std::string k = first == std::string::npos ? "" : given.substr(first, last - first + 1);
+  const auto it = std::find(m.class_names.begin(), m.class_names.end(), k);
+  if (it != m.class_names.end()) return it - m.class_names.begin();
+  int64_t index = -1;
+  const auto parsed = std::from_chars(k.data(), k.data() + k.size(), index);
+  if (!k.empty() && parsed.ec == std::errc() && parsed.ptr == k.data() + k.size() && index >= 0 && index < m.num_classes)
+    return index;
+  std::string names;
+  for (size_t i = 0; i < m.class_names.size() && names.size() <= 200; ++i) names += (i ? ", " : "") + m.class_names[i];
+  throw Error("--class " + ddpm::printable(k) + ": not a class of this model (" +
+              (names.empty() ? "" : ddpm::printable(names, 200) + "; or ") + "0.." + std::to_string(m.num_classes - 1) + ")");
 }
 
-// The labels of n images: the classes asked for (all of a conditional model's by default) in equal blocks,
+// The labels of n images: the classes asked for (every class of a conditional model by default) in equal blocks,
 // classes[i / ceil(n / len(classes))], as export/onnx_sampler.balanced_labels; none for an unconditional model.
 ddpm::Conditioning conditioning(const Args& a, const ddpm::ModelInfo& m, int64_t n) {
   ddpm::Conditioning c;
   c.guidance = a.guidance;
   if (!m.num_classes) {
-    if (!a.classes.empty() || a.guidance != 1.0)
+    if (a.classes || a.guidance != 1.0)
       throw Error("--class/--guidance need a class-conditional model (this one is unconditional)");
     return c;
   }
   std::vector<int64_t> classes;
-  std::stringstream ss(a.classes);
-  for (std::string k; std::getline(ss, k, ',');) classes.push_back(ddpm::parse_int(k, "--class"));
-  if (a.classes.empty())
+  if (a.classes)
+    for (const std::string& k : ddpm::split(*a.classes)) classes.push_back(class_index(m, k));
+  else
     for (int64_t k = 0; k < m.num_classes; ++k) classes.push_back(k);
-  for (int64_t k : classes)
-    if (k < 0 || k >= m.num_classes)
-      throw Error("--class " + std::to_string(k) + ": the model's classes are 0.." + std::to_string(m.num_classes - 1));
   const int64_t per = (n + int64_t(classes.size()) - 1) / int64_t(classes.size());
   for (int64_t i = 0; i < n; ++i) c.labels.push_back(classes[i / per]);
   return c;
@@ -251,15 +253,18 @@ int run(int argc, char** argv) {
   }
   if (!a.dump_plan) check_writable(a.out);
   const auto t0 = std::chrono::steady_clock::now();
-  ddpm::Sampler sampler(a.model, {a.provider, int(a.threads), a.step_graph});
+  ddpm::LoadOptions load;
+  load.provider = a.provider, load.step_graph = a.step_graph;
+  if (a.threads) load.threads = int(a.threads);
+  ddpm::Sampler sampler(a.model, load);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const ddpm::Plan plan = a.invert ? ddpm::make_inversion_plan(sampler.info(), a.plan.steps, a.plan.spacing)
                                    : ddpm::make_plan(sampler.info(), a.plan);
   if (a.dump_plan) return dump_plan(plan), 0;
-  int64_t n = a.n;
+  int64_t n = a.num_samples;
   const std::vector<float> init = a.init.empty() ? std::vector<float>() : read_npy(a.init, sampler.info(), &n);
-  if (!a.init.empty() && a.n_given && n != a.n)
-    throw Error("--n " + std::to_string(a.n) + " but " + a.init + " holds " + std::to_string(n) + " images");
+  if (!a.init.empty() && a.num_samples_given && n != a.num_samples)
+    throw Error("--num-samples " + std::to_string(a.num_samples) + " but " + a.init + " holds " + std::to_string(n) + " images");
 
   const bool tty = isatty(STDERR_FILENO);  // on a terminal every step, in a log once per batch
   const auto progress = [tty](int64_t b, int64_t nb, int64_t k, int64_t s) {
@@ -268,24 +273,22 @@ int run(int argc, char** argv) {
                  (long long)k, (long long)s);
     if (!tty || (b + 1 == nb && k == s)) std::fputc('\n', stderr);
   };
-  const int64_t batch = std::min(a.batch ? a.batch : n, n);
-  const ddpm::Conditioning cond = conditioning(a, sampler.info(), n);
-  const int64_t blocks = cond.labels.empty() ? 0 : std::set<int64_t>(cond.labels.begin(), cond.labels.end()).size();
+  const int64_t batch = std::min(a.batch_size, n);
   std::vector<float> x(size_t(n) * sampler.image_floats());
   ddpm::SampleOptions options;
   options.batch = batch, options.init = init.empty() ? nullptr : init.data();
-  options.conditioning = cond, options.progress = progress;
+  options.conditioning = conditioning(a, sampler.info(), n), options.progress = progress;
   const ddpm::RunStats st = sampler.sample(plan, uint32_t(a.seed), x.data(), x.size(), options);
-  (ends_with(a.out, ".npy") ? write_npy : write_png)(a.out, x, sampler.info(), n, blocks ? (n + blocks - 1) / blocks : 0);
+  ddpm::save_images(a.out, x.data(), x.size(), sampler.info(), options.conditioning.labels);
   const double overhead = st.total_s - st.network_s, ips = double(n) / std::max(st.total_s, 1e-9);
   std::fprintf(stderr, "%s: %lld images x %zu steps in %.3f s (%.2f images/s); Session::Run %.3f s, "
                "loop overhead %.4f s (%.2f%%); wrote %s\n", sampler.provider().c_str(), (long long)n,
                plan.steps.size(), st.total_s, ips, st.network_s, overhead, 100.0 * overhead / st.total_s, a.out.c_str());
   if (a.json)
-    std::printf("{\"provider\": \"%s\", \"n\": %lld, \"batch\": %lld, \"sampler\": \"%s\", \"steps\": %zu, "
+    std::printf("{\"provider\": \"%s\", \"num_samples\": %lld, \"batch_size\": %lld, \"sampler\": \"%s\", \"steps\": %zu, "
                 "\"load_s\": %.6f, \"total_s\": %.6f, \"network_s\": %.6f, \"overhead_s\": %.6f, \"images_per_s\": %.4f}\n",
-                sampler.provider().c_str(), (long long)n, (long long)batch, a.plan.sampler.c_str(), plan.steps.size(),
-                load_s, st.total_s, st.network_s, overhead, ips);
+                sampler.provider().c_str(), (long long)n, (long long)batch, ddpm::to_string(a.plan.sampler).c_str(),
+                plan.steps.size(), load_s, st.total_s, st.network_s, overhead, ips);
   return 0;
 }
 

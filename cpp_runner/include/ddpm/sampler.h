@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,6 +33,20 @@ struct DDPM_API Error : std::runtime_error {
   ~Error() override;
 };
 
+// The closed sets of options. Their names on the command line (and in `ddpm onnx-sample`): ancestral, ddim,
+// dpmpp2m, dpmpp2m-sde; uniform, linspace, trailing, quadratic, logsnr; auto, cpu, cuda.
+enum class SamplerKind { Ancestral, Ddim, DpmPP2M, DpmPP2MSde };
+enum class Spacing { Uniform, Linspace, Trailing, Quadratic, LogSnr };
+enum class Provider { Auto, Cpu, Cuda };  // Auto: CUDA when its execution provider can be used, else the CPU
+
+// Name -> value (an Error listing the valid names otherwise) and value -> name.
+DDPM_API SamplerKind parse_sampler(const std::string& name);
+DDPM_API Spacing parse_spacing(const std::string& name);
+DDPM_API Provider parse_provider(const std::string& name);
+DDPM_API std::string to_string(SamplerKind sampler);
+DDPM_API std::string to_string(Spacing spacing);
+DDPM_API std::string to_string(Provider provider);
+
 // What the file's metadata says (the README's "The ONNX file").
 struct ModelInfo {
   std::vector<double> betas;                // float64, length T
@@ -39,18 +54,19 @@ struct ModelInfo {
   int64_t C = 0, H = 0, W = 0;
   bool clip_denoised = true;
   int64_t num_classes = 0;  // K > 0: class-conditional, with a label input y in 0..K (K: the null label)
+  std::vector<std::string> class_names;  // ddpm.class_names: the K classes' names (empty when the file has none)
   int64_t out_channels() const { return variance == "learned_range" ? 2 * C : C; }
   size_t image_floats() const { return size_t(C * H * W); }
 };
 
 struct PlanOptions {
-  std::string sampler = "ancestral";  // ancestral | ddim | dpmpp2m | dpmpp2m-sde
-  int64_t steps = 0;                  // 0: T for ancestral, min(50, T) for the others
-  double eta = 0.0;                   // ddim only
-  std::string spacing = "uniform";    // uniform | linspace | trailing | quadratic | logsnr
-  int clip = -1;                      // -1: the model's ddpm.clip_denoised; 0: off; 1: on
-  int64_t corrector_steps = 0;        // Langevin rows per timestep (ancestral, ddim)
-  double snr = 0.16;                  // the corrector's signal-to-noise ratio r
+  SamplerKind sampler = SamplerKind::Ancestral;
+  std::optional<int64_t> steps;  // network calls, 1..T; none: T for ancestral, min(50, T) for the others
+  double eta = 0.0;              // in [0, 1], ddim only
+  Spacing spacing = Spacing::Uniform;
+  std::optional<bool> clip;      // clip the predicted x0 to [-1, 1]; none: the model's ddpm.clip_denoised
+  int64_t corrector_steps = 0;   // Langevin rows per timestep, 0..1000 (ancestral, ddim)
+  double snr = 0.16;             // the corrector's signal-to-noise ratio r > 0
 };
 
 struct Step {  // float64 coefficients of one row (the README's "Building the plan")
@@ -66,17 +82,18 @@ struct Plan {
 };
 
 // The kept timesteps, ascending; abar (alpha_bar, length >= T) is read by the logsnr spacing only.
-DDPM_API std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, const std::string& spacing,
-                                             const std::vector<double>& abar);
+DDPM_API std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, Spacing spacing, const std::vector<double>& abar);
+// An Error for options out of range (steps, eta, corrector_steps, snr: NaN and inf too) or that do not go together.
 DDPM_API Plan make_plan(const ModelInfo& info, const PlanOptions& options);
 // DDIM encoding x_0 -> x_T (Song et al. Section 4.3): rows t_0..t_{S-2}, each Eq. (12) with eta = 0 from t_k up
-// to t_{k+1}; run it from the data (SampleOptions::init). steps 0: min(50, T).
-DDPM_API Plan make_inversion_plan(const ModelInfo& info, int64_t steps, const std::string& spacing = "uniform");
+// to t_{k+1}; run it from the data (SampleOptions::init). steps none: min(50, T).
+DDPM_API Plan make_inversion_plan(const ModelInfo& info, std::optional<int64_t> steps = {},
+                                  Spacing spacing = Spacing::Uniform);
 
 struct LoadOptions {
-  std::string provider = "cpu";  // cpu | cuda
-  int threads = 0;               // ONNX Runtime intra-op threads (0: its default, a thread per core)
-  bool step_graph = false;       // run each row's update as a small ONNX graph on the provider (always with cuda)
+  Provider provider = Provider::Auto;
+  std::optional<int> threads;  // ONNX Runtime intra-op threads, 1..1024; none: its default, a thread per core
+  bool step_graph = false;     // run each row's update as a small ONNX graph on the provider (always on CUDA)
 };
 
 // What a class-conditional model samples: one label in 0..K-1 per image (none: the null label, i.e.
@@ -92,10 +109,10 @@ struct RunStats {
 using Progress = std::function<void(int64_t batch, int64_t n_batches, int64_t step, int64_t n_steps)>;
 
 struct SampleOptions {
-  int64_t batch = 0;            // images per network call; 0: all at once
-  const float* init = nullptr;  // as many floats as out: start from them (latents, or images to encode) instead of x_T
+  std::optional<int64_t> batch;  // images per network call, >= 1; none: all at once
+  const float* init = nullptr;   // as many floats as out: start from them (latents, or images to encode), not x_T
   Conditioning conditioning;
-  Progress progress;            // called after every row, on the calling thread
+  Progress progress;             // called after every row, on the calling thread
 };
 
 class DDPM_API Sampler {
@@ -108,7 +125,7 @@ class DDPM_API Sampler {
 
   const ModelInfo& info() const;
   size_t image_floats() const { return info().image_floats(); }  // C * H * W
-  const std::string& provider() const;                           // "CPUExecutionProvider" or "CUDAExecutionProvider"
+  const std::string& provider() const;  // the one in use: "CPUExecutionProvider" or "CUDAExecutionProvider"
 
   // n = n_floats / image_floats() images [n, C, H, W] into out, in batches, all drawing from one
   // RandomState(seed): each batch x_T (unless options.init is given), then each noisy row's z. The sessions of
@@ -120,5 +137,16 @@ class DDPM_API Sampler {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Pixels as the Python side makes them (export/onnx_sampler.to_uint8): round((clamp(x, -1, 1) + 1) * 127.5) in
+// float32, rounding half to even (NaN: 0).
+DDPM_API std::vector<uint8_t> to_uint8(const float* x, size_t n);
+
+// Writes the n_floats / (C H W) images [N, C, H, W] of x (C, H, W: info's) to path, atomically, in the format its
+// suffix names, as `ddpm onnx-sample` writes them: .png, a grid (C = 1 or 3; given labels, a row per class); .npz,
+// a numpy archive with arr_0 the uint8 pixels [N, H, W, C] and, given labels, arr_1 the int64 labels [N]; .npy,
+// the float32 values [N, C, H, W] themselves (latents, for SampleOptions::init).
+DDPM_API void save_images(const std::string& path, const float* x, size_t n_floats, const ModelInfo& info,
+                          const std::vector<int64_t>& labels = {});
 
 }  // namespace ddpm
