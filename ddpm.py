@@ -590,6 +590,7 @@ class TrainConfig:
     grad_clip: float = _option(1.0, "clip the gradient norm to this", min=1e-12)
     accum: int = _option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
     ema_decay: float = _option(0.998, "decay of the exponential moving average of the weights", min=0.0, max=0.999999)
+    ema_warmup: bool = _option(True, "warm the EMA's decay up as (1 + step) / (10 + step), capped at --ema-decay")
     schedule: Schedule = _option("linear", "beta schedule")
     T: int = _option(1000, "diffusion steps T", flag="--diffusion-steps", min=1, max=100_000)
     zero_terminal_snr: bool = _option(False, "rescale the schedule to alpha_bar_T = 0 (needs v or x0)")
@@ -628,7 +629,8 @@ class TrainConfig:
 
 
 # What a resumed run may change: how long and how it trains, not what it trains.
-RESUMABLE = ("steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "accum", "ema_decay", "device",
+RESUMABLE = ("steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "accum", "ema_decay", "ema_warmup",
+             "device",
              "precision", "compile", "channels_last", "checkpoint_every", "sample_every", "log_every", "out")
 
 
@@ -667,9 +669,12 @@ def preset_config(preset: str) -> dict:
     return unet.PRESETS[preset]
 
 
-def make_model(cfg: TrainConfig, image_shape, num_classes: int = 0):
+def make_model(cfg: TrainConfig, image_shape, num_classes: int = 0, unet_kwargs: dict | None = None):
     """The preset's U-Net for `image_shape` (C, H, W); 2C output channels for learned_range; class-conditional
-    with num_classes labels (and the null label num_classes)."""
+    with num_classes labels (and the null label num_classes). unet_kwargs (a checkpoint's "unet", written by
+    `ddpm import` for weights that are no preset) give the U-Net instead."""
+    if unet_kwargs:
+        return unet.UNet(**unet_kwargs)
     C, H, _ = image_shape
     kwargs = dict(preset_config(cfg.preset), in_channels=C, image_size=H, num_classes=num_classes)
     kwargs["out_channels"] = 2 * C if cfg.variance == "learned_range" else C
@@ -708,10 +713,18 @@ def load_model(path, ema: bool = True, device="cpu"):
     cfg = TrainConfig(**{f.name: state["config"][f.name] for f in dataclasses.fields(TrainConfig)
                          if f.name in state["config"]})
     classes = list(state.get("classes", []))
-    model = make_model(cfg, state["image_shape"], len(classes))
+    model = make_model(cfg, state["image_shape"], len(classes), state.get("unet"))
     model.load_state_dict(state["ema" if ema else "model"])
     model.class_names = classes
     return model.to(device).eval(), make_diffusion(cfg), cfg, tuple(state["image_shape"])
+
+
+def ema_decay_at(step: int, cfg: TrainConfig) -> float:
+    """The EMA's decay at optimizer step `step` (the average starts as a copy of the weights after step 0):
+    min(ema_decay, (1 + step) / (10 + step)) with the warm-up (diffusers' EMAModel), so that the average soon
+    forgets the first, near-random weights: n steps into the warm-up they keep 10! (n + 1)! / (n + 10)! of it,
+    where a constant decay d would keep d^n (0.998^800 = 20% after the default run)."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -755,7 +768,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, image_shape, device: torch.device, rank: int = 0, ddp: bool = False,
                  classes: list | None = None):
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
         self.cfg, self.device, self.image_shape = cfg, device, tuple(image_shape)
         self.classes = list(classes or []) if cfg.class_cond else []
         if cfg.class_cond and not self.classes:
@@ -765,7 +778,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + rank)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = make_model(cfg, image_shape, len(self.classes)).to(device, memory_format=self.memory_format)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
         self.ema.eval()  # only ever sampled from: no dropout, and no draws from the global RNG that training uses
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=device.type == "cuda")
@@ -780,6 +793,11 @@ class Trainer:
         self.step = 0
         self.running = torch.zeros((), device=device)  # summed loss since the last report, kept on the device
         self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/inf loss since the start
+
+    @torch.no_grad()
+    def _ema_update(self, ema: list, current: list, _) -> None:
+        """ema <- d ema + (1 - d) current with d = ema_decay_at(self.step) (the EMA's float tensors)."""
+        torch._foreach_lerp_(ema, current, 1.0 - ema_decay_at(self.step, self.cfg))
 
     def eps_theta(self, x_t, t, y=None):
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -859,6 +877,8 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
         raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, --overwrite to start it afresh, "
                         "or choose another --out")
     state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None and "optimizer" not in state:
+        raise UserError(f"{ckpt_path} holds imported weights (`ddpm import`), not a run: there is nothing to resume")
     if state is not None:
         check_resumable(state["config"], cfg)
     dataset, data = data, torch.from_numpy(data.train).to(device)  # all on the device: no loader in the hot loop

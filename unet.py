@@ -3,10 +3,12 @@
 A plain nn.Module mapping (x_t, t) -> tensor of x_t's spatial shape; it knows nothing about diffusion.
 Layer order, initialisation (variance scaling, fan_avg, uniform; zero "init_scale=0." layers) and
 GroupNorm(32, eps=1e-6) follow the original, and the CIFAR-10 model has the paper's 35,746,307
-parameters. One deliberate difference: the stride-2 conv pads one pixel on every side, where TF's
-'SAME' pads only bottom/right. That shifts the downsampling grid by half a pixel, which does not
-matter when training from scratch, and keeps out a Pad op that the default torch.onnx exporter cannot
-convert to opset 17.
+parameters. One deliberate difference by default: the stride-2 conv pads one pixel on every side, where
+TF's 'SAME' pads only bottom/right. That shifts the downsampling grid by half a pixel, which does not
+matter when training from scratch, and keeps out a Pad op that torch.onnx's dynamo exporter cannot convert to
+opset 17. downsample_padding="tf" pads as TF does (F.pad, then an unpadded conv: diffusers'
+downsample_padding=0), which the weights Ho et al. released need (diffusers_io.py imports them); the
+TorchScript exporter that export/ uses writes that Pad at opset 17.
 """
 
 import math
@@ -95,18 +97,26 @@ class Block(nn.Module):
         return self.attn(self.res(x, temb))
 
 
-class Resample(nn.Module):
-    """`downsample` (3x3 conv, stride 2) or `upsample` (nearest x2, then 3x3 conv)."""
+DOWNSAMPLE_PADDINGS = ("symmetric", "tf")
 
-    def __init__(self, c: int, up: bool):
+
+class Resample(nn.Module):
+    """`downsample` (3x3 conv, stride 2; padding "symmetric": one pixel on every side, "tf": TF's 'SAME',
+    one pixel bottom/right only) or `upsample` (nearest x2, then 3x3 conv)."""
+
+    def __init__(self, c: int, up: bool, padding: str = "symmetric"):
         super().__init__()
-        self.up = up
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"downsample_padding must be one of {', '.join(DOWNSAMPLE_PADDINGS)}, got {padding!r}")
+        self.up, self.tf_pad = up, padding == "tf" and not up
         self.conv = conv(c, c, stride=1 if up else 2)
+        if self.tf_pad:
+            self.conv.padding = (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.tf_pad else x)
 
 
 class Encoder(nn.Module):
@@ -116,7 +126,8 @@ class Encoder(nn.Module):
     call) is added to the time embedding, as in guided-diffusion; K = 0 adds no parameter."""
 
     def __init__(self, in_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 attn_resolutions: tuple[int, ...], dropout: float, image_size: int, num_classes: int):
+                 attn_resolutions: tuple[int, ...], dropout: float, image_size: int, num_classes: int,
+                 downsample_padding: str = "symmetric"):
         super().__init__()
         if image_size % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"image_size {image_size} must be divisible by 2**{len(ch_mult) - 1}")
@@ -133,7 +144,7 @@ class Encoder(nn.Module):
                 c = ch * mult
                 self.skips.append(c)
             if level != len(ch_mult) - 1:
-                self.down.append(Resample(c, up=False))
+                self.down.append(Resample(c, up=False, padding=downsample_padding))
                 self.skips.append(c)
                 self.res //= 2
         self.mid1 = Block(c, c, tdim, dropout, attn=True)
@@ -161,18 +172,20 @@ class UNet(Encoder):
     """The `model` function of the original: the Encoder, levels up (num_res_blocks + 1 blocks each, every
     one concatenating a skip, then upsampling), and GroupNorm -> SiLU -> zero-initialised conv_out.
     Attention sits at the feature-map sizes in `attn_resolutions`, measured from `image_size`. With
-    num_classes K > 0 it is class-conditional: forward(x, t, y) with y in 0..K, K the null label."""
+    num_classes K > 0 it is class-conditional: forward(x, t, y) with y in 0..K, K the null label.
+    downsample_padding: "symmetric" (the default, see the module docstring) or "tf" (the released weights)."""
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, ch: int = 128,
                  ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1, image_size: int = 32,
-                 num_classes: int = 0):
+                 num_classes: int = 0, downsample_padding: str = "symmetric"):
         super().__init__(in_channels, ch, tuple(ch_mult), num_res_blocks, tuple(attn_resolutions), dropout,
-                         image_size, num_classes)
+                         image_size, num_classes, downsample_padding)
         out_channels = in_channels if out_channels is None else out_channels
         self.config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=tuple(ch_mult),
                            num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
-                           dropout=dropout, image_size=image_size, num_classes=num_classes)
+                           dropout=dropout, image_size=image_size, num_classes=num_classes,
+                           downsample_padding=downsample_padding)
         skips, c, res, tdim = list(self.skips), self.channels, self.res, 4 * ch
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):

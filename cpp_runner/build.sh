@@ -4,7 +4,7 @@
 # system headers exist, and links against the libonnxruntime of the onnxruntime wheel in $PYTHON (default: the
 # project's .venv). Extra cmake arguments: $CMAKE_ARGS (e.g. -DDDPM_SANITIZE=address,undefined).
 set -eu
-HERE=$(cd "$(dirname "$0")" && pwd)
+HERE=$(cd "$(dirname "$0")" && pwd -P)  # the physical folder: a link to cpp_runner/ keeps its build cache valid
 BUILD=${BUILD_DIR:-$HERE/build}
 PYTHON=${PYTHON:-$HERE/../.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3 || true)

@@ -15,7 +15,7 @@ from ddpm_reference import bench, cli, ddpm
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "data": "data.py", "fd": "fd.py", "bench": "bench.py", "cli": "cli.py",
-           "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
+           "precision": "precision.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
            "export.onnx_sampler": "export/onnx_sampler.py"}
 
 
@@ -37,7 +37,8 @@ def our_imports(name: str) -> set[str]:
 
 def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it():
     graph = {name: our_imports(name) for name in MODULES}
-    assert graph["ddpm"] == {"unet", "export", "export.onnx_sampler"}, graph  # none of its users
+    assert graph["ddpm"] == {"unet", "precision", "export", "export.onnx_sampler"}, graph  # none of its users
+    assert graph["precision"] == set(), graph
     assert graph["data"] == {"ddpm"} and graph["fd"] == {"ddpm", "data"}, graph
     assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
     assert graph["unet"] == set() and graph["export.onnx_sampler"] == set(), graph

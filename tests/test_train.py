@@ -1,5 +1,6 @@
 """Data loading, Algorithm 1, checkpoints, resume (also after SIGKILL), DDP on CPU, CLI errors."""
 import json
+import math
 import os
 import pickle
 import signal
@@ -321,3 +322,24 @@ def test_cli_train_sample_nll(tmp_path):
     import json
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["num_images"] == 8 and out["total"] > 0 and abs(out["total"] - out["prior"] - out["vb"] - out["decoder"]) < 1e-6
+
+
+@pytest.mark.parametrize("decay, updates, cap_step", [(0.999, 50, None), (0.9, 200, 80)])
+def test_ema_forgets_the_first_weights_as_its_warm_up_says(decay, updates, cap_step):
+    """The EMA's weight on the weights after step 0, after `updates` more steps: the closed form of the warm-up
+    (1 + k) / (10 + k), prod_{k=1..n} = 10! (n + 1)! / (n + 10)!, then decay per step once capped (from cap_step)."""
+    cfg = ddpm.TrainConfig(**{**FAST, "ema_decay": decay})
+    trainer = ddpm.Trainer(cfg, (1, 8, 8), torch.device("cpu"))
+    for step in range(updates + 1):
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.fill_(1.0 if step == 0 else 0.0)  # the EMA's value is then its weight on step 0
+        trainer.ema.update_parameters(trainer.model)
+        trainer.step += 1
+    n = updates if cap_step is None else cap_step - 1
+    closed = math.factorial(10) * math.factorial(n + 1) / math.factorial(n + 10)
+    closed *= decay ** (updates - n)
+    for p in trainer.ema.module.parameters():
+        assert torch.allclose(p, torch.full_like(p, closed), rtol=1e-5, atol=0), (p.flatten()[0].item(), closed)
+    without = ddpm.TrainConfig(**{**FAST, "ema_decay": decay, "ema_warmup": False})
+    assert ddpm.ema_decay_at(1, without) == decay and ddpm.ema_decay_at(1, cfg) == min(decay, 2 / 11)
