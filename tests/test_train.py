@@ -1,4 +1,6 @@
 """Data loading, Algorithm 1, checkpoints, resume (also after SIGKILL), DDP on CPU, CLI errors."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -13,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm_reference import cli as ddpm_cli
 from ddpm_reference import ddpm
 from ddpm_reference import data as datasets
 
@@ -26,9 +29,17 @@ def fit(cfg: ddpm.TrainConfig, resume: bool = False) -> dict:
     return ddpm.train(cfg, datasets.load_data(cfg.data, cfg.image_size), resume)
 
 
-def cli(*args, timeout=600, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ddpm_reference.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
+def cli(*args) -> subprocess.CompletedProcess:
+    """`ddpm ARGS` in this process, as the entry point runs it (cli.main): exit status, stdout and stderr. A bug
+    raises here with its traceback, as it would in the command."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            ddpm_cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_user_error(res, *words):
