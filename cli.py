@@ -28,6 +28,7 @@ from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, Train
                    classifier_guidance, classifier_mean_shift, ddim_inversion_plan, load_checkpoint, load_classifier,
                    load_model, make_plan, numpy_noise, option_flag, resolve_device, run_plan, sample, save_images,
                    to_model_range, to_uint8, torch_noise, train, train_classifier)
+from .ddpm import _option as _field  # a config field with its option's help and range
 from .export import onnx_sampler
 from .fd import digits_features, frechet_distance
 from .precision import AtPrecision, Precision, compile_for_sampling, resolve_precision
@@ -194,10 +195,6 @@ def _with_options(*configs, only=None, help=None):
         fn.__signature__ = inspect.Signature(own + [p for c in configs for p in _config_options(c, only, help)])
         return fn
     return wrap
-
-
-def _field(default, help: str, **cli):
-    return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
 @dataclasses.dataclass
