@@ -22,12 +22,13 @@ from typer._click.core import ParameterSource
 
 from . import unet
 from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench_train
+from .classifier import load_classifier, train_classifier
 from .data import calibration_images, load_data, load_dataset, load_digits_data, load_npz
 from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, TrainConfig, UserError, Variance,
                    __version__, balanced_labels, bits_per_dim, check_resumable, classifier_free_guidance,
-                   classifier_guidance, classifier_mean_shift, ddim_inversion_plan, load_checkpoint, load_classifier,
-                   load_model, make_plan, numpy_noise, option_flag, resolve_device, run_plan, sample, save_images,
-                   to_model_range, to_uint8, torch_noise, train, train_classifier)
+                   classifier_guidance, classifier_mean_shift, ddim_inversion_plan, load_checkpoint, load_model,
+                   make_plan, numpy_noise, option_flag, resolve_device, run_plan, sample, save_images,
+                   to_model_range, to_uint8, torch_noise, train)
 from .ddpm import _option as _field  # a config field with its option's help and range
 from .export import onnx_sampler
 from .fd import digits_features, frechet_distance
@@ -648,7 +649,9 @@ def fd_cmd(ctx: typer.Context,
                                                   "s = 0, 1, 2, 3 (and classifier guidance with --classifier)"),
            classifier: str = Opt(None, help="with --guidance-table: also classifier guidance with this classifier"),
            classifier_scales: str = Opt("1,2", help="with --guidance-table --classifier: the g values"),
-           seed: int = SEED, device: Device = DEVICE,
+           seed: int = SEED, seeds: str = Opt(None, help="A,B,...: draw the samples once with each seed and report the "
+                                                                "mean FD and its standard deviation over them"),
+           device: Device = DEVICE,
            precision: Precision = Opt("fp32", help="network precision (fp32: the published figures)"),
            compile: bool = COMPILE, json_: bool = JSON, **options):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
@@ -659,12 +662,15 @@ def fd_cmd(ctx: typer.Context,
     if not guidance_table:
         _refuse(ctx, ["classifier", "classifier_scales"], "applies to --guidance-table only")
     if table or nfe_table or guidance_table:
-        _refuse(ctx, ["variance", "sampler", "steps", "eta"] + (["classes", "guidance"] if guidance_table else []),
+        _refuse(ctx, ["variance", "sampler", "steps", "eta", "seeds"] + (["classes", "guidance"] if guidance_table else []),
                 "is set by the table's rows")
     if source.endswith(".npz"):
         _refuse(ctx, SAMPLING_OPTIONS + ["num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
-                                         "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
+                                         "seeds", "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
     _plan_options(ctx, options)
+    if seeds:
+        _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
+    seed_list = _int_list(seeds, "--seeds") if seeds else [seed]
     features = digits_features()
     train_split, held = load_digits_data()
     ref = features(train_split)
@@ -683,7 +689,7 @@ def fd_cmd(ctx: typer.Context,
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
     model, note = _at_precision(model, precision, dev, compile)
 
-    def fd_of(variance=None, clf=None, scale=1.0, **changes):
+    def fd_of(variance=None, clf=None, scale=1.0, seed=seed, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
         opts = {**options, **changes}
         plan = _torch_plan(d, {f.name: opts[f.name] for f in dataclasses.fields(SampleOptions)})
@@ -723,11 +729,15 @@ def fd_cmd(ctx: typer.Context,
                      for v in ("fixed_small", "fixed_large")})
         _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, num_samples, json_, note)
     else:
-        fd, _, accuracy = fd_of(variance)
+        runs = np.array([fd_of(variance, seed=s) for s in seed_list], dtype=np.float64)  # fd, calls, accuracy
+        fd, spread, accuracy = runs[:, 0].mean(), runs[:, 0].std(), runs[:, 2].mean()
         res = {"fd": fd, "floor": floor, "num_samples": num_samples, "n_floor": len(held),
-               **({"class_accuracy": accuracy} if accuracy is not None else {}), "precision": note}
-        typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f} ({num_samples} samples vs the training split, network in "
-                   f"{note}); real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+               **({"fd_std": spread, "seeds": seed_list} if seeds else {}),
+               **({"class_accuracy": accuracy} if not np.isnan(accuracy) else {}), "precision": note}
+        over = f" +- {spread:.3f} (mean and standard deviation over seeds {seeds})" if seeds else ""
+        typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f}{over} ({num_samples} samples vs the training split, "
+                   f"network in {note}); real-vs-real floor {floor:.3f} ({len(held)} held-out images)"
+                   + (f"; class agreement {100 * accuracy:.1f}%" if "class_accuracy" in res else ""))
 
 
 def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int, json_: bool, note: str) -> None:

@@ -4,7 +4,8 @@ Sections, in order: schedules -> Diffusion (forward process, posterior, paramete
 -> losses and bits/dim -> sampling plans and samplers (Algorithm 2, DDIM, DPM-Solver++, guidance) ->
 training (Algorithm 1). The sampling plan is built in export/onnx_sampler.py (numpy, no torch), which the
 onnxruntime sampler shares; this module executes it. Its users live beside it: data.py (data sets),
-fd.py (the digits FD), bench.py (speed) and cli.py (`ddpm ...`); this module imports none of them.
+fd.py (the digits FD), classifier.py (the noisy classifier of classifier guidance), bench.py (speed) and
+cli.py (`ddpm ...`); this module imports none of them.
 
 Conventions. Timesteps are stored 0..T-1: index 0 is the paper's t=1 and index T-1 its t=T. Every
 per-timestep table is numpy float64, computed once; it is cast to the working dtype only when it is
@@ -248,7 +249,7 @@ class Diffusion:
 # ------------------------------------------------------------------------------ losses and bits/dim
 
 LossType = Literal["simple", "vlb", "hybrid"]
-Weighting = Literal["constant", "vlb"]
+Weighting = Literal["constant", "vlb", "min-snr"]
 
 
 def mean_flat(x):
@@ -302,12 +303,21 @@ def vlb_weights(diffusion: Diffusion) -> np.ndarray:
     return diffusion.betas ** 2 / (2 * np.exp(log_var) * diffusion.alphas * (1 - diffusion.alphas_cumprod))
 
 
+def min_snr_weights(diffusion: Diffusion, gamma: float) -> np.ndarray:
+    """Min-SNR-gamma (Hang et al. 2023, Eq. 9): the x0 MSE weighted by min(SNR(t), gamma), SNR = ab / (1 - ab),
+    written as the weight of the MSE of what the network predicts: min(SNR, gamma) / SNR for eps (whose MSE is
+    SNR times x0's), min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0."""
+    snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
+    return np.minimum(snr, gamma) / {"eps": snr, "v": snr + 1.0, "x0": 1.0}[diffusion.parameterization]
+
+
 def training_losses(diffusion: Diffusion, model, x0, t, noise=None, loss: LossType = "simple",
-                    weighting: Weighting = "constant", vlb_lambda: float = 1e-3):
+                    weighting: Weighting = "constant", vlb_lambda: float = 1e-3, snr_gamma: float = 5.0):
     """Per-example loss of Algorithm 1 at timesteps t.
 
     simple: L_simple, Eq. (14): the MSE between the network output and its target (eps, x0 or v),
-      mean over pixels, times lambda(t) when weighting == "vlb" (eps parameterisation only).
+      mean over pixels, times lambda(t) when weighting == "vlb" (eps parameterisation only), or times
+      min_snr_weights when weighting == "min-snr".
     vlb: T * L_t, an unbiased estimate of the bound without L_T (bits/dim).
     hybrid: L_simple + vlb_lambda * T * L_t with the mean stopped from the bound (Nichol & Dhariwal
       Eq. 16): only the learned variance learns from L_vlb.
@@ -324,8 +334,9 @@ def training_losses(diffusion: Diffusion, model, x0, t, noise=None, loss: LossTy
         return diffusion.T * vlb_terms(diffusion, output, x0, x_t, t)
     target = diffusion.from_x0(x_t, t, x0, diffusion.parameterization)
     mse = mean_flat((target - pred) ** 2)
-    if weighting == "vlb":
-        mse = mse * _broadcast(diffusion.lambda_vlb, t, mse[:, None]).flatten()
+    if weighting != "constant":
+        w = diffusion.lambda_vlb if weighting == "vlb" else min_snr_weights(diffusion, snr_gamma)
+        mse = mse * _broadcast(w, t, mse[:, None]).flatten()
     if loss == "simple":
         return mse
     frozen = pred.detach() if var_out is None else torch.cat([pred.detach(), var_out], dim=1)
@@ -554,6 +565,20 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def dequantize(x0, width: float, generator=None):
+    """Uniform dequantization: x0 + u, u ~ U(-width/2, width/2), reflected (x0 - u) where x0 + u would leave
+    [-1, 1]; with width the data's smallest gap between grey levels, each value stays inside its own level."""
+    u = (torch.rand(x0.shape, device=x0.device, generator=generator) - 0.5) * width
+    return torch.where((x0 + u).abs() > 1, x0 - u, x0 + u)
+
+
+def level_width(images: torch.Tensor) -> float:
+    """The smallest gap between the grey levels present in uint8 images, in the model's range (2/255 for
+    8-bit data with neighbouring levels; 15/127.5 for the digits' 17 levels)."""
+    levels = torch.unique(images).float()
+    return float(levels.diff().min()) / 127.5 if len(levels) > 1 else 0.0
+
+
 def to_uint8(x):
     """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch); the same
     rounding as the onnxruntime sampler and the C++ runner."""
@@ -573,6 +598,7 @@ def _option(default, help: str, **cli):
 
 
 Preset = Literal[tuple(unet.PRESETS)]
+LRDecay = Literal["constant", "cosine"]
 
 
 @dataclasses.dataclass
@@ -586,6 +612,7 @@ class TrainConfig:
     batch_size: int = _option(128, "images per optimizer step (per process under torchrun)", min=1)
     lr: float = _option(2e-3, "AdamW learning rate after warm-up", min=1e-12)
     warmup: int = _option(100, "linear learning-rate warm-up steps", min=0)
+    lr_decay: LRDecay = _option("constant", "the learning rate after warm-up: constant, or cosine decay to 0")
     weight_decay: float = _option(0.0, "AdamW weight decay", min=0.0)
     grad_clip: float = _option(1.0, "clip the gradient norm to this", min=1e-12)
     accum: int = _option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
@@ -597,7 +624,11 @@ class TrainConfig:
     parameterization: Parameterization = _option("eps", "what the network predicts")
     variance: Variance = _option("fixed_small", "Sigma_theta of the reverse process")
     loss: LossType = _option("simple", "L_simple (Eq. 14), the bound, or L_hybrid")
-    weighting: Weighting = _option("constant", "the MSE's weight over t: 1 (L_simple) or lambda(t) of the bound")
+    weighting: Weighting = _option("constant", "the MSE's weight over t: 1 (L_simple), lambda(t) of the bound, "
+                                   "or Min-SNR-gamma")
+    snr_gamma: float = _option(5.0, "with --weighting min-snr: gamma, where the weight min(SNR, gamma) saturates",
+                               min=1e-6)
+    dequantize: bool = _option(False, "add uniform noise one grey level of the data wide to its training images")
     class_cond: bool = _option(False, "class-conditional eps_theta on the data's labels (for guidance)")
     p_uncond: float = _option(0.1, "with --class-cond: the probability of the null label (Ho & Salimans Alg. 1)",
                               min=0.0, max=0.999999)
@@ -615,7 +646,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name, kind in (("schedule", Schedule), ("parameterization", Parameterization), ("variance", Variance),
-                           ("loss", LossType), ("weighting", Weighting), ("precision", Precision), ("device", Device)):
+                           ("loss", LossType), ("weighting", Weighting), ("precision", Precision), ("device", Device),
+                           ("lr_decay", LRDecay)):
             check_choice(name, getattr(self, name), kind)
         for name in ("steps", "batch_size", "T", "accum", "checkpoint_every", "sample_every", "log_every"):
             if getattr(self, name) < 1:
@@ -629,9 +661,9 @@ class TrainConfig:
 
 
 # What a resumed run may change: how long and how it trains, not what it trains.
-RESUMABLE = ("steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "accum", "ema_decay", "ema_warmup",
-             "device",
-             "precision", "compile", "channels_last", "checkpoint_every", "sample_every", "log_every", "out")
+RESUMABLE = ("steps", "batch_size", "lr", "lr_decay", "warmup", "weight_decay", "grad_clip", "accum", "ema_decay",
+             "ema_warmup", "device", "precision", "compile", "channels_last", "checkpoint_every", "sample_every",
+             "log_every", "out")
 
 
 def option_flag(f: dataclasses.Field) -> str:
@@ -687,8 +719,9 @@ def save_checkpoint(path, state: dict) -> None:
     write_atomically(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, map_location="cpu", expected: str = CHECKPOINT_FORMAT) -> dict:
-    """A checkpoint written by `ddpm train` (or, with expected=CLASSIFIER_FORMAT, by `ddpm train-classifier`),
+def load_checkpoint(path, map_location="cpu", expected: str = CHECKPOINT_FORMAT,
+                    what: str = "a ddpm checkpoint (write one with `ddpm train`)") -> dict:
+    """A checkpoint written by `ddpm train` (or of another `expected` format, `what` the user is told it is not),
     or a UserError saying why it is not one."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
@@ -700,8 +733,6 @@ def load_checkpoint(path, map_location="cpu", expected: str = CHECKPOINT_FORMAT)
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{path}: not a readable checkpoint (truncated or not written by torch.save): {first}") from None
     if not isinstance(state, dict) or state.get("format") != expected:
-        what = "a classifier (write one with `ddpm train-classifier`)" if expected == CLASSIFIER_FORMAT else \
-            "a ddpm checkpoint (write one with `ddpm train`)"
         raise UserError(f"{path}: not {what}")
     return state
 
@@ -728,7 +759,10 @@ def ema_decay_at(step: int, cfg: TrainConfig) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as Ho et al.)."""
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as Ho et al.), or with lr_decay "cosine"
+    decayed to 0 at the last step as cfg.lr (1 + cos(pi p)) / 2, p the fraction of the steps after warm-up."""
+    if cfg.lr_decay == "cosine" and step >= cfg.warmup:
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)))
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
@@ -790,7 +824,7 @@ class Trainer:
         self.precision_note = f"{self.precision} ({why})"  # what train reports
         self.autocast = AUTOCAST_DTYPE.get(self.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.step = 0
+        self.step, self.width = 0, None  # width: the data's grey-level gap, for cfg.dequantize
         self.running = torch.zeros((), device=device)  # summed loss since the last report, kept on the device
         self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/inf loss since the start
 
@@ -814,6 +848,9 @@ class Trainer:
         for _ in range(cfg.accum):
             idx = torch.randint(0, len(data), (cfg.batch_size,), device=self.device, generator=self.gen)
             x0 = to_model_range(data[idx])
+            if cfg.dequantize:
+                self.width = level_width(data) if self.width is None else self.width
+                x0 = dequantize(x0, self.width, self.gen)
             if cfg.flip:
                 flip = torch.rand(cfg.batch_size, device=self.device, generator=self.gen) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
@@ -824,7 +861,8 @@ class Trainer:
                 drop = torch.rand(cfg.batch_size, device=self.device, generator=self.gen) < cfg.p_uncond
                 y = torch.where(drop, len(self.classes), labels[idx])
                 model = lambda x_t, t_, y=y: self.eps_theta(x_t, t_, y)  # noqa: E731
-            per_example = training_losses(self.diffusion, model, x0, t, noise, cfg.loss, cfg.weighting)
+            per_example = training_losses(self.diffusion, model, x0, t, noise, cfg.loss, cfg.weighting,
+                                          snr_gamma=cfg.snr_gamma)
             loss = (per_example * weights).mean()
             self.scaler.scale(loss / cfg.accum).backward()
             self.timesteps.update(t, per_example)
@@ -930,67 +968,3 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
     return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
             "precision": trainer.precision_note,
             "images_per_s": (trainer.step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
-
-
-CLASSIFIER_FORMAT = "ddpm-reference-classifier-1"
-
-
-def make_classifier(cfg: TrainConfig, image_shape, num_classes: int):
-    """The noisy classifier p_phi(y | x_t, t) of a preset: its U-Net's downsampling half and a pooled head."""
-    C, H, _ = image_shape
-    kwargs = {k: v for k, v in preset_config(cfg.preset).items() if k not in ("in_channels", "image_size")}
-    return unet.NoisyClassifier(num_classes, in_channels=C, image_size=H, **kwargs)
-
-
-def train_classifier(cfg: TrainConfig, data, callback: Callable[[dict], None] | None = None) -> dict:
-    """Train a noisy classifier for classifier guidance (Dhariwal & Nichol 2021): cross-entropy of the label
-    of x_0 from x_t = q_sample(x_0, t, eps), t ~ U{0..T-1}, with AdamW, warm-up and gradient clipping, on
-    the labels of `data` (data.Data) and cfg's schedule. Writes cfg.out/classifier.pt at the end (atomically)."""
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    if not data.classes:
-        raise UserError(f"{cfg.data} has no labels to train a classifier on")
-    diffusion = make_diffusion(cfg)
-    torch.manual_seed(cfg.seed)
-    model = make_classifier(cfg, data.train.shape[1:], len(data.classes)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    images, labels = torch.from_numpy(data.train).to(device), torch.from_numpy(data.train_labels).to(device)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        idx = torch.randint(0, len(images), (cfg.batch_size,), device=device, generator=gen)
-        t = torch.randint(0, diffusion.T, (cfg.batch_size,), device=device, generator=gen)
-        x0 = to_model_range(images[idx])
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, device=device, generator=gen))
-        loss = torch.nn.functional.cross_entropy(model(x_t, t), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            losses.append((step + 1, loss.item()))
-            if not math.isfinite(losses[-1][1]):
-                raise UserError(f"classifier loss is NaN or inf at step {step + 1}; lower --lr")
-            if callback:
-                callback({"step": step + 1, "steps": cfg.steps, "loss": losses[-1][1],
-                          "images_per_s": (step + 1) * cfg.batch_size / (time.perf_counter() - t0)})
-    os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, "classifier.pt")
-    save_checkpoint(path, {"format": CLASSIFIER_FORMAT, "version": __version__, "config": vars(cfg).copy(),
-                           "image_shape": list(data.train.shape[1:]), "classes": data.classes,
-                           "model": model.state_dict()})
-    return {"steps": cfg.steps, "losses": losses, "checkpoint": path}
-
-
-def load_classifier(path, device="cpu"):
-    """(classifier in eval mode, its TrainConfig, class names) from `ddpm train-classifier`'s file."""
-    if str(path).endswith(".onnx"):
-        raise UserError(f"{path}: classifier guidance needs the gradient of a torch classifier, not an .onnx file")
-    state = load_checkpoint(path, expected=CLASSIFIER_FORMAT)
-    cfg = TrainConfig(**state["config"])
-    model = make_classifier(cfg, state["image_shape"], len(state["classes"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, list(state["classes"])
-

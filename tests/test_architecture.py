@@ -15,7 +15,7 @@ from ddpm_reference import bench, cli, ddpm
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "data": "data.py", "fd": "fd.py", "bench": "bench.py", "cli": "cli.py",
-           "precision": "precision.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
+           "classifier": "classifier.py", "precision": "precision.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
            "export.onnx_sampler": "export/onnx_sampler.py"}
 
 

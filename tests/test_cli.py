@@ -9,7 +9,7 @@ import time
 import pytest
 import typer
 
-from ddpm_reference import cli, ddpm
+from ddpm_reference import classifier, cli, ddpm
 from ddpm_reference import data as datasets
 
 
@@ -93,7 +93,7 @@ def test_train_classifier_shows_exactly_the_options_it_reads(monkeypatch, tmp_pa
         def validate(self):
             pass
     cfg = Spy(steps=2, batch_size=4, T=10, device="cpu", out=str(tmp_path), log_every=1)
-    ddpm.train_classifier(cfg, datasets.load_data("digits"))
+    classifier.train_classifier(cfg, datasets.load_data("digits"))
     unread = set(cli.CLASSIFIER_OPTIONS) - read - {"data", "image_size"}  # the command loads the data with these
     assert not unread, f"train-classifier shows options it never reads: {unread}"
 

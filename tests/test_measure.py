@@ -91,6 +91,12 @@ def test_bench_sample_of_a_checkpoint_gives_each_rows_fd(tmp_path):
     fds = [r["fd"] for r in rows]
     assert all(f > 0 for f in fds)
     assert_user_error(cli("bench", "sample", "--samplers", "euler"), "--samplers", "is not one of")
+    fd_of = lambda *seeds: json.loads(cli("fd", tmp_path / "checkpoint.pt", "--sampler", "ddim", "--steps", 2,  # noqa: E731
+                                          "--num-samples", 20, "--device", "cpu", "--json", *seeds).stdout)
+    one, two, both = fd_of("--seed", 3), fd_of("--seed", 4), fd_of("--seeds", "3,4")
+    assert both["fd"] == pytest.approx((one["fd"] + two["fd"]) / 2) and one["fd"] != two["fd"]
+    assert both["fd_std"] == pytest.approx(abs(one["fd"] - two["fd"]) / 2) and both["seeds"] == [3, 4]
+    assert_user_error(cli("fd", tmp_path / "checkpoint.pt", "--seed", 1, "--seeds", "3,4"), "give one")
 
 
 def test_bench_train_cli_json():
