@@ -608,6 +608,8 @@ class TrainConfig:
     data: str = _option("digits", "'digits', an image folder, a cifar-10-batches-py folder, or a .npz")
     preset: Preset = _option("digits", "U-Net preset (see `ddpm info`)")
     image_size: int | None = _option(None, "resize and centre-crop folder images to this size", min=1)
+    dropout: float | None = _option(None, "dropout of the U-Net's residual blocks (default: the preset's)", min=0.0,
+                                    max=0.99)
     steps: int = _option(800, "optimizer steps in total (with --resume: the new total)", flag="--train-steps", min=1)
     batch_size: int = _option(128, "images per optimizer step (per process under torchrun)", min=1)
     lr: float = _option(2e-3, "AdamW learning rate after warm-up", min=1e-12)
@@ -710,6 +712,7 @@ def make_model(cfg: TrainConfig, image_shape, num_classes: int = 0, unet_kwargs:
     C, H, _ = image_shape
     kwargs = dict(preset_config(cfg.preset), in_channels=C, image_size=H, num_classes=num_classes)
     kwargs["out_channels"] = 2 * C if cfg.variance == "learned_range" else C
+    kwargs["dropout"] = kwargs["dropout"] if cfg.dropout is None else cfg.dropout
     return unet.UNet(**kwargs)
 
 

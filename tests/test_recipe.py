@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ddpm_reference import ddpm
+from ddpm_reference import ddpm, unet
 from ddpm_reference.data import load_digits_data
 
 
@@ -66,3 +66,10 @@ def test_cosine_learning_rate_decay_warms_up_then_falls_to_zero_through_half_way
     assert lrs[600] == pytest.approx(0.5e-3) and lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 999 / 1000)))
     constant = ddpm.TrainConfig(steps=1100, warmup=100, lr=1e-3)
     assert {ddpm.lr_at(s, constant) for s in range(99, 1100)} == {1e-3}
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0, 0.3])
+def test_dropout_overrides_the_presets(dropout):
+    cfg = ddpm.TrainConfig(dropout=dropout)
+    rates = {m.p for m in ddpm.make_model(cfg, (1, 8, 8)).modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {unet.PRESETS["digits"]["dropout"] if dropout is None else dropout}
