@@ -51,13 +51,16 @@ def _timed(fn, repeats: int, sync=lambda: None, bare=None):
     return (times, bare_times) if bare else times
 
 
-def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, threads: int | None = None) -> float:
+def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, threads: int | None = None,
+                     engine: str = "onnxruntime") -> float:
     """Operations/s of an n x n product in onnxruntime's CPU provider (the best of `repeats` after a warm-up):
     MatMul in float32 (fp16: float16), MatMulInteger (uint8 x int8 -> int32, the kernel under quantized
-    Conv and MatMul) for int8. The peak an exported file's achieved FLOP/s is read against."""
+    Conv and MatMul) for int8. The peak an exported file's achieved FLOP/s is read against. engine "openvino":
+    the float32 MatMul compiled by OpenVINO for the CPU at `precision` fp32 or bf16 (its inference precision)."""
     from onnx import TensorProto as TP, helper
     import onnxruntime as ort
     kind = {"fp32": (TP.FLOAT, TP.FLOAT, TP.FLOAT, "MatMul", np.float32, np.float32),
+            "bf16": (TP.FLOAT, TP.FLOAT, TP.FLOAT, "MatMul", np.float32, np.float32),
             "fp16": (TP.FLOAT16, TP.FLOAT16, TP.FLOAT16, "MatMul", np.float16, np.float16),
             "int8": (TP.UINT8, TP.INT8, TP.INT32, "MatMulInteger", np.uint8, np.int8)}[precision]
     a, b, c = (helper.make_tensor_value_info(name, kind[i], [n, n]) for i, name in enumerate("abc"))
@@ -66,25 +69,38 @@ def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, t
     if threads:
         options.intra_op_num_threads = threads
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # what onnxruntime reads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {"a": rng.integers(0, 100, (n, n)).astype(kind[4]), "b": rng.integers(-100, 100, (n, n)).astype(kind[5])}
+    if engine == "openvino":
+        import io
+        import openvino as ov
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision], "PERFORMANCE_HINT": "LATENCY",
+                  **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        core = ov.Core()
+        request = core.compile_model(core.read_model(io.BytesIO(model.SerializeToString())), "CPU",
+                                     config).create_infer_request()
+        return 2 * n ** 3 / min(_timed(lambda: request.infer(feed), repeats))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return 2 * n ** 3 / min(_timed(lambda: session.run(None, feed), repeats))
 
 
 def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str, steps: int, repeats: int,
-               precision: str, out: str) -> dict:
-    """The onnxruntime rows' measurement, run by bench_sample in a process of its own: `repeats` timings
-    (after a warm-up) of OnnxSampler.sample, the last samples saved to `out` (.npy), and the matmul peak
-    of the file's precision."""
+               precision: str, out: str, engine: str = "onnxruntime") -> dict:
+    """The onnxruntime and OpenVINO rows' measurement, run by bench_sample in a process of its own: `repeats`
+    timings (after a warm-up, which also compiles OpenVINO's model for the batch) of OnnxSampler.sample, the last
+    samples saved to `out` (.npy), and the matmul peak of the row's precision and engine."""
     from .export.onnx_sampler import OnnxSampler
-    s = OnnxSampler(onnx_path, provider, threads)
+    openvino = engine == "openvino"
+    s = OnnxSampler(onnx_path, "cpu" if openvino else provider, threads, engine=engine,
+                    precision=precision if openvino else "auto")
     runs = [s.sample(batch, sampler, steps, return_timing=True) for _ in range(repeats + 1)][1:]
     np.save(out, runs[-1][0])
-    return {"timings": [timing for _, timing in runs], "peak": onnx_matmul_peak(precision, threads=threads)}
+    return {"timings": [timing for _, timing in runs], "peak": onnx_matmul_peak(precision, threads=threads, engine=engine)}
 
 
-BACKENDS = ("torch", "compile", "ort", "cpp")  # torch eager, torch.compile, onnxruntime, the C++ runner
+# torch eager, torch.compile, onnxruntime, OpenVINO (the exported float32 file; fp32 or bf16), the C++ runner
+BACKENDS = ("torch", "compile", "ort", "openvino", "cpp")
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 PRECISIONS = tuple(dict.fromkeys(get_args(Precision) + onnx_sampler.PRECISIONS))  # what bench sample runs
 
 
@@ -166,13 +182,14 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                     times, bare = _timed(lambda: last.append(sample(net, plan, shape, torch_noise(gen, dev))), repeats,
                                          sync, bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
                     rows.append(row(backend, precision, sampler, steps, times, bare, str(dev), peak, last[-1]))
-            elif backend == "ort":
+            elif backend in ("ort", "openvino"):
                 # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
                 # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
                 probe = ("import json, sys; from ddpm_reference import bench; "
                          "print(json.dumps(bench._ort_bench(*json.loads(sys.argv[1]))))")
+                engine, file = ("openvino", "fp32") if backend == "openvino" else ("onnxruntime", precision)
                 for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
-                    args = [onnx_file(precision), provider, threads, batch, sampler, steps, repeats, precision, out]
+                    args = [onnx_file(file), provider, threads, batch, sampler, steps, repeats, precision, out, engine]
                     res = json.loads(subprocess.run([sys.executable, "-c", probe, json.dumps(args)], preexec_fn=_die_with_parent(), capture_output=True,
                                                     text=True, check=True).stdout.strip().splitlines()[-1])
                     times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
@@ -197,15 +214,33 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
 
 
 def _backend_precisions(backend: str, precisions, device: torch.device) -> list[str]:
-    """The precisions of `precisions` that `backend` runs, auto resolved (torch: resolve_precision; an ONNX
-    file: fp32), in order, once each."""
+    """The precisions of `precisions` that `backend` runs, auto resolved (torch: resolve_precision; OpenVINO:
+    openvino_engine.resolve_precision, which also refuses bf16 on a CPU without it; an ONNX file: fp32), in
+    order, once each."""
     torch_side = backend in ("torch", "compile")
-    runs = get_args(Precision)[1:] if torch_side else onnx_sampler.PRECISIONS
-    chosen = [(resolve_precision(p, device)[0] if torch_side else "fp32") if p == "auto" else p for p in precisions]
-    for p in chosen:
+    runs = get_args(Precision)[1:] if torch_side else OPENVINO_PRECISIONS if backend == "openvino" else onnx_sampler.PRECISIONS
+    for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"precision must be among {', '.join(PRECISIONS)}, got {p!r}")
+    if backend == "openvino":
+        return list(dict.fromkeys(_openvino_precision(p) for p in precisions if p in (*runs, "auto")))
+    chosen = [(resolve_precision(p, device)[0] if torch_side else "fp32") if p == "auto" else p for p in precisions]
     return list(dict.fromkeys(p for p in chosen if p in runs))
+
+
+def _openvino_precision(precision: str) -> str:
+    """OpenVINO's precision for `precision` on this CPU (auto: bf16 where the CPU has it), or a UserError without
+    the openvino package or, for bf16, without a CPU that has it."""
+    try:
+        import openvino as ov
+        from .export.openvino_engine import OpenVinoError, resolve_precision as openvino_precision
+    except ModuleNotFoundError as e:
+        raise UserError(f"the openvino backend needs the openvino package ({e}): pip install "
+                        "'ddpm-reference[openvino]', or drop openvino from --backends") from None
+    try:
+        return openvino_precision(precision, ov.Core())[0]
+    except OpenVinoError as e:
+        raise UserError(f"openvino: {e}") from None
 
 
 def _bench_row(backend, precision, sampler, steps, batch, times, network_times, where, cost):

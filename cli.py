@@ -457,10 +457,17 @@ def export_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
 def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="an .onnx file of `ddpm export`"),
                     num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED,
                     batch_size: int = BATCH, provider: Provider = PROVIDER, threads: int = THREADS,
+                    engine: typing.Literal[onnx_sampler.ENGINES] = Opt(
+                        "onnxruntime", help="what runs the network: onnxruntime, or openvino (CPU; pip install "
+                                            "'ddpm-reference[openvino]')"),
+                    precision: typing.Literal["auto", "fp32", "bf16", "fp16", "int8"] = Opt(
+                        "auto", help="how the network computes: onnxruntime, the file's own (auto); openvino, fp32 or "
+                                     "bf16 (auto: bf16 where the CPU has AVX512-BF16 or AMX)"),
                     out: str = Opt("samples.png", help=OUT_IMAGES), **options):
-    """Sample from an exported .onnx file with onnxruntime (no torch in the loop)."""
+    """Sample from an exported .onnx file with onnxruntime or OpenVINO (no torch in the loop)."""
     _check_out(out)
-    ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads)
+    with _as_user_error():
+        ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads, engine=engine, precision=precision)
     labels = _labels(ort_sampler.class_names, options["classes"], options["guidance"], num_samples)
     with _as_user_error():
         plan = ort_sampler.plan(**_plan_options(ctx, options))
@@ -468,8 +475,9 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
         x, timing = ort_sampler.run(plan, num_samples, seed, batch_size, progress=tick, return_timing=True,
                                     labels=labels, guidance=options["guidance"])
     _samples_to_file(x, out, _row_per_class(labels), labels)
-    typer.echo(f"wrote {num_samples} samples to {out}: {timing['steps']} network calls on {timing['provider']}, "
-               f"{num_samples / timing['total_s']:.1f} images/s, loop/network time "
+    typer.echo(f"wrote {num_samples} samples to {out}: {timing['steps']} network calls on {timing['provider']} in "
+               f"{timing['precision']} ({timing['precision_why']}), {num_samples / timing['total_s']:.1f} images/s, "
+               f"loop/network time "
                f"{timing['total_s'] / timing['network_s']:.3f}")
 
 
@@ -578,7 +586,7 @@ def _print_table(rows: list[dict], json_: bool) -> None:
         typer.echo("  ".join(c.rjust(w) for c, w in zip(line, widths)))
 
 
-BENCH_STEPS = {"ancestral": 1000, "ddim": 50, "dpmpp2m": 10, "dpmpp2m-sde": 10}
+BENCH_STEPS = {"ancestral": 1000, "ddim": 50, "dpmpp2m": 10, "dpmpp2m-sde": 10, "dpmpp3m": 10, "unipc": 10}
 
 
 def _choices(text: str, flag: str, valid) -> tuple:
@@ -595,11 +603,12 @@ def bench_sample_cmd(checkpoint: str = Opt(None, help="time this checkpoint (and
                      preset: Preset = Opt("digits", help="U-Net preset timed without --checkpoint (see `ddpm info`)"),
                      batch_size: int = Opt(64, min=1, help="images per network call"),
                      samplers: str = Opt("ancestral,ddim", help="comma-separated runs: ancestral (1000 steps), ddim (50), "
-                                                                "dpmpp2m (10), dpmpp2m-sde (10)"),
+                                                                "dpmpp2m, dpmpp2m-sde, dpmpp3m, unipc (10 each)"),
                      steps: int = Opt(None, min=1, help="every run's network calls (default: each sampler's above)"),
                      backends: str = Opt("torch,ort,cpp", help=f"comma-separated: {','.join(BACKENDS)}"),
                      precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch), fp32,fp16,int8 "
-                                                       "(onnxruntime, C++); auto: bf16 where fast (torch), fp32 (ONNX)"),
+                                                       "(onnxruntime, C++), fp32,bf16 (openvino); auto: bf16 where "
+                                                       "fast (torch, openvino), fp32 (onnxruntime, C++)"),
                      repeats: int = Opt(3, min=1, help="timed runs per row (after a warm-up)"), device: Device = DEVICE,
                      threads: int = THREADS, json_: bool = JSON):
     """Images/s, network evaluations/s, loop overhead (loop time / bare network time) and achieved FLOP/s
@@ -632,6 +641,8 @@ NFE_ROWS = (("ancestral", {"sampler": "ancestral"}, NFE_COLUMNS),
             ("DPM-Solver++(2M)", {"sampler": "dpmpp2m"}, NFE_COLUMNS[:-1]),
             ("DPM-Solver++(2M), logsnr spacing", {"sampler": "dpmpp2m", "spacing": "logsnr"}, NFE_COLUMNS[:-1]),
             ("DPM-Solver++(2M) SDE", {"sampler": "dpmpp2m-sde"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(3M)", {"sampler": "dpmpp3m"}, NFE_COLUMNS[:-1]),
+            ("UniPC (order 3, bh2)", {"sampler": "unipc"}, NFE_COLUMNS[:-1]),
             ("PC: ancestral + 1 Langevin step", {"sampler": "ancestral", "corrector_steps": 1}, (3, 5, 10, 25, 50)))
 SAMPLING_OPTIONS = [f.name for c in (SampleOptions, GuidanceOptions) for f in dataclasses.fields(c)]
 

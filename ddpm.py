@@ -415,7 +415,7 @@ def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | N
 # posterior_coefficients, ddim_sigma and ddim_coefficients live in export/onnx_sampler.py, which needs no
 # torch). run_plan executes one in torch; the onnxruntime sampler and the C++ runner execute the same plan.
 
-Sampler = Literal[onnx_sampler.SAMPLERS]  # ancestral | ddim | dpmpp2m | dpmpp2m-sde
+Sampler = Literal[onnx_sampler.SAMPLERS]  # ancestral | ddim | dpmpp2m | dpmpp2m-sde | dpmpp3m | unipc
 Spacing = Literal[onnx_sampler.SPACINGS]  # uniform | linspace | trailing | quadratic | logsnr
 
 
@@ -424,7 +424,7 @@ def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int |
               snr: float = 0.16) -> Plan:
     """The plan for `diffusion` of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM
     Section 4), DDIM with eta (Song et al. Eq. 12, 16), DPM-Solver++(2M) (dpmpp2m, Lu et al. 2022) or its
-    SDE variant (dpmpp2m-sde), optionally with K = corrector_steps Langevin rows per timestep (Song et al.
+    SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m), UniPC (unipc, Zhao et al. 2023), optionally with K = corrector_steps Langevin rows per timestep (Song et al.
     2021's predictor-corrector); steps defaults to T (ancestral) and min(50, T) (the others). See
     export/onnx_sampler.make_plan."""
     return onnx_sampler.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance,
@@ -518,7 +518,7 @@ def run_plan(model, plan: Plan, x: torch.Tensor, noise: Callable[[tuple], torch.
              callback: Callable[[dict], None] | None = None, mean_shift=None) -> torch.Tensor:
     """Execute a plan from x (x_T for sampling, data for DDIM inversion) and return the final x. Per row the
     arithmetic is a handful of fused elementwise ops on the device; no host synchronisation. The last
-    plan.memory x0 predictions are kept for multistep rows (DPM-Solver++(2M)).
+    plan.memory x0 predictions are kept for multistep rows (DPM-Solver++(2M) and (3M), UniPC).
     callback({"i", "t", "x", "x0"}) is called after each row with the row's index, its timestep, the new
     x and the (clipped) x_0 prediction (new tensors at every row: keep them without copying).
     mean_shift(x_t, t, variance) -> tensor, if given, is added to the mean of every noisy row, with the row's

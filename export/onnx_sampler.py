@@ -28,6 +28,11 @@ The update graphs run on the network's providers (those of the list that loaded,
 take the threads, thread-pool, spinning and log settings of its session options, nothing else (an
 optimized_model_filepath or profiling there is about the network). The sampler never changes onnxruntime's
 global state (its default logger's level belongs to the application).
+
+On a CPU the network can run on OpenVINO instead, in bfloat16 where the CPU has AVX512-BF16 or AMX (copy
+openvino_engine.py beside this file; it needs the openvino package), with the same plan, noise and update graphs:
+
+    sampler = OnnxSampler("model.onnx", engine="openvino")    # precision "auto": bf16 where fast; .why says why
 """
 from __future__ import annotations
 
@@ -48,11 +53,13 @@ from typing import BinaryIO, Callable
 import numpy as np
 import onnxruntime as ort
 
-SAMPLERS = ("ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde")
+SAMPLERS = ("ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde", "dpmpp3m", "unipc")
+MULTISTEP = {"dpmpp2m": 1, "dpmpp2m-sde": 1, "dpmpp3m": 2, "unipc": 3}  # the multistep samplers' memory M
 SPACINGS = ("uniform", "linspace", "trailing", "quadratic", "logsnr")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ENGINES = ("onnxruntime", "openvino")  # what runs the network (openvino: openvino_engine.py, the openvino package)
 PRECISIONS = ("fp32", "fp16", "int8")  # how an exported network computes (ddpm.precision); its inputs and output are float32
 FORMAT = "1"
 
@@ -76,9 +83,9 @@ class Plan:
         x0 = clip?(x0_x * x + x0_o * out[:, :C])
         x  = mean_x0 * x0 + mean_xt * x + sum_j mean_x0_prev[k, j] * x0 of row k-1-j  (+ s * z when add_noise)
     with s = sigma, or s = exp((frac * log_var_max + (1 - frac) * log_var_min) / 2), frac = (out[:, C:] + 1) / 2,
-    on the rows where `learned`. mean_x0_prev is [rows, M]: M = 0 for one-step samplers, 1 for DPM-Solver++(2M)
-    (an order-3 multistep method is M = 2). The torch sampler, this file's sampler and the C++ runner all
-    execute it; each keeps the last M x0 predictions between rows."""
+    on the rows where `learned`. mean_x0_prev is [rows, M]: M = 0 for one-step samplers, 1 for DPM-Solver++(2M),
+    2 for (3M), 3 for UniPC (MULTISTEP). The torch sampler, this file's sampler and the C++ runner all execute it;
+    each keeps the last M x0 predictions between rows."""
     t: np.ndarray
     x0_x: np.ndarray
     x0_o: np.ndarray
@@ -208,16 +215,116 @@ def langevin_coefficients(ab: np.ndarray, snr: float):
     return np.full_like(ab, 1.0 - 2.0 * snr ** 2), 2.0 * snr ** 2 * np.sqrt(ab), 2.0 * snr * np.sqrt(1.0 - ab)
 
 
+def dpmpp_3m_coefficients(ab: np.ndarray, ab_to: np.ndarray, r0: np.ndarray, r1: np.ndarray):
+    """DPM-Solver++(3M) (Lu et al. 2022, data prediction; diffusers' multistep_dpm_solver_third_order_update) from
+    ab to ab_to, with h = lambda_to - lambda and r0 = h_0 / h, r1 = h_1 / h the two previous steps' h over h:
+        D1_0 = (x0 - x0_1) / r0,  D1_1 = (x0_1 - x0_2) / r1
+        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),  D2 = (D1_0 - D1_1) / (r0 + r1)
+        x_to = (sigma_to / sigma) x_t - alpha_to phi_1 x0 + alpha_to phi_2 D1 - alpha_to phi_3 D2
+    with phi_1 = e^-h - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2. Returns the coefficients of x_t, x0, x0_1
+    (the previous row's x0) and x0_2 (the one before). D2 ~ h^2 x0'' / 2 and -phi_3 ~ h / 6 make its term half of
+    the Taylor term alpha_to h^3 x0'' / 6 (as in diffusers and Lu et al.'s code): the method is second order."""
+    alpha_to, sigma_to, sigma = np.sqrt(ab_to), np.sqrt(1.0 - ab_to), np.sqrt(1.0 - ab)
+    h = log_snr(ab_to) - log_snr(ab)
+    phi_1 = np.expm1(-h)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    d1_0 = alpha_to * (phi_2 * (1.0 + r0 / (r0 + r1)) - phi_3 / (r0 + r1))  # the weights of D1_0 and D1_1
+    d1_1 = alpha_to * (phi_3 / (r0 + r1) - phi_2 * r0 / (r0 + r1))
+    return sigma_to / sigma, d1_0 / r0 - alpha_to * phi_1, d1_1 / r1 - d1_0 / r0, -d1_1 / r1
 
 
-def _dpmpp_rows(ab_ts: np.ndarray, sde: bool):
-    """(mean_xt, mean_x0, mean_x0_prev, sigma) of DPM-Solver++(2M) over the kept timesteps ab_ts (ascending t),
-    in sampling order: the first step first order (no x0_prev yet), the last step, to ab = 1, first order."""
+def _dpmpp_rows(ab_ts: np.ndarray, sampler: str):
+    """(mean_xt, mean_x0, mean_x0_prev [S, M], sigma) of DPM-Solver++(2M), its SDE variant or (3M) over the kept
+    timesteps ab_ts (ascending t), in sampling order, with the orders of diffusers' DPMSolverMultistepScheduler
+    (lower_order_final=True, final_sigmas_type="zero", its defaults): the first step first order, the second
+    second order (3M: then third order), the last step, to ab = 1, first order, and with 3M under 15 steps the
+    step before it second order."""
     ab = ab_ts[::-1]
+    S = len(ab)
     h = np.diff(np.append(log_snr(ab), np.inf))  # h[k] = lambda_{k+1} - lambda_k in sampling order; inf at the end
-    r = np.full(len(ab), np.inf)
-    r[1:-1] = h[:-2] / h[1:-1]
-    return dpmpp_2m_coefficients(ab, np.append(ab[1:], 1.0), r, sde)
+    order = np.minimum(np.arange(1, S + 1), 3 if sampler == "dpmpp3m" else 2)
+    if 2 <= S < 15:
+        order[-2] = min(order[-2], 2)
+    order[-1] = 1
+    h_1 = np.append(np.inf, h[:-1])  # the previous step's h, and the one before it
+    h_2 = np.append(np.inf, h_1[:-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r0 = np.where(order >= 2, h_1 / h, np.inf)  # inf: first order
+        r1 = np.where(order == 3, h_2 / h, np.nan)
+        ab_to = np.append(ab[1:], 1.0)
+        mean_xt, mean_x0, prev_1, sigma = dpmpp_2m_coefficients(ab, ab_to, r0, sampler == "dpmpp2m-sde")
+        third = dpmpp_3m_coefficients(ab, ab_to, r0, r1)
+    if sampler != "dpmpp3m":
+        return mean_xt, mean_x0, prev_1[:, None], sigma
+    mean_x0, prev_1, prev_2 = (np.where(order == 3, a, b) for a, b in zip(third[1:], (mean_x0, prev_1, 0.0)))
+    return mean_xt, mean_x0, np.stack([prev_1, prev_2], axis=1), sigma
+
+
+def phi(z: float, k: int) -> float:
+    """phi_k(z) = (e^z - sum_{m < k} z^m / m!) / z^k (phi_1(z) = (e^z - 1) / z), the exponential integrators'
+    functions; as its series sum_m z^m / (m + k)! where |z| < 1, where the closed form loses digits."""
+    if abs(z) >= 1.0:
+        return (math.expm1(z) - sum(z ** m / math.factorial(m) for m in range(1, k))) / z ** k
+    term, total = 1.0 / math.factorial(k), 0.0
+    for m in range(1, 30):
+        total += term
+        term *= z / (m + k)
+    return total
+
+
+def unipc_coefficients(h: float, r: list, alpha_to: float, corrector: bool) -> np.ndarray:
+    """One step of UniPC (Zhao et al. 2023; data prediction, B(h) = e^-h - 1, "bh2"; diffusers'
+    multistep_uni_p_bh_update and multistep_uni_c_bh_update) from lambda to lambda_to = lambda + h, of order
+    p = len(r) + 1, r_i = (lambda_i - lambda) / h for the earlier x0_i (i = 1..p-1, the latest first):
+        x_to = (sigma_to / sigma) x_t - alpha_to (e^-h - 1) x0 - alpha_to B(h) sum_i rho_i D_i,  D_i = (x0_i - x0) / r_i
+    UniP (the predictor) sums over i = 1..p-1; UniC (the corrector) also over D_0 = x0_to - x0 with r_0 = 1, x0_to
+    predicted by the network at UniP's x_to. rho solves sum_i r_i^(k-1) rho_i = b_k = k! phi_{k+1}(-h) / phi_1(-h),
+    k = 1..n, over its n r's, except UniP-2 and UniC-1 (n = 1), which take rho = 1/2. Returns the weights of x0_to
+    (0 for UniP), x0, x0_1, ..., x0_{p-1}."""
+    B = math.expm1(-h)
+    weights = np.zeros(len(r) + 2)
+    weights[1] = -alpha_to * B
+    r = r + [1.0] if corrector else r
+    if not r:
+        return weights
+    if len(r) == 1:
+        rho = [0.5]
+    else:
+        b = [math.factorial(k) * phi(-h, k + 1) / phi(-h, 1) for k in range(1, len(r) + 1)]
+        rho = np.linalg.solve(np.array([[ri ** k for ri in r] for k in range(len(r))]), b)
+    for i, (ri, rho_i) in enumerate(zip(r, rho)):
+        w = alpha_to * B * rho_i / ri
+        weights[0 if corrector and i == len(r) - 1 else i + 2] -= w
+        weights[1] += w
+    return weights
+
+
+def _unipc_rows(ab_ts: np.ndarray):
+    """(mean_xt, mean_x0, mean_x0_prev [S, 3], sigma) of UniPC-3 over the kept timesteps ab_ts (ascending t), in
+    sampling order, as diffusers' UniPCMultistepScheduler(solver_order=3) with its defaults (predict_x0=True,
+    solver_type="bh2", lower_order_final=True, final_sigmas_type="zero"): step k has order min(3, k + 1, S - k),
+    and from the second step on, UniC corrects x_k with the x0 that the network predicts at the uncorrected x_k,
+    before UniP steps on from the corrected x_k. UniC and the UniP step before it both start from the corrected
+    x_{k-1}, so x_k^c = x_k + (UniC - UniP weights) . (x0_k, x0_{k-1}, ...): a row is linear in x_k and
+    x0_k..x0_{k-3}. Order 3 is diffusers' recommendation for unconditional sampling (2 for guided sampling),
+    what this project's models mostly do."""
+    ab = np.append(ab_ts[::-1], 1.0)
+    S, lam, alpha, sigma = len(ab_ts), log_snr(ab), np.sqrt(ab), np.sqrt(1.0 - ab)
+    order = [min(3, k + 1, S - k) for k in range(S)]
+
+    def step(j: int, p: int, corrector: bool):  # from row j's x to row j + 1's
+        h = lam[j + 1] - lam[j]
+        return unipc_coefficients(h, [(lam[j - i] - lam[j]) / h for i in range(1, p)], alpha[j + 1], corrector)
+
+    weights = np.zeros((S, 4))  # of x0_k, x0_{k-1}, x0_{k-2}, x0_{k-3}
+    for k in range(S):
+        weights[k, :order[k]] = step(k, order[k], False)[1:]
+        if k:
+            correction = step(k - 1, order[k - 1], True)
+            correction[1:] -= step(k - 1, order[k - 1], False)[1:]
+            weights[k, :order[k - 1] + 1] += sigma[k + 1] / sigma[k] * correction
+    return sigma[1:] / sigma[:-1], weights[:, 0], weights[:, 1:], np.zeros(S)
 
 
 def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fixed_small",
@@ -225,10 +332,11 @@ def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fi
               clip: bool = True, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
     """The plan (float64) for the schedule alpha_bar_1..T of: Algorithm 2 of Ho et al. (ancestral, over all T
     steps or on the process respaced to the kept steps, improved DDPM Section 4); DDIM with eta; DPM-Solver++(2M)
-    (dpmpp2m) or its SDE variant (dpmpp2m-sde) over the kept timesteps with lambda >= LAMBDA_MIN. steps
-    (network calls of the predictor) defaults to T for ancestral and min(50, T) otherwise. corrector_steps K
-    adds K Langevin rows (langevin_coefficients, signal-to-noise ratio snr) at each kept timestep after the
-    first, before its predictor row: Song et al.'s predictor-corrector sampler (with ancestral or ddim)."""
+    (dpmpp2m), its SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m) or UniPC (unipc, order 3) over the kept
+    timesteps with lambda >= LAMBDA_MIN. steps (network calls of the predictor) defaults to T for ancestral and
+    min(50, T) otherwise. corrector_steps K adds K Langevin rows (langevin_coefficients, signal-to-noise ratio
+    snr) at each kept timestep after the first, before its predictor row: Song et al.'s predictor-corrector
+    sampler (with ancestral or ddim)."""
     _choice("sampler", sampler, SAMPLERS)
     _choice("parameterization", parameterization, PARAMETERIZATIONS)
     _choice("variance", variance, VARIANCES)
@@ -238,24 +346,24 @@ def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fi
         raise ValueError(f"eta applies to the ddim sampler only, not {sampler}")
     if int(corrector_steps) != corrector_steps or corrector_steps < 0 or not snr > 0:
         raise ValueError(f"corrector_steps must be a whole number >= 0 and snr > 0, got {corrector_steps}, {snr}")
-    if corrector_steps and sampler.startswith("dpmpp"):
+    multistep = sampler in MULTISTEP
+    if corrector_steps and multistep:
         raise ValueError("the Langevin corrector runs with the one-step samplers (ancestral, ddim): a corrector "
-                         "row would replace the x0 that DPM-Solver++(2M) keeps from its previous step")
+                         f"row would replace the x0s that {sampler} keeps from its previous steps")
     ab_all = np.asarray(alphas_cumprod, dtype=np.float64)
-    dpmpp = sampler.startswith("dpmpp")
-    T = int((log_snr(ab_all) >= LAMBDA_MIN).sum()) if dpmpp else len(ab_all)
+    T = int((log_snr(ab_all) >= LAMBDA_MIN).sum()) if multistep else len(ab_all)
     steps = steps or (T if sampler == "ancestral" else min(50, T))
     ts = space_timesteps(T, steps, spacing, ab_all)
     ab = ab_all[ts]
     ab_prev = np.append(1.0, ab[:-1])
-    if dpmpp and not (np.diff(log_snr(ab)) < 0).all():
+    if multistep and not (np.diff(log_snr(ab)) < 0).all():
         raise ValueError(f"the kept timesteps' lambdas are not strictly decreasing ({spacing}, {steps} steps): "
                          "DPM-Solver's step h would be 0; use fewer steps or another spacing")
     x0_x, x0_o = x0_coefficients(ab, parameterization)
     beta, post_var, post_x0, post_xt = posterior_coefficients(ab, ab_prev)
     # beta-tilde_1 = 0: its log is clipped to beta-tilde_2, as in the original implementation.
     log_var_min = np.log(np.append(post_var[1] if steps > 1 else beta[0], post_var[1:]))
-    prev = np.zeros((steps, 1 if dpmpp else 0))
+    prev = np.zeros((steps, 0))
     if sampler == "ancestral":
         mean_x0, mean_xt = post_x0, post_xt
         sigma = np.sqrt(beta if variance == "fixed_large" else post_var)
@@ -263,7 +371,8 @@ def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fi
         sigma = ddim_sigma(ab, ab_prev, eta)
         mean_x0, mean_xt = ddim_coefficients(ab, ab_prev, sigma)
     else:
-        mean_xt, mean_x0, prev[:, 0], sigma = (c[::-1] for c in _dpmpp_rows(ab, sampler == "dpmpp2m-sde"))
+        multistep_rows = _unipc_rows(ab) if sampler == "unipc" else _dpmpp_rows(ab, sampler)
+        mean_xt, mean_x0, prev, sigma = (c[::-1] for c in multistep_rows)
     add_noise = (np.arange(steps) > 0) & (sampler in ("ancestral", "dpmpp2m-sde") or eta > 0)
     learned = np.full(steps, variance == "learned_range" and sampler == "ancestral")
     columns = [ts, x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, np.log(beta), add_noise, learned, prev]
@@ -506,24 +615,64 @@ class OnnxSampler:
     is skipped, as onnxruntime does, and one that raises is an error, never a silent fall back.
     session_options: an onnxruntime.SessionOptions for the network, used as given (with threads: a ValueError;
     set intra_op_num_threads on it). The per-step update graphs run on the same providers (see the module's
-    docstring). Attributes: provider (the one in use), betas and alphas_cumprod (float64), T, parameterization,
-    variance, image_shape (C, H, W), clip_denoised, metadata.
+    docstring). engine: "onnxruntime", or "openvino" (the network on OpenVINO's CPU plugin, see openvino_engine.py;
+    the update graphs on onnxruntime's CPU provider). precision: how the network computes; "auto" is the file's own
+    (ddpm.precision) under onnxruntime, and bf16 under OpenVINO where the CPU has AVX512-BF16 or AMX, else fp32;
+    "fp32" or "bf16" ask OpenVINO for that (a ModelError where the CPU cannot). Attributes: provider (the one in
+    use), precision and why (the reason for it), betas and alphas_cumprod (float64), T, parameterization, variance,
+    image_shape (C, H, W), clip_denoised, metadata.
     """
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None, *, providers=None,
-                 session_options=None):
+                 session_options=None, engine: str = "onnxruntime", precision: str = "auto"):
         self.path = os.fspath(path)
+        _choice("engine", engine, ENGINES)
+        openvino = engine == "openvino"
+        if openvino and (provider not in ("auto", "cpu") or providers is not None):
+            raise ModelError("the openvino engine runs the network on the CPU: give provider 'auto' or 'cpu' and no "
+                             "providers list")
+        provider = "cpu" if openvino else provider
         options = _session_options(provider, threads, session_options)
         carried = providers is None and provider == "auto" and session_options is not None and \
             getattr(session_options, "has_providers", lambda: False)()  # chosen there by add_provider_for_devices
         wanted = None if carried else _providers(provider, providers)
         if not os.path.isfile(self.path):
             raise ModelError(f"{self.path}: no such file")
-        self._load(options, wanted, provider == "cuda", providers is not None or session_options is not None)
+        if openvino:
+            self._load_openvino(options, precision, threads)
+        else:
+            self._load(options, wanted, provider == "cuda", providers is not None or session_options is not None)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self._read_metadata()
         self._check_signature()
+        if not openvino:
+            own = self.metadata.get("ddpm.precision", "fp32")
+            if precision not in ("auto", own):
+                raise ModelError(f"precision {precision!r}: onnxruntime computes in the file's own precision ({own}); "
+                                 "export the model at another precision, or use the openvino engine for bf16")
+            self.precision, self.why = own, "the file's ddpm.precision"
         self._steps = {}  # (learned, memory, guided) -> the session of that row update, built once when first needed
+
+    def _load_openvino(self, options, precision: str, threads: int | None) -> None:
+        """The network on OpenVINO (openvino_engine.py, which needs the openvino package; ModelError without it),
+        the update graphs on onnxruntime's CPU provider with the network's threads."""
+        try:
+            if __package__:
+                from .openvino_engine import OpenVinoError, OpenVinoSession
+            else:  # this file copied into an application, with openvino_engine.py beside it
+                from openvino_engine import OpenVinoError, OpenVinoSession
+        except ModuleNotFoundError as e:
+            if e.name != "openvino":
+                raise
+            raise ModelError("the openvino engine needs the openvino package: pip install 'ddpm-reference[openvino]' "
+                             "(or pip install openvino)") from None
+        try:
+            self.session = OpenVinoSession(self.path, precision, threads)
+        except OpenVinoError as e:
+            raise ModelError(str(e)) from None
+        self.precision, self.why, self.provider = self.session.precision, self.session.why, self.session.provider
+        self._providers, self._step_options = [PROVIDERS["cpu"]], _step_options(options)
+        self._device, self._device_id = "cpu", 0
 
     def _load(self, options, wanted: list | None, cuda: bool, given: bool) -> None:
         """The network's session on the `wanted` providers (None: those of the options), ModelError where the
@@ -630,7 +779,8 @@ class OnnxSampler:
         """n samples, float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one
         RandomState(seed) stream: each batch in order draws x_T, then each noisy row's z. progress(k, K)
         is called after every network call (K = rows x number of batches). With return_timing, returns
-        (x, {"total_s", "network_s", "steps", "provider"}); network_s is the time inside the network's runs.
+        (x, {"total_s", "network_s", "steps", "provider", "precision", "precision_why"}); network_s is the time
+        inside the network's runs.
         labels (n ints, a class-conditional model) and guidance: see run."""
         plan = self.plan(sampler, steps, eta, spacing, clip, corrector_steps, snr)
         return self.run(plan, n, seed, batch, progress, return_timing, labels, guidance)
@@ -666,7 +816,7 @@ class OnnxSampler:
         if not return_timing:
             return result
         return result, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan),
-                        "provider": self.provider}
+                        "provider": self.provider, "precision": self.precision, "precision_why": self.why}
 
     def _check_labels(self, labels, guidance: float, n: int):
         """The labels as int64 [n] (the null label for a conditional model given none), or ValueError."""

@@ -16,7 +16,7 @@ from ddpm_reference import bench, cli, ddpm
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "data": "data.py", "fd": "fd.py", "bench": "bench.py", "cli": "cli.py",
            "classifier": "classifier.py", "precision": "precision.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
-           "export.onnx_sampler": "export/onnx_sampler.py"}
+           "export.onnx_sampler": "export/onnx_sampler.py", "export.openvino_engine": "export/openvino_engine.py"}
 
 
 def our_imports(name: str) -> set[str]:
@@ -41,7 +41,8 @@ def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it
     assert graph["precision"] == set(), graph
     assert graph["data"] == {"ddpm"} and graph["fd"] == {"ddpm", "data"}, graph
     assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
-    assert graph["unet"] == set() and graph["export.onnx_sampler"] == set(), graph
+    assert graph["unet"] == set() and graph["export.openvino_engine"] == set(), graph
+    assert graph["export.onnx_sampler"] == {"export.openvino_engine"}, graph  # only when engine="openvino" is asked for
     assert graph["export.onnx_export"] == {"export.onnx_sampler"}, graph
 
     def visit(node, path):
@@ -81,9 +82,10 @@ def test_a_users_unet_and_export_in_the_working_folder_change_nothing(tmp_path):
 
 
 def test_the_core_imports_neither_rich_nor_typer_and_has_no_mid_file_imports():
-    """Importing ddpm (or the torch-free sampler) loads no CLI library; every import of ddpm.py is at its top."""
+    """Importing ddpm (or the torch-free sampler) loads no CLI library, nor OpenVINO (loaded when its engine is
+    asked for); every import of ddpm.py is at its top."""
     probe = ("import sys; from ddpm_reference import ddpm; from ddpm_reference.export import onnx_sampler; "
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'typer', 'click'}))")
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'typer', 'click', 'openvino'}))")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
     tree = ast.parse((ROOT / "ddpm.py").read_text())

@@ -230,7 +230,7 @@ int main(int argc, char** argv) {
   check("provider", [&] { ddpm::LoadOptions o; o.provider = ddpm::Provider(9); ddpm::Sampler(argv[1], o); });
   check("parse", [] { ddpm::parse_sampler("DDIM"); });
   check("names", [] {
-    for (const char* s : {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde"})
+    for (const char* s : {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde", "dpmpp3m", "unipc"})
       if (ddpm::to_string(ddpm::parse_sampler(s)) != s) throw ddpm::Error(s);
     for (const char* s : {"uniform", "linspace", "trailing", "quadratic", "logsnr"})
       if (ddpm::to_string(ddpm::parse_spacing(s)) != s) throw ddpm::Error(s);
@@ -266,7 +266,7 @@ API_EXPECTED = [("defaults", None), ("ddim eta 1", None)] + [("eta", "eta must b
                                                   ("inversion steps", "steps must be in 1..200")] + \
     [("threads", "threads must be in 1..1024")] * 3 + [
     ("provider", "unknown provider (enum value 9)"),
-    ("parse", "unknown sampler 'DDIM' (ancestral, ddim, dpmpp2m or dpmpp2m-sde)"), ("names", None),
+    ("parse", "unknown sampler 'DDIM' (ancestral, ddim, dpmpp2m, dpmpp2m-sde, dpmpp3m or unipc)"), ("names", None),
     ("batch", "batch must be at least 1"), ("save jpg", "must end in .png, .npz or .npy"),
     ("save partial image", "save_images needs n >= 1 images of C*H*W = 64 floats"),
     ("save labels", "one label per image"), ("save no folder", "cannot write no/such/x.npz")]

@@ -159,7 +159,9 @@ PLAN_CASES = [(s, S, e, sp, 0) for s, e in [("ancestral", 0.0), ("ddim", 0.0), (
               for sp in ["uniform", "trailing", "logsnr"] for S in [1, 2, 10, 40]] + \
              [("ancestral", None, 0.0, "uniform", 0), ("ddim", None, 0.0, "uniform", 0), ("ddim", T, 1.0, "trailing", 0),
               ("ddim", 10, 0.0, "logsnr", 0), ("ancestral", 10, 0.0, "linspace", 2), ("ddim", 7, 0.5, "trailing", 1),
-              ("dpmpp2m", None, 0.0, "uniform", 0)]
+              ("dpmpp2m", None, 0.0, "uniform", 0)] + \
+             [(s, S, 0.0, sp, 0) for s in ["dpmpp3m", "unipc"]  # the orders' edges: warm-up, 3M's second-last step
+              for sp, S in [("trailing", 1), ("uniform", 4), ("logsnr", 14), ("trailing", 15), ("logsnr", 40)]]
 
 
 @pytest.mark.parametrize("sampler,steps,eta,spacing,K", PLAN_CASES)
@@ -216,6 +218,8 @@ SAMPLE_CASES = [(*case, 0) for case in [
 ] + [(m, s, 8, 0.0, sp, None, 0) for s in ("dpmpp2m", "dpmpp2m-sde")  # multistep rows keep the previous x0
      for m, sp in (("eps_small", "logsnr"), ("v_large", "trailing"), ("x0_small", "uniform"), ("eps_learned", "logsnr"),
                    ("v_zero_snr", "trailing"))] + [
+    (m, s, 8, 0.0, sp, None, 0) for s in ("dpmpp3m", "unipc")  # M = 2 and 3 earlier x0s
+    for m, sp in (("eps_small", "logsnr"), ("v_zero_snr", "trailing"), ("x0_small", "uniform"))] + [
     ("eps_small", "ancestral", 6, 0.0, "uniform", None, 2),  # predictor-corrector
     ("eps_learned", "ancestral", 6, 0.0, "trailing", None, 1),  # learned predictor rows, fixed corrector rows
     ("v_large", "ddim", 5, 0.0, "logsnr", False, 1),
@@ -453,7 +457,7 @@ NUMERIC_ERRORS = [
     (["--threads", "-1"], "--threads must be in 0..1024"), (["--threads", "1025"], "--threads must be in 0..1024"),
     (["--seed", "-1"], "--seed must be in 0..4294967295"), (["--dump-noise", "-1"], "--dump-noise must be"),
     (["--spacing", "cubic"], "--spacing: unknown spacing 'cubic'"),
-    (["--sampler", "euler"], "--sampler: unknown sampler 'euler' (ancestral, ddim, dpmpp2m or dpmpp2m-sde)"),
+    (["--sampler", "euler"], "--sampler: unknown sampler 'euler' (ancestral, ddim, dpmpp2m, dpmpp2m-sde, dpmpp3m or unipc)"),
     (["--steps"], "--steps needs a value"),
 ]
 

@@ -18,10 +18,12 @@ import torch
 pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel,  # noqa: E402
+                       UniPCMultistepScheduler)
 
 import diffusers_models as dm  # noqa: E402
 from ddpm_reference import cli, ddpm, diffusers_io as dio, unet  # noqa: E402
+from oracle import MixtureOracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DDPM = str(Path(sys.executable).parent / "ddpm")
@@ -262,6 +264,39 @@ def test_full_chain_of_a_short_schedule(tmp_path, variance):
     gen = torch.Generator().manual_seed(8)
     got = ddpm.sample(ours(checkpoint), ddpm.make_plan(ddpm.make_diffusion(cfg), "ancestral"), (2, 3, 16, 16),
                       lambda shape: torch.randn(shape, generator=gen))
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp3m", "unipc"])
+@pytest.mark.parametrize("steps, spacing", [(5, "trailing"), (10, "trailing"), (20, "trailing"), (10, "logsnr"),
+                                            (16, "uniform")])
+def test_diffusers_multistep_schedulers_equal_our_plans(sampler, steps, spacing):
+    """DPMSolverMultistepScheduler and UniPCMultistepScheduler with solver_order=3 and otherwise their defaults
+    (data prediction, lower_order_final, final_sigmas_type "zero"; UniPC: bh2, UniC at every step) step the same
+    model as our plans: a Gaussian-mixture denoiser, nonlinear, so the network must be called at the same points
+    (UniPC: at the uncorrected x_k). diffusers' "trailing" is ours; our other spacings are given to diffusers as
+    its timesteps (UniPC's set_timesteps takes none: its timesteps and sigmas are set as set_timesteps sets them).
+    20 steps: 3M's second-last step is third order (diffusers lowers it only under 15 steps)."""
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    model = MixtureOracle(d, m=0.5, s=0.2, p=0.3)
+    plan = ddpm.make_plan(d, sampler, steps, spacing=spacing, clip=False)
+    kind = DPMSolverMultistepScheduler if sampler == "dpmpp3m" else UniPCMultistepScheduler
+    scheduler = kind(trained_betas=d.betas, solver_order=3, timestep_spacing="trailing")
+    if spacing == "trailing":
+        scheduler.set_timesteps(steps)
+    elif sampler == "dpmpp3m":
+        scheduler.set_timesteps(timesteps=plan.t.tolist())
+    else:
+        scheduler.set_timesteps(steps)
+        ab = scheduler.alphas_cumprod.numpy()[plan.t]
+        scheduler.timesteps = torch.from_numpy(plan.t)
+        scheduler.sigmas = torch.from_numpy(np.append(((1 - ab) / ab) ** 0.5, 0.0).astype(np.float32))
+    np.testing.assert_array_equal(plan.t, scheduler.timesteps.numpy())
+    x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    want = x_T
+    for t in scheduler.timesteps:
+        want = scheduler.step(model(want, t.expand(len(want))), t, want).prev_sample
+    got = ddpm.run_plan(model, plan, x_T)
     assert (got - want).abs().max().item() <= 1e-4
 
 

@@ -248,6 +248,7 @@ def test_plan_option_errors(small):
     for kwargs, message in [({"sampler": "euler"}, "sampler must be one of"), ({"steps": T + 1}, "steps must be in"),
                             ({"spacing": "log"}, "spacing must be one of"), ({"eta": 2.0}, "eta must be in"),
                             ({"spacing": "quadratic", "steps": 20}, "cannot give 20 distinct steps"),
+                            ({"sampler": "unipc", "corrector_steps": 1}, "one-step samplers"),
                             ({"batch": 0}, "positive integers")]:
         with pytest.raises(ValueError, match=message):
             sampler.sample(2, **kwargs)
@@ -266,6 +267,9 @@ SAMPLE_CASES = [  # (parameterization, variance, sampler, steps, eta, spacing, c
     ("v", "fixed_small", "dpmpp2m", 6, 0.0, "trailing", False, 2, None),
     ("x0", "fixed_small", "dpmpp2m-sde", 8, 0.0, "uniform", True, 3, 2),
     ("eps", "learned_range", "dpmpp2m-sde", 8, 0.0, "logsnr", None, 2, None),
+    ("eps", "fixed_small", "dpmpp3m", 10, 0.0, "logsnr", None, 3, 2),  # M = 2
+    ("v", "learned_range", "unipc", 8, 0.0, "trailing", False, 3, 2),  # M = 3
+    ("x0", "fixed_small", "unipc", 6, 0.0, "uniform", True, 2, None),
     ("eps", "fixed_small", "ancestral+2", 6, 0.0, "uniform", None, 3, 2),  # +K: K Langevin corrector rows
     ("eps", "learned_range", "ancestral+1", 6, 0.0, "linspace", False, 2, None),
     ("v", "fixed_small", "ddim+1", 5, 0.5, "trailing", None, 2, None),
@@ -295,7 +299,8 @@ def test_progress_and_timing(small):
     x, timing = OnnxSampler(small[1] / "eps.onnx", provider="cpu", threads=1).sample(
         3, sampler="ddim", steps=4, batch=2, progress=lambda k, total: calls.append((k, total)), return_timing=True)
     assert calls == [(k, 8) for k in range(1, 9)]
-    assert set(timing) == {"total_s", "network_s", "steps", "provider"} and timing["steps"] == 4
+    assert set(timing) == {"total_s", "network_s", "steps", "provider", "precision", "precision_why"}
+    assert timing["steps"] == 4 and (timing["precision"], timing["precision_why"]) == ("fp32", "the file's ddpm.precision")
     assert 0 < timing["network_s"] <= timing["total_s"] and timing["provider"] == "CPUExecutionProvider"
 
 
@@ -322,6 +327,7 @@ def conditional(tmp_path_factory):
 GUIDED_CASES = [  # (channels, sampler, steps, eta, spacing, guidance)
     (1, "ddim", 10, 0.0, "uniform", 1.0), (1, "ddim", 10, 0.5, "trailing", 2.5), (1, "ancestral", 12, 0.0, "linspace", 0.0),
     (1, "dpmpp2m", 8, 0.0, "logsnr", 3.0), (2, "ancestral", 10, 0.0, "uniform", 2.0), (2, "ddim", 6, 0.0, "uniform", 1.0),
+    (1, "unipc", 8, 0.0, "trailing", 2.0),
 ]
 
 

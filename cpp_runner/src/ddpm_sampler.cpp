@@ -20,6 +20,7 @@
 
 #include "ddpm/sampler.h"
 #include "mt19937.h"
+#include "openvino_network.h"
 #include "parse.h"
 
 // The float32 step arithmetic must round as numpy's does (see -ffp-contract=off in CMakeLists.txt).
@@ -40,9 +41,11 @@ bool one_of(const std::string& v, std::initializer_list<const char*> allowed) {
 std::string one_line(const std::string& s) { return printable(s, 500); }
 
 // The names of the enums' values, in their order.
-constexpr std::array<const char*, 4> kSamplers = {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde"};
+constexpr std::array<const char*, 6> kSamplers = {"ancestral", "ddim", "dpmpp2m", "dpmpp2m-sde", "dpmpp3m", "unipc"};
 constexpr std::array<const char*, 5> kSpacings = {"uniform", "linspace", "trailing", "quadratic", "logsnr"};
 constexpr std::array<const char*, 3> kProviders = {"auto", "cpu", "cuda"};
+constexpr std::array<const char*, 2> kEngines = {"onnxruntime", "openvino"};
+constexpr std::array<const char*, 3> kPrecisions = {"auto", "fp32", "bf16"};
 
 template <typename E, size_t N>
 E parse_name(const std::string& name, const std::array<const char*, N>& names, const std::string& what) {
@@ -267,24 +270,45 @@ std::string describe(const Port& p) {
   return s + "]";
 }
 
-// The graph is eps_theta as the README specifies, for this metadata: x float32 [B, C, H, W], t int64 [B] (and y int64
-// [B] for a class-conditional model) -> model_output float32 [B, C_out, H, W], C_out = 2C for learned_range.
-// Symbolic dims pass here; ONNX Runtime checks them against the buffers at run time.
-void check_graph(const Ort::Session& session, const ModelInfo& m, const std::string& path) {
-  Ort::AllocatorWithDefaultOptions alloc;
+// The inputs (by name) and outputs (in order) of a graph, as ONNX Runtime or the OpenVINO engine reports them.
+struct Ports {
   std::map<std::string, Port> inputs;
+  std::vector<Port> outputs;
+};
+
+Ports session_ports(const Ort::Session& session) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  Ports ports;
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
     const std::string name = session.GetInputNameAllocated(i, alloc).get();
-    inputs[name] = port(name, session.GetInputTypeInfo(i));
+    ports.inputs[name] = port(name, session.GetInputTypeInfo(i));
   }
+  for (size_t i = 0; i < session.GetOutputCount(); ++i)
+    ports.outputs.push_back(port(session.GetOutputNameAllocated(i, alloc).get(), session.GetOutputTypeInfo(i)));
+  return ports;
+}
+
+Ports openvino_ports(const OpenVinoNetwork& network) {
+  Ports ports;
+  const auto to_port = [](const TensorPort& t) { return Port{t.name, true, ONNXTensorElementDataType(t.onnx_type), t.dims}; };
+  for (const TensorPort& t : network.inputs()) ports.inputs[t.name] = to_port(t);
+  for (const TensorPort& t : network.outputs()) ports.outputs.push_back(to_port(t));
+  return ports;
+}
+
+// The graph is eps_theta as the README specifies, for this metadata: x float32 [B, C, H, W], t int64 [B] (and y int64
+// [B] for a class-conditional model) -> model_output float32 [B, C_out, H, W], C_out = 2C for learned_range.
+// Symbolic dims pass here; the engine checks them against the buffers at run time.
+void check_graph(Ports ports, const ModelInfo& m, const std::string& path) {
+  auto& inputs = ports.inputs;
   std::vector<std::string> names;
   for (const auto& kv : inputs) names.push_back(kv.first);
   need(names == (m.num_classes ? std::vector<std::string>{"t", "x", "y"} : std::vector<std::string>{"t", "x"}),
        path + (m.num_classes ? ": the inputs must be x, t and y (an exported class-conditional eps_theta)"
                              : ": the inputs must be x and t (an exported eps_theta)"));
-  need(session.GetOutputCount() == 1 && std::string(session.GetOutputNameAllocated(0, alloc).get()) == "model_output",
+  need(ports.outputs.size() == 1 && ports.outputs[0].name == "model_output",
        path + ": the graph must have one output, model_output (an exported eps_theta)");
-  const Port out = port("model_output", session.GetOutputTypeInfo(0));
+  const Port& out = ports.outputs[0];
   const auto fits = [](const Port& p, ONNXTensorElementDataType dtype, std::vector<int64_t> want) {
     if (!p.tensor || p.dtype != dtype || p.dims.size() != want.size()) return false;
     for (size_t i = 0; i < want.size(); ++i)
@@ -342,7 +366,8 @@ double log_snr(double ab) { return 0.5 * (std::log(ab) - std::log1p(-ab)); }
 constexpr double kLambdaMin = -5.1;
 
 struct Row {
-  double mean_xt, mean_x0, mean_x0_prev, sigma;
+  double mean_xt, mean_x0, sigma;
+  std::vector<double> prev;  // the weights of the earlier x0s, the latest first
 };
 
 // DPM-Solver++(2M) (Lu et al. 2022) from ab to ab_to with r = h_prev / h (inf: first order) on
@@ -354,13 +379,144 @@ Row dpmpp_2m(double ab, double ab_to, double r, bool sde) {
   const double weight = sde ? -std::expm1(-2.0 * h) : -std::expm1(-h);
   const double half_r = std::isinf(r) ? 0.0 : 0.5 / r;
   return {sigma_to / sigma * (sde ? std::exp(-h) : 1.0), alpha_to * weight * (1.0 + half_r),
-          -alpha_to * weight * half_r, sde ? sigma_to * std::sqrt(weight) : 0.0};
+          sde ? sigma_to * std::sqrt(weight) : 0.0, {-alpha_to * weight * half_r}};
+}
+
+// DPM-Solver++(3M) (diffusers' multistep_dpm_solver_third_order_update) from ab to ab_to, r0 = h_0 / h, r1 = h_1 / h:
+// D1_0 = (x0 - x0_1) / r0, D1_1 = (x0_1 - x0_2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
+// D2 = (D1_0 - D1_1) / (r0 + r1);
+// x_to = (sigma_to / sigma) x_t - alpha_to phi_1 x0 + alpha_to phi_2 D1 - alpha_to phi_3 D2.
+Row dpmpp_3m(double ab, double ab_to, double r0, double r1) {
+  const double alpha_to = std::sqrt(ab_to), sigma_to = std::sqrt(1.0 - ab_to), sigma = std::sqrt(1.0 - ab);
+  const double h = log_snr(ab_to) - log_snr(ab);
+  const double phi_1 = std::expm1(-h), phi_2 = phi_1 / h + 1.0, phi_3 = phi_2 / h - 0.5;
+  const double d1_0 = alpha_to * (phi_2 * (1.0 + r0 / (r0 + r1)) - phi_3 / (r0 + r1));  // the weights of D1_0, D1_1
+  const double d1_1 = alpha_to * (phi_3 / (r0 + r1) - phi_2 * r0 / (r0 + r1));
+  return {sigma_to / sigma, d1_0 / r0 - alpha_to * phi_1, 0.0, {d1_1 / r1 - d1_0 / r0, -d1_1 / r1}};
+}
+
+// DPM-Solver++ rows in sampling order over ab (the kept alpha_bar in sampling order), with diffusers' orders: 1, 2,
+// then 2 (2M) or 3 (3M); 1 for the last step, to ab = 1; 3M under 15 steps: at most 2 for the one before it.
+std::vector<Row> dpmpp_rows(const std::vector<double>& ab, bool sde, bool third) {
+  const int64_t S = ab.size();
+  std::vector<double> h(S);  // lambda_{k+1} - lambda_k; inf at the end
+  for (int64_t k = 0; k < S; ++k) h[k] = (k + 1 < S ? log_snr(ab[k + 1]) : INFINITY) - log_snr(ab[k]);
+  std::vector<Row> rows;
+  for (int64_t k = 0; k < S; ++k) {
+    int64_t order = std::min<int64_t>(k + 1, third ? 3 : 2);
+    if (k == S - 2 && S < 15) order = std::min<int64_t>(order, 2);
+    if (k == S - 1) order = 1;
+    const double ab_to = k + 1 < S ? ab[k + 1] : 1.0;
+    if (order == 3) {
+      rows.push_back(dpmpp_3m(ab[k], ab_to, h[k - 1] / h[k], h[k - 2] / h[k]));
+    } else {
+      rows.push_back(dpmpp_2m(ab[k], ab_to, order == 2 ? h[k - 1] / h[k] : INFINITY, sde));
+      rows.back().prev.resize(third ? 2 : 1, 0.0);
+    }
+  }
+  return rows;
+}
+
+// phi_k(z) = (e^z - sum_{m < k} z^m / m!) / z^k, as its series sum_m z^m / (m + k)! where |z| < 1.
+double phi(double z, int k) {
+  double factorial = 1.0, sum = 0.0;
+  if (std::abs(z) >= 1.0) {
+    for (int m = 1; m < k; ++m) sum += std::pow(z, m) / (factorial *= m);
+    return (std::expm1(z) - sum) / std::pow(z, k);
+  }
+  for (int m = 2; m <= k; ++m) factorial *= m;
+  double term = 1.0 / factorial;
+  for (int m = 1; m < 30; ++m) {
+    sum += term;
+    term *= z / double(m + k);
+  }
+  return sum;
+}
+
+// The solution x of sum_i a[k][i] x_i = a[k][n], k < n <= 3: Gaussian elimination with partial pivoting.
+using System = std::array<std::array<double, 4>, 3>;
+std::vector<double> solve(System a, size_t n) {
+  for (size_t c = 0; c < n; ++c) {
+    size_t pivot = c;
+    for (size_t k = c + 1; k < n; ++k)
+      if (std::abs(a[k][c]) > std::abs(a[pivot][c])) pivot = k;
+    std::swap(a[c], a[pivot]);
+    for (size_t k = c + 1; k < n; ++k) {
+      const double f = a[k][c] / a[c][c];
+      for (size_t i = c; i <= n; ++i) a[k][i] -= f * a[c][i];
+    }
+  }
+  std::vector<double> x(n);
+  for (size_t k = n; k-- > 0;) {
+    double v = a[k][n];
+    for (size_t i = k + 1; i < n; ++i) v -= a[k][i] * x[i];
+    x[k] = v / a[k][k];
+  }
+  return x;
+}
+
+// One step of UniPC (bh2, data prediction; export/onnx_sampler.unipc_coefficients) from lambda to lambda + h with
+// r_i = (lambda_i - lambda) / h of the earlier x0s: the weights of x0_to (UniC only), x0, x0_1, ..., x0_{p-1} in
+// x_to = (sigma_to / sigma) x_t - alpha_to B x0 - alpha_to B sum_i rho_i (x0_i - x0) / r_i, B = e^-h - 1.
+std::vector<double> unipc_step(double h, std::vector<double> r, double alpha_to, bool corrector) {
+  const double B = std::expm1(-h);
+  std::vector<double> weights(r.size() + 2, 0.0);
+  weights[1] = -alpha_to * B;
+  if (corrector) r.push_back(1.0);
+  if (r.empty()) return weights;
+  std::vector<double> rho = {0.5};
+  if (r.size() > 1) {  // UniP-3 (2 unknowns) or UniC-2, UniC-3
+    const size_t n = r.size();
+    System system{};
+    double factorial = 1.0;
+    for (size_t k = 0; k < n; ++k) {
+      for (size_t i = 0; i < n; ++i) system[k][i] = std::pow(r[i], double(k));
+      system[k][n] = (factorial *= double(k + 1)) * phi(-h, int(k) + 2) / phi(-h, 1);
+    }
+    rho = solve(system, n);
+  }
+  for (size_t i = 0; i < r.size(); ++i) {
+    const double w = alpha_to * B * rho[i] / r[i];
+    weights[corrector && i + 1 == r.size() ? 0 : i + 2] -= w;
+    weights[1] += w;
+  }
+  return weights;
+}
+
+// UniPC-3 rows in sampling order over ab (export/onnx_sampler._unipc_rows): step k of order min(3, k + 1, S - k);
+// UniC corrects x_k by the difference of its weights and those of the UniP step that gave x_k.
+std::vector<Row> unipc_rows(std::vector<double> ab) {
+  const int64_t S = ab.size();
+  ab.push_back(1.0);
+  std::vector<double> lam(S + 1);
+  for (int64_t k = 0; k <= S; ++k) lam[k] = log_snr(ab[k]);
+  const auto order = [S](int64_t k) { return std::min<int64_t>({3, k + 1, S - k}); };
+  const auto step = [&](int64_t j, int64_t p, bool corrector) {
+    const double h = lam[j + 1] - lam[j];
+    std::vector<double> r;
+    for (int64_t i = 1; i < p; ++i) r.push_back((lam[j - i] - lam[j]) / h);
+    return unipc_step(h, r, std::sqrt(ab[j + 1]), corrector);
+  };
+  std::vector<Row> rows;
+  for (int64_t k = 0; k < S; ++k) {
+    const double ratio = std::sqrt(1.0 - ab[k + 1]) / std::sqrt(1.0 - ab[k]);
+    std::vector<double> weights(4, 0.0), p = step(k, order(k), false);  // of x0_k, x0_{k-1}, x0_{k-2}, x0_{k-3}
+    std::copy(p.begin() + 1, p.end(), weights.begin());
+    if (k) {
+      std::vector<double> correction = step(k - 1, order(k - 1), true);
+      const std::vector<double> predictor = step(k - 1, order(k - 1), false);
+      for (size_t i = 1; i < correction.size(); ++i) correction[i] -= predictor[i];
+      for (size_t i = 0; i < correction.size(); ++i) weights[i] += ratio * correction[i];
+    }
+    rows.push_back({ratio, weights[0], 0.0, {weights[1], weights[2], weights[3]}});
+  }
+  return rows;
 }
 
 // A Langevin corrector row at ab (Song et al. 2021): x' = x + e score + sqrt(2e) z, score = -(x - sqrt(ab) x0)
 // / (1 - ab), e = 2 (snr sqrt(1 - ab))^2: coefficients of x_t and x0, and the noise's standard deviation.
 Row langevin(double ab, double snr) {
-  return {1.0 - 2.0 * (snr * snr), 2.0 * (snr * snr) * std::sqrt(ab), 0.0, 2.0 * snr * std::sqrt(1.0 - ab)};
+  return {1.0 - 2.0 * (snr * snr), 2.0 * (snr * snr) * std::sqrt(ab), 2.0 * snr * std::sqrt(1.0 - ab), {}};
 }
 
 // One row on b images in float32, the coefficients cast to float32: x0 = clip(x0_x x + x0_o out[:C]);
@@ -547,6 +703,10 @@ auto guarded(F&& f) -> decltype(f()) {
 SamplerKind parse_sampler(const std::string& name) { return parse_name<SamplerKind>(name, kSamplers, "sampler"); }
 Spacing parse_spacing(const std::string& name) { return parse_name<Spacing>(name, kSpacings, "spacing"); }
 Provider parse_provider(const std::string& name) { return parse_name<Provider>(name, kProviders, "provider"); }
+Engine parse_engine(const std::string& name) { return parse_name<Engine>(name, kEngines, "engine"); }
+Precision parse_precision(const std::string& name) { return parse_name<Precision>(name, kPrecisions, "precision"); }
+std::string to_string(Engine engine) { return name_of(engine, kEngines, "engine"); }
+std::string to_string(Precision precision) { return name_of(precision, kPrecisions, "precision"); }
 std::string to_string(SamplerKind sampler) { return name_of(sampler, kSamplers, "sampler"); }
 std::string to_string(Spacing spacing) { return name_of(spacing, kSpacings, "spacing"); }
 std::string to_string(Provider provider) { return name_of(provider, kProviders, "provider"); }
@@ -598,28 +758,31 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
        "corrector steps must be in 0.." + std::to_string(kMaxCorrectorSteps) + ", got " + std::to_string(opt.corrector_steps));
   need(opt.snr > 0 && std::isfinite(opt.snr), "snr must be a finite number > 0, got " + str(opt.snr));
   const bool ddim = opt.sampler == SamplerKind::Ddim, ancestral = opt.sampler == SamplerKind::Ancestral;
-  const bool sde = opt.sampler == SamplerKind::DpmPP2MSde, dpmpp = sde || opt.sampler == SamplerKind::DpmPP2M;
-  need(!(dpmpp && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers (ancestral, ddim): a "
-       "corrector row would replace the x0 that DPM-Solver++(2M) keeps from its previous step");
+  const bool sde = opt.sampler == SamplerKind::DpmPP2MSde, unipc = opt.sampler == SamplerKind::UniPC;
+  const bool third = opt.sampler == SamplerKind::DpmPP3M;
+  const bool multistep = !ddim && !ancestral;
+  need(!(multistep && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers (ancestral, ddim): "
+       "a corrector row would replace the x0s that " + to_string(opt.sampler) + " keeps from its previous steps");
   std::vector<double> abar(info.betas.size());
   for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
-  const int64_t T = dpmpp ? std::count_if(abar.begin(), abar.end(), [](double ab) { return log_snr(ab) >= kLambdaMin; })
-                          : int64_t(abar.size());
+  const auto finite_lambda = [](double ab) { return log_snr(ab) >= kLambdaMin; };
+  const int64_t T = multistep ? std::count_if(abar.begin(), abar.end(), finite_lambda) : int64_t(abar.size());
   const int64_t S = opt.steps ? *opt.steps : ancestral ? T : std::min<int64_t>(50, T);
   const std::vector<int64_t> ts = kept_timesteps(T, S, opt.spacing, abar);
   const auto ab_prev = [&](int64_t k) { return k ? abar[ts[k - 1]] : 1.0; };
-  std::vector<double> h(S), r(S, INFINITY);  // DPM-Solver: h and r = h_prev / h in sampling order
+  std::vector<double> ab_sampling(S);  // the kept alpha_bar in sampling order
   for (int64_t k = 0; k < S; ++k) {
-    const double lam = log_snr(abar[ts[S - 1 - k]]), lam_to = k + 1 < S ? log_snr(abar[ts[S - 2 - k]]) : INFINITY;
-    need(!dpmpp || k + 1 == S || lam_to > lam, "the kept timesteps' lambdas are not strictly decreasing (" +
-         to_string(opt.spacing) + ", " + std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
-    h[k] = lam_to - lam;
-    if (k >= 1 && k + 1 < S) r[k] = h[k - 1] / h[k];
+    ab_sampling[k] = abar[ts[S - 1 - k]];
+    need(!multistep || k == 0 || log_snr(ab_sampling[k]) > log_snr(ab_sampling[k - 1]),
+         "the kept timesteps' lambdas are not strictly decreasing (" + to_string(opt.spacing) + ", " +
+         std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
   }
+  const std::vector<Row> rows = !multistep ? std::vector<Row>() : unipc ? unipc_rows(ab_sampling)
+                                                                         : dpmpp_rows(ab_sampling, sde, third);
   Plan p;
   p.clip = opt.clip.value_or(info.clip_denoised);
   p.channels = info.C;
-  p.memory = dpmpp ? 1 : 0;
+  p.memory = multistep ? int64_t(rows[0].prev.size()) : 0;
   for (int64_t i = S - 1; i >= 0; --i) {  // kept timestep i, sampling row S-1-i
     const double ab = abar[ts[i]], ap = ab_prev(i), beta = 1.0 - ab / ap;
     const Pair x0 = x0_coefficients(ab, info.parameterization);
@@ -628,10 +791,10 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
                                : S > 1 ? std::log(posterior_variance(abar[ts[1]], ab_prev(1))) : std::log(beta);
     Step step{ts[i], x0.a, x0.b, 0, 0, 0, log_var_min, std::log(beta), i > 0 && (!ddim || opt.eta > 0.0),
               info.variance == "learned_range" && ancestral, {}};
-    if (dpmpp) {
-      const Row row = dpmpp_2m(ab, ap, r[S - 1 - i], sde);
+    if (multistep) {
+      const Row& row = rows[S - 1 - i];
       step.mean_xt = row.mean_xt, step.mean_x0 = row.mean_x0, step.sigma = row.sigma;
-      step.mean_x0_prev = {row.mean_x0_prev};
+      step.mean_x0_prev = row.prev;
       step.add_noise = step.add_noise && sde;
     } else {
       step.sigma = ddim ? ddim_sigma(ab, ap, opt.eta)
@@ -691,6 +854,7 @@ struct Sampler::Impl {
   // The row updates of the step-graph path by (learned, memory, guided), built when first needed and kept, so that
   // a session (and, on CUDA, its kernels and memory) is made once per Sampler, not once per sample call.
   std::map<std::tuple<bool, int64_t, bool>, Ort::Session> step_sessions_;
+  std::unique_ptr<OpenVinoNetwork> openvino_;  // the network under Engine::OpenVino (session_ stays empty)
   ModelInfo info_;
   std::string provider_name_;
   std::unique_ptr<Ort::Allocator> cuda_allocator_;
@@ -703,13 +867,26 @@ Sampler::Impl::Impl(const std::string& model_path, const LoadOptions& opt) : env
   need(std::filesystem::is_regular_file(model_path, ec), "model file not found: " + model_path);
   to_string(opt.provider);  // an Error for a value outside the enum
   need(!opt.threads || (*opt.threads >= 1 && *opt.threads <= 1024), "threads must be in 1..1024 (or none: ONNX Runtime's default)");
-  info_ = read_metadata(read_metadata_props(model_path), model_path);
-  if (opt.provider == Provider::Cpu || !open_session(model_path, opt.threads, true, opt.provider == Provider::Cuda))
-    open_session(model_path, opt.threads, false, true);
+  to_string(opt.engine), to_string(opt.precision);
+  const auto props = read_metadata_props(model_path);
+  info_ = read_metadata(props, model_path);
+  if (opt.engine == Engine::OpenVino) {
+    need(opt.provider != Provider::Cuda && !opt.step_graph, "engine openvino runs the network on the CPU, with the "
+         "update on the host: not with provider cuda or step_graph");
+    openvino_ = std::make_unique<OpenVinoNetwork>(model_path, opt.precision, opt.threads);
+    provider_name_ = openvino_->description();
+  } else {
+    const auto own = props.count("ddpm.precision") ? props.at("ddpm.precision") : std::string("fp32");
+    need(opt.precision == Precision::Auto || to_string(opt.precision) == own,
+         "precision " + to_string(opt.precision) + ": ONNX Runtime computes in the file's own precision (" +
+         printable(own) + "); export the model at another precision, or use engine openvino for bf16");
+    if (opt.provider == Provider::Cpu || !open_session(model_path, opt.threads, true, opt.provider == Provider::Cuda))
+      open_session(model_path, opt.threads, false, true);
+  }
   step_graph_ = opt.step_graph || cuda_;
   // ONNX Runtime's CPU default is a thread per core, so only a GPU run or a capped thread count leaves one.
   spare_core_ = cuda_ || (opt.threads && unsigned(*opt.threads) < std::thread::hardware_concurrency());
-  check_graph(session_, info_, model_path);
+  check_graph(openvino_ ? openvino_ports(*openvino_) : session_ports(session_), info_, model_path);
   Ort::AllocatorWithDefaultOptions alloc;
   device_allocator_ = alloc;
   if (cuda_) {
@@ -850,7 +1027,11 @@ double Sampler::Impl::run_batch_on_host(const Plan& p, int64_t b, float* x, bool
       std::copy(x, x + b * chw, pair.begin() + b * chw);
     }
     const auto r0 = std::chrono::steady_clock::now();
-    session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, n_inputs, &output_name, &output, 1);
+    if (openvino_)
+      openvino_->run(labels.guided ? pair.data() : x, t.data(), info_.num_classes ? labels.y.data() : nullptr, x_shape,
+                     out.data(), out_shape);
+    else
+      session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, n_inputs, &output_name, &output, 1);
     network_s += seconds_since(r0);
     need_finite_output(all_finite(out.data(), out.size()), "row " + std::to_string(k) + ", t = " + std::to_string(s.t));
     const float* o = labels.guided ? guide(out.data(), b, chw, out_chw, labels.scale, guided_out.data()) : out.data();

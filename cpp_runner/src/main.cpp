@@ -29,7 +29,7 @@ const char* kUsage =
     "                               arr_1 int64 labels [N]; .npy: float32 [N, C, H, W] (samples.png)\n"
     "  --num-samples N              images to sample, 1..16777216 (64)\n"
     "  --batch-size B               images per network call, 1..16777216 (256)\n"
-    "  --sampler NAME               ancestral|ddim|dpmpp2m|dpmpp2m-sde (ancestral)\n"
+    "  --sampler NAME               ancestral|ddim|dpmpp2m|dpmpp2m-sde|dpmpp3m|unipc (ancestral)\n"
     "  --steps S                    network calls, 1..T (T for ancestral, min(50, T) for the others)\n"
     "  --eta E                      DDIM's eta in [0, 1], ddim only (0)\n"
     "  --spacing NAME               uniform|linspace|trailing|quadratic|logsnr: the kept timesteps (uniform)\n"
@@ -39,6 +39,10 @@ const char* kUsage =
     "  --seed S                     numpy RandomState seed, 0..4294967295 (0)\n"
     "  --provider NAME              auto|cpu|cuda; auto: CUDA if it can be used, else the CPU (auto)\n"
     "  --threads K                  ONNX Runtime's intra-op threads, 0..1024; 0: its default, a thread per core (0)\n"
+    "  --engine NAME                onnxruntime|openvino: what runs the network; openvino: the CPU, a library built\n"
+    "                               with -DDDPM_WITH_OPENVINO=ON (onnxruntime)\n"
+    "  --precision NAME             auto|fp32|bf16: how the network computes; auto: the file's own precision under\n"
+    "                               onnxruntime, bf16 under openvino where the CPU has AVX512-BF16 or AMX (auto)\n"
     "  --json                       a JSON summary on stdout (off)\n"
     "  --init FILE.npy              start from its float32 [N, C, H, W] instead of drawing x_T, e.g. latents to\n"
     "                               decode; N replaces --num-samples (none)\n"
@@ -58,6 +62,8 @@ struct Args {
   double guidance = 1.0;
   ddpm::PlanOptions plan;
   ddpm::Provider provider = ddpm::Provider::Auto;
+  ddpm::Engine engine = ddpm::Engine::OnnxRuntime;
+  ddpm::Precision precision = ddpm::Precision::Auto;
   int64_t num_samples = 64, batch_size = 256, threads = 0, dump_noise = -1, seed = 0;
   bool json = false, help = false, dump_plan = false, step_graph = false, invert = false, num_samples_given = false;
 };
@@ -90,8 +96,8 @@ Args parse_args(int argc, char** argv) {
                                                  "--invert", "--help", "-h"};
   static const std::set<std::string> valued = {
       "--model", "--out", "--num-samples", "--batch-size", "--sampler", "--steps", "--eta", "--spacing",
-      "--corrector-steps", "--snr", "--seed", "--provider", "--threads", "--init", "--class", "--classes",
-      "--guidance", "--dump-noise"};
+      "--corrector-steps", "--snr", "--seed", "--provider", "--threads", "--engine", "--precision", "--init", "--class",
+      "--classes", "--guidance", "--dump-noise"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string f = argv[i], v;
@@ -115,6 +121,8 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--seed") a.seed = int_in(f, v, 0, 4294967295LL);  // numpy's RandomState seed range
     else if (f == "--provider") a.provider = named(f, [&] { return ddpm::parse_provider(v); });
     else if (f == "--threads") a.threads = int_in(f, v, 0, 1024);
+    else if (f == "--engine") a.engine = named(f, [&] { return ddpm::parse_engine(v); });
+    else if (f == "--precision") a.precision = named(f, [&] { return ddpm::parse_precision(v); });
     else if (f == "--json") a.json = true;
     else if (f == "--init") a.init = v;
     else if (f == "--invert") a.invert = true;
@@ -254,7 +262,7 @@ int run(int argc, char** argv) {
   if (!a.dump_plan) check_writable(a.out);
   const auto t0 = std::chrono::steady_clock::now();
   ddpm::LoadOptions load;
-  load.provider = a.provider, load.step_graph = a.step_graph;
+  load.provider = a.provider, load.step_graph = a.step_graph, load.engine = a.engine, load.precision = a.precision;
   if (a.threads) load.threads = int(a.threads);
   ddpm::Sampler sampler(a.model, load);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

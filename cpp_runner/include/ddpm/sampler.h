@@ -34,18 +34,28 @@ struct DDPM_API Error : std::runtime_error {
 };
 
 // The closed sets of options. Their names on the command line (and in `ddpm onnx-sample`): ancestral, ddim,
-// dpmpp2m, dpmpp2m-sde; uniform, linspace, trailing, quadratic, logsnr; auto, cpu, cuda.
-enum class SamplerKind { Ancestral, Ddim, DpmPP2M, DpmPP2MSde };
+// dpmpp2m, dpmpp2m-sde, dpmpp3m, unipc; uniform, linspace, trailing, quadratic, logsnr; auto, cpu, cuda;
+// onnxruntime, openvino; auto, fp32, bf16.
+enum class SamplerKind { Ancestral, Ddim, DpmPP2M, DpmPP2MSde, DpmPP3M, UniPC };
 enum class Spacing { Uniform, Linspace, Trailing, Quadratic, LogSnr };
 enum class Provider { Auto, Cpu, Cuda };  // Auto: CUDA when its execution provider can be used, else the CPU
+// What runs the network: ONNX Runtime, or OpenVINO on the CPU (a library built with -DDDPM_WITH_OPENVINO=ON).
+enum class Engine { OnnxRuntime, OpenVino };
+// How the network computes. Auto: the file's own precision (ddpm.precision) under ONNX Runtime; under OpenVINO
+// bf16 where the CPU has AVX512-BF16 or AMX, else fp32. Fp32 and Bf16 ask OpenVINO for that precision.
+enum class Precision { Auto, Fp32, Bf16 };
 
 // Name -> value (an Error listing the valid names otherwise) and value -> name.
 DDPM_API SamplerKind parse_sampler(const std::string& name);
 DDPM_API Spacing parse_spacing(const std::string& name);
 DDPM_API Provider parse_provider(const std::string& name);
+DDPM_API Engine parse_engine(const std::string& name);
+DDPM_API Precision parse_precision(const std::string& name);
 DDPM_API std::string to_string(SamplerKind sampler);
 DDPM_API std::string to_string(Spacing spacing);
 DDPM_API std::string to_string(Provider provider);
+DDPM_API std::string to_string(Engine engine);
+DDPM_API std::string to_string(Precision precision);
 
 // What the file's metadata says (the README's "The ONNX file").
 struct ModelInfo {
@@ -94,6 +104,8 @@ struct LoadOptions {
   Provider provider = Provider::Auto;
   std::optional<int> threads;  // ONNX Runtime intra-op threads, 1..1024; none: its default, a thread per core
   bool step_graph = false;     // run each row's update as a small ONNX graph on the provider (always on CUDA)
+  Engine engine = Engine::OnnxRuntime;  // OpenVino: the CPU (provider auto or cpu), no step_graph; threads are its own
+  Precision precision = Precision::Auto;  // anything but the file's own precision needs Engine::OpenVino
 };
 
 // What a class-conditional model samples: one label in 0..K-1 per image (none: the null label, i.e.
@@ -125,7 +137,9 @@ class DDPM_API Sampler {
 
   const ModelInfo& info() const;
   size_t image_floats() const { return info().image_floats(); }  // C * H * W
-  const std::string& provider() const;  // the one in use: "CPUExecutionProvider" or "CUDAExecutionProvider"
+  // The one in use: "CPUExecutionProvider" or "CUDAExecutionProvider"; under OpenVINO the device, the precision and
+  // why, e.g. "OpenVINO CPU bf16 (auto: the CPU has AVX512-BF16)".
+  const std::string& provider() const;
 
   // n = n_floats / image_floats() images [n, C, H, W] into out, in batches, all drawing from one
   // RandomState(seed): each batch x_T (unless options.init is given), then each noisy row's z. The sessions of
