@@ -56,7 +56,9 @@ def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, t
     """Operations/s of an n x n product in onnxruntime's CPU provider (the best of `repeats` after a warm-up):
     MatMul in float32 (fp16: float16), MatMulInteger (uint8 x int8 -> int32, the kernel under quantized
     Conv and MatMul) for int8. The peak an exported file's achieved FLOP/s is read against. engine "openvino":
-    the float32 MatMul compiled by OpenVINO for the CPU at `precision` fp32 or bf16 (its inference precision)."""
+    the float32 MatMul compiled by OpenVINO for the CPU at `precision` fp32 or bf16 (its inference precision), and
+    for int8 the MatMul between QuantizeLinear/DequantizeLinear pairs (uint8 x int8, the QDQ form of an int8
+    export), which OpenVINO runs as an int8 product."""
     from onnx import TensorProto as TP, helper
     import onnxruntime as ort
     kind = {"fp32": (TP.FLOAT, TP.FLOAT, TP.FLOAT, "MatMul", np.float32, np.float32),
@@ -74,7 +76,19 @@ def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, t
     if engine == "openvino":
         import io
         import openvino as ov
-        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision], "PERFORMANCE_HINT": "LATENCY",
+        if precision == "int8":
+            a, b, c = (helper.make_tensor_value_info(name, TP.FLOAT, [n, n]) for name in "abc")
+            qdq = [helper.make_tensor("scale", TP.FLOAT, [], [1.0]), helper.make_tensor("a_zero", TP.UINT8, [], [0]),
+                   helper.make_tensor("b_zero", TP.INT8, [], [0])]
+            nodes = [node for v in "ab" for node in (
+                helper.make_node("QuantizeLinear", [v, "scale", f"{v}_zero"], [f"{v}_q"]),
+                helper.make_node("DequantizeLinear", [f"{v}_q", "scale", f"{v}_zero"], [f"{v}_dq"]))]
+            graph = helper.make_graph(nodes + [helper.make_node("MatMul", ["a_dq", "b_dq"], ["c"])], "matmul", [a, b],
+                                      [c], initializer=qdq)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+            feed = {k: v.astype(np.float32) for k, v in feed.items()}
+        config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision],
+                  "PERFORMANCE_HINT": "LATENCY",
                   **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         core = ov.Core()
         request = core.compile_model(core.read_model(io.BytesIO(model.SerializeToString())), "CPU",
@@ -85,22 +99,25 @@ def onnx_matmul_peak(precision: str = "fp32", n: int = 2048, repeats: int = 3, t
 
 
 def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str, steps: int, repeats: int,
-               precision: str, out: str, engine: str = "onnxruntime") -> dict:
+               precision: str, out: str, engine: str = "onnxruntime", row_precision: str | None = None) -> dict:
     """The onnxruntime and OpenVINO rows' measurement, run by bench_sample in a process of its own: `repeats`
-    timings (after a warm-up, which also compiles OpenVINO's model for the batch) of OnnxSampler.sample, the last
-    samples saved to `out` (.npy), and the matmul peak of the row's precision and engine."""
+    timings (after a warm-up, which also compiles OpenVINO's model for the batch) of OnnxSampler.sample with the
+    engine at `precision`, the last samples saved to `out` (.npy), and the matmul peak of the row's precision
+    (row_precision, default `precision`) and engine."""
     from .export.onnx_sampler import OnnxSampler
     openvino = engine == "openvino"
     s = OnnxSampler(onnx_path, "cpu" if openvino else provider, threads, engine=engine,
                     precision=precision if openvino else "auto")
     runs = [s.sample(batch, sampler, steps, return_timing=True) for _ in range(repeats + 1)][1:]
     np.save(out, runs[-1][0])
-    return {"timings": [timing for _, timing in runs], "peak": onnx_matmul_peak(precision, threads=threads, engine=engine)}
+    return {"timings": [timing for _, timing in runs],
+            "peak": onnx_matmul_peak(row_precision or precision, threads=threads, engine=engine)}
 
 
-# torch eager, torch.compile, onnxruntime, OpenVINO (the exported float32 file; fp32 or bf16), the C++ runner
-BACKENDS = ("torch", "compile", "ort", "openvino", "cpp")
-OPENVINO_PRECISIONS = ("fp32", "bf16")
+# torch eager, torch.compile, onnxruntime, OpenVINO (the float32 file at fp32 or bf16, or the int8 file), the C++ runner
+# on onnxruntime and on OpenVINO (ddpm_runner --engine openvino)
+BACKENDS = ("torch", "compile", "ort", "openvino", "cpp", "cpp-openvino")
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 PRECISIONS = tuple(dict.fromkeys(get_args(Precision) + onnx_sampler.PRECISIONS))  # what bench sample runs
 
 
@@ -125,12 +142,14 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     """Images/s and network evaluations/s of each backend and precision for each (sampler, steps), the loop
     overhead (the loop's time / the time of the same number of bare network calls), and the achieved FLOP/s
     beside the matmul peak of the row's precision and library. torch runs fp32|bf16|fp16 (auto: see
-    resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32).
+    resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32), OpenVINO (in Python
+    and in C++) the fp32 file at fp32|bf16 (auto: bf16 where the CPU has it) and the int8 file.
 
-    Without a checkpoint the weights are the preset's initialisation with a random output layer (speed does
-    not depend on them) and int8 is calibrated on uniform noise images. With an (unconditional) checkpoint
-    its EMA weights are timed, int8 is calibrated on its training images, and for 8x8 digits each row also
-    gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no speed without its quality."""
+    Without a checkpoint the weights are the preset's initialisation with small random weights in its
+    zero-initialised layers (speed does not depend on them) and int8 is calibrated on uniform noise images.
+    With an (unconditional) checkpoint its EMA weights are timed, int8 is calibrated on its training images,
+    and for 8x8 digits each row also gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no
+    speed without its quality."""
     import tempfile
     dev = resolve_device(device)
     if checkpoint:
@@ -140,7 +159,10 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
         calibration = lambda: calibration_images(cfg)  # noqa: E731 (int8 only: imported weights name no data)
     else:
         model = unet.build_unet(preset)
-        torch.nn.init.normal_(model.conv_out.weight, std=0.01)  # zero-initialised: make the samples non-trivial
+        with torch.no_grad():  # the zero-initialised layers (each residual branch's last convolution, attention's
+            for weight in model.parameters():  # output, conv_out), as no trained model has them; OpenVINO cannot
+                if weight.dim() > 1 and not weight.any():  # compile an int8 convolution of zeros
+                    torch.nn.init.normal_(weight, std=0.01)
         diffusion = Diffusion(beta_schedule("linear", 1000))
         image_shape = (model.config["in_channels"], model.config["image_size"], model.config["image_size"])
         calibration = lambda: np.random.default_rng(0).uniform(-1, 1, (256, *image_shape)).astype(np.float32)  # noqa: E731
@@ -187,30 +209,52 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                 # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
                 probe = ("import json, sys; from ddpm_reference import bench; "
                          "print(json.dumps(bench._ort_bench(*json.loads(sys.argv[1]))))")
-                engine, file = ("openvino", "fp32") if backend == "openvino" else ("onnxruntime", precision)
+                engine = "openvino" if backend == "openvino" else "onnxruntime"
+                file, engine_precision = _file_and_engine_precision(backend, precision)
                 for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
-                    args = [onnx_file(file), provider, threads, batch, sampler, steps, repeats, precision, out, engine]
-                    res = json.loads(subprocess.run([sys.executable, "-c", probe, json.dumps(args)], preexec_fn=_die_with_parent(), capture_output=True,
-                                                    text=True, check=True).stdout.strip().splitlines()[-1])
+                    args = [onnx_file(file), provider, threads, batch, sampler, steps, repeats, engine_precision, out,
+                            engine, precision]
+                    res = _child_json([sys.executable, "-c", probe, json.dumps(args)], backend)
                     times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
                     rows.append(row(backend, precision, sampler, steps, times, bare, res["timings"][0]["provider"],
                                     res["peak"], np.load(out)))
             else:
                 runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
                 if not os.path.exists(runner):
-                    raise UserError(f"{runner} not built: run `make cpp` (or drop cpp from --backends)")
-                peak = onnx_matmul_peak(precision, threads=threads)  # the C++ runner's library is onnxruntime's
+                    raise UserError(f"{runner} not built: run `make cpp` (or drop {backend} from --backends)")
+                openvino = backend == "cpp-openvino"
+                peak = onnx_matmul_peak(precision, threads=threads, engine="openvino" if openvino else "onnxruntime")
+                file, engine_precision = _file_and_engine_precision(backend, precision)
                 for sampler, steps in runs:
-                    cmd = [runner, "--model", onnx_file(precision), "--num-samples", str(batch), "--batch-size",
-                           str(batch), "--sampler", sampler, "--steps", str(steps), "--json", "--out", out,
-                           "--provider", provider]
+                    cmd = [runner, "--model", onnx_file(file), "--num-samples", str(batch), "--batch-size",
+                           str(batch), "--sampler", sampler, "--steps", str(steps), "--json", "--out", out]
+                    cmd += ["--engine", "openvino", "--precision", engine_precision] if openvino else ["--provider",
+                                                                                                     provider]
                     cmd += ["--threads", str(threads)] if threads else []
-                    runs_json = [json.loads(subprocess.run(cmd, preexec_fn=_die_with_parent(), capture_output=True, text=True, check=True).stdout.strip()
-                                            .splitlines()[-1]) for _ in range(repeats + 1)][1:]
+                    runs_json = [_child_json(cmd, backend) for _ in range(repeats + 1)][1:]
                     times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
-                    rows.append(row("cpp", precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
+                    rows.append(row(backend, precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
                                     np.load(out)))
     return rows
+
+
+def _file_and_engine_precision(backend: str, precision: str) -> tuple[str, str]:
+    """(the precision of the exported file a row runs, the precision its engine is asked for): onnxruntime runs the
+    file of the row's precision in that precision; OpenVINO runs the float32 file at fp32 or bf16, and the int8 file
+    with its other operations at auto (bf16 where the CPU has it)."""
+    if backend not in ("openvino", "cpp-openvino"):
+        return precision, precision
+    return ("int8", "auto") if precision == "int8" else ("fp32", precision)
+
+
+def _child_json(cmd: list[str], backend: str) -> dict:
+    """The JSON object on the last line of a measuring child process's output, or a UserError with the last line of
+    its errors (a C++ runner built without OpenVINO, a file the engine cannot read)."""
+    done = subprocess.run(cmd, preexec_fn=_die_with_parent(), capture_output=True, text=True)
+    if done.returncode:
+        said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise UserError(f"backend {backend}: {said}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _backend_precisions(backend: str, precisions, device: torch.device) -> list[str]:
@@ -218,12 +262,14 @@ def _backend_precisions(backend: str, precisions, device: torch.device) -> list[
     openvino_engine.resolve_precision, which also refuses bf16 on a CPU without it; an ONNX file: fp32), in
     order, once each."""
     torch_side = backend in ("torch", "compile")
-    runs = get_args(Precision)[1:] if torch_side else OPENVINO_PRECISIONS if backend == "openvino" else onnx_sampler.PRECISIONS
+    openvino = backend in ("openvino", "cpp-openvino")
+    runs = get_args(Precision)[1:] if torch_side else OPENVINO_PRECISIONS if openvino else onnx_sampler.PRECISIONS
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"precision must be among {', '.join(PRECISIONS)}, got {p!r}")
-    if backend == "openvino":
-        return list(dict.fromkeys(_openvino_precision(p) for p in precisions if p in (*runs, "auto")))
+    if openvino:
+        return list(dict.fromkeys(p if p == "int8" else _openvino_precision(p) for p in precisions
+                                  if p in (*runs, "auto")))
     chosen = [(resolve_precision(p, device)[0] if torch_side else "fp32") if p == "auto" else p for p in precisions]
     return list(dict.fromkeys(p for p in chosen if p in runs))
 

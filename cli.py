@@ -607,8 +607,9 @@ def bench_sample_cmd(checkpoint: str = Opt(None, help="time this checkpoint (and
                      steps: int = Opt(None, min=1, help="every run's network calls (default: each sampler's above)"),
                      backends: str = Opt("torch,ort,cpp", help=f"comma-separated: {','.join(BACKENDS)}"),
                      precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch), fp32,fp16,int8 "
-                                                       "(onnxruntime, C++), fp32,bf16 (openvino); auto: bf16 where "
-                                                       "fast (torch, openvino), fp32 (onnxruntime, C++)"),
+                                                       "(ort, cpp), fp32,bf16,int8 (openvino, cpp-openvino; int8: the "
+                                                       "int8 file); auto: bf16 where fast (torch, OpenVINO), fp32 "
+                                                       "(onnxruntime)"),
                      repeats: int = Opt(3, min=1, help="timed runs per row (after a warm-up)"), device: Device = DEVICE,
                      threads: int = THREADS, json_: bool = JSON):
     """Images/s, network evaluations/s, loop overhead (loop time / bare network time) and achieved FLOP/s

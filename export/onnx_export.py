@@ -157,9 +157,11 @@ def noisy_batches(images: np.ndarray, betas: np.ndarray, num_classes: int, seed:
 
 def quantize_int8(fp32_path: str, out_path: str, calibration: list[dict]) -> None:
     """Static int8 quantization in the QDQ format (ONNX Runtime's quantize_static): per-output-channel int8
-    weights and per-tensor int8 activations (MinMax over the `calibration` batches) for Conv, MatMul and
+    weights and per-tensor uint8 activations (MinMax over the `calibration` batches) for Conv, MatMul and
     Gemm; normalisation, attention softmax and the elementwise ops stay float32, as do the inputs and the
-    output (the file is read by the same samplers). Quantizing those too made it less exact and slower."""
+    output (the file is read by the same samplers). Quantizing those too made it less exact and slower.
+    Unsigned activations, x86's native u8 x s8 product: OpenVINO ran signed ones 15% off float32 (RMS) on
+    the digits model, where onnxruntime ran them 2.3% off."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -172,7 +174,7 @@ def quantize_int8(fp32_path: str, out_path: str, calibration: list[dict]) -> Non
     with warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
         quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
 
 

@@ -618,9 +618,10 @@ class OnnxSampler:
     docstring). engine: "onnxruntime", or "openvino" (the network on OpenVINO's CPU plugin, see openvino_engine.py;
     the update graphs on onnxruntime's CPU provider). precision: how the network computes; "auto" is the file's own
     (ddpm.precision) under onnxruntime, and bf16 under OpenVINO where the CPU has AVX512-BF16 or AMX, else fp32;
-    "fp32" or "bf16" ask OpenVINO for that (a ModelError where the CPU cannot). Attributes: provider (the one in
-    use), precision and why (the reason for it), betas and alphas_cumprod (float64), T, parameterization, variance,
-    image_shape (C, H, W), clip_denoised, metadata.
+    "fp32" or "bf16" ask OpenVINO for that (a ModelError where the CPU cannot); OpenVINO runs an int8 file's
+    quantized operations in int8 and reports precision "int8", the others at the precision asked. Attributes:
+    provider (the one in use), precision and why (the reason for it), betas and alphas_cumprod (float64), T,
+    parameterization, variance, image_shape (C, H, W), clip_denoised, metadata.
     """
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None, *, providers=None,
@@ -645,8 +646,11 @@ class OnnxSampler:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self._read_metadata()
         self._check_signature()
-        if not openvino:
-            own = self.metadata.get("ddpm.precision", "fp32")
+        own = self.metadata.get("ddpm.precision", "fp32")
+        if openvino and own == "int8":  # OpenVINO runs the quantized operations in int8, the others at its precision
+            self.why = f"the file's ddpm.precision; its other operations {self.precision} ({self.why})"
+            self.precision = "int8"
+        elif not openvino:
             if precision not in ("auto", own):
                 raise ModelError(f"precision {precision!r}: onnxruntime computes in the file's own precision ({own}); "
                                  "export the model at another precision, or use the openvino engine for bf16")

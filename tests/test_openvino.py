@@ -48,6 +48,9 @@ def models(tmp_path_factory):
     export_onnx(small_unet(1), ddpm.Diffusion(schedule), IMAGE, folder / "eps.onnx", check=False)
     export_onnx(small_unet(2, len(CLASSES)), ddpm.Diffusion(schedule, variance="learned_range"), IMAGE,
                 folder / "cond.onnx", classes=CLASSES, check=False)
+    calibration = np.random.default_rng(0).uniform(-1, 1, (64, *IMAGE)).astype(np.float32)
+    export_onnx(small_unet(1), ddpm.Diffusion(schedule), IMAGE, folder / "int8.onnx", precision="int8",
+                calibration_images=calibration, check=False)
     return folder
 
 
@@ -79,6 +82,28 @@ def test_guided_learned_range_samples_equal_onnxruntimes(models):
 
 
 @needs_openvino
+def test_int8_file_runs_its_quantized_network(models):
+    """OpenVINO runs the QDQ file's convolutions in int8 as onnxruntime does: both differ from the float32 network
+    by the quantization's error, within the export's tolerance (10%), and from each other by less. (With signed
+    int8 activations, OpenVINO's output was 56% off on this network; the export writes unsigned ones.)"""
+    from ddpm_reference.export.openvino_engine import OpenVinoSession
+    x = np.random.default_rng(0).standard_normal((16, *IMAGE)).astype(np.float32)
+    int8 = ort.InferenceSession(str(models / "int8.onnx"), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(models / "eps.onnx"), providers=["CPUExecutionProvider"])
+    vino = OpenVinoSession(models / "int8.onnx", "fp32", threads=1).request(16)
+    for t in (0, 50, T - 1):
+        feed = {"x": x, "t": np.full(16, t, dtype=np.int64)}
+        want, exact, got = int8.run(None, feed)[0], fp32.run(None, feed)[0], vino.infer(feed)[0]
+        assert relative_rms(got, want) < relative_rms(want, exact) < 0.1 and relative_rms(got, exact) < 0.1, t
+    sampler = OnnxSampler(models / "int8.onnx", engine="openvino", precision="fp32")
+    assert sampler.precision == "int8" and sampler.why == "the file's ddpm.precision; its other operations fp32 (as asked)"
+
+
+def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
+
+
+@needs_openvino
 @pytest.mark.skipif(HAS_OPENVINO and not bf16_cpu(), reason="this CPU has neither AVX512-BF16 nor AMX")
 def test_bf16_network_outputs_are_within_a_bounded_relative_error(models):
     """OpenVINO's bf16 differs from float32 (it is really used) by a relative RMS well under 3% on every timestep,
@@ -94,8 +119,7 @@ def test_bf16_network_outputs_are_within_a_bounded_relative_error(models):
         ts = np.full(16, t, dtype=np.int64)
         want = reference.run(None, {"x": x, "t": ts})[0]
         got = request.infer({"x": x, "t": ts})[0]
-        relative_rms = np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean())
-        assert 1e-5 < relative_rms < 0.03, (t, relative_rms)
+        assert 1e-5 < relative_rms(got, want) < 0.03, (t, relative_rms(got, want))
 
 
 @needs_openvino
@@ -163,6 +187,20 @@ def test_onnx_sample_errors_are_one_line(models, capsys, monkeypatch, tmp_path, 
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
+@needs_openvino
+def test_bench_sample_openvino_precisions(runner, models):  # noqa: F811
+    """bench sample's OpenVINO rows, in Python and in the C++ runner: the float32 file at fp32, and the int8 file;
+    each row says the engine and precision that ran it."""
+    from ddpm_reference import bench
+    openvino_runner(runner, models / "eps.onnx")  # the runner that bench runs, built by the fixture
+    rows = bench.bench_sample("digits", 2, ("openvino", "cpp-openvino"), 1, (("ddim", 2),), "cpu", None,
+                              ("fp32", "int8"))
+    said = [(r["backend"], r["precision"], r["device"].split(" (")[0]) for r in rows]
+    assert said == [("openvino", "fp32", "OpenVINO CPU"), ("openvino", "int8", "OpenVINO CPU"),
+                    ("cpp-openvino", "fp32", "OpenVINO CPU fp32"), ("cpp-openvino", "int8", "OpenVINO CPU int8")]
+    assert all(r["net_evals_per_s"] > 0 and r["of_matmul_peak"] > 0 for r in rows)
+
+
 def test_bench_sample_without_openvino_is_a_one_line_error(capsys, monkeypatch):
     without_openvino(monkeypatch)
     code, _, err = run(capsys, "bench", "sample", "--backends", "openvino", "--samplers", "ddim", "--steps", 1,
@@ -204,6 +242,17 @@ def test_cpp_bf16_is_pythons_bf16(runner, models, tmp_path):  # noqa: F811
                "--classes", "eel,cat", "--guidance", 2, "--engine", "openvino", "--out", tmp_path / "x.npy")
     want = OnnxSampler(path, engine="openvino", precision="bf16").sample(4, "ddim", 8, seed=1, labels=[2, 2, 0, 0],
                                                                          guidance=2.0)
+    assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-4
+
+
+def test_cpp_int8_is_pythons_int8(runner, models, tmp_path):  # noqa: F811
+    """The int8 file on OpenVINO in both languages: the same network outputs, the same update, and it says int8."""
+    path = models / "int8.onnx"
+    openvino_runner(runner, path)
+    proc = run_runner(runner, "--model", path, "--num-samples", 4, "--sampler", "ddim", "--steps", 8, "--seed", 2,
+                      "--engine", "openvino", "--precision", "fp32", "--out", tmp_path / "x.npy", "--json")
+    assert '"provider": "OpenVINO CPU int8 (the file\'s ddpm.precision), its other operations fp32 (as asked)"' in proc.stdout
+    want = OnnxSampler(path, engine="openvino", precision="fp32").sample(4, "ddim", 8, seed=2)
     assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-4
 
 

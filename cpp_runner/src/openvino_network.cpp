@@ -68,6 +68,7 @@ struct OpenVinoNetwork::Impl {
   ov::AnyMap config;
   std::string description;
   std::map<int64_t, ov::InferRequest> requests;  // by batch: the model compiled for that static batch
+  ov::InferRequest& request(int64_t nb);          // that of nb images, compiled at its first use
 };
 
 OpenVinoNetwork::OpenVinoNetwork(const std::string& path, Precision precision, std::optional<int> threads)
@@ -96,23 +97,28 @@ std::vector<TensorPort> OpenVinoNetwork::inputs() const { return openvino([&] { 
 std::vector<TensorPort> OpenVinoNetwork::outputs() const { return openvino([&] { return ports(impl_->model->outputs()); }); }
 const std::string& OpenVinoNetwork::description() const { return impl_->description; }
 
+ov::InferRequest& OpenVinoNetwork::Impl::request(int64_t nb) {
+  auto it = requests.find(nb);
+  if (it == requests.end()) {
+    const std::shared_ptr<ov::Model> reshaped = model->clone();
+    std::map<std::string, ov::PartialShape> shapes;
+    for (const auto& in : reshaped->inputs()) {
+      ov::PartialShape shape = in.get_partial_shape();
+      shape[0] = nb;
+      shapes[in.get_any_name()] = shape;
+    }
+    reshaped->reshape(shapes);
+    it = requests.emplace(nb, core.compile_model(reshaped, "CPU", config).create_infer_request()).first;
+  }
+  return it->second;
+}
+
+void OpenVinoNetwork::prepare(int64_t nb) { openvino([&] { impl_->request(nb); }); }
+
 void OpenVinoNetwork::run(float* x, int64_t* t, int64_t* y, const int64_t x_shape[4], float* out,
                           const int64_t out_shape[4]) {
   openvino([&] {
-    const int64_t nb = x_shape[0];
-    auto it = impl_->requests.find(nb);
-    if (it == impl_->requests.end()) {
-      const std::shared_ptr<ov::Model> model = impl_->model->clone();
-      std::map<std::string, ov::PartialShape> shapes;
-      for (const auto& in : model->inputs()) {
-        ov::PartialShape shape = in.get_partial_shape();
-        shape[0] = nb;
-        shapes[in.get_any_name()] = shape;
-      }
-      model->reshape(shapes);
-      it = impl_->requests.emplace(nb, impl_->core.compile_model(model, "CPU", impl_->config).create_infer_request()).first;
-    }
-    ov::InferRequest& request = it->second;
+    ov::InferRequest& request = impl_->request(x_shape[0]);
     const auto shape = [](const int64_t* dims, size_t rank) { return ov::Shape(dims, dims + rank); };
     request.set_tensor("x", ov::Tensor(ov::element::f32, shape(x_shape, 4), x));
     request.set_tensor("t", ov::Tensor(ov::element::i64, shape(x_shape, 1), t));
@@ -137,6 +143,7 @@ const std::string& OpenVinoNetwork::description() const {
   static const std::string none;
   return none;
 }
+void OpenVinoNetwork::prepare(int64_t) {}
 void OpenVinoNetwork::run(float*, int64_t*, int64_t*, const int64_t*, float*, const int64_t*) {}
 
 #endif

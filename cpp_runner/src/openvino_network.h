@@ -31,6 +31,7 @@ class OpenVinoNetwork {
   // One call on nb images: x [nb, C, H, W], t [nb] and, when y is not null, y [nb] into out [nb, C_out, H, W] (every
   // buffer the caller's). The model is compiled for a static batch of nb at the first call with nb, and kept.
   void run(float* x, int64_t* t, int64_t* y, const int64_t x_shape[4], float* out, const int64_t out_shape[4]);
+  void prepare(int64_t nb);  // compiles for a static batch of nb now, where run would at its first call
 
  private:
   struct Impl;
