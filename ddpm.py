@@ -620,10 +620,10 @@ class TrainConfig:
     accum: int = _option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
     ema_decay: float = _option(0.998, "decay of the exponential moving average of the weights", min=0.0, max=0.999999)
     ema_warmup: bool = _option(True, "warm the EMA's decay up as (1 + step) / (10 + step), capped at --ema-decay")
-    schedule: Schedule = _option("linear", "beta schedule")
+    schedule: Schedule = _option("cosine", "beta schedule (the paper: linear)")
     T: int = _option(1000, "diffusion steps T", flag="--diffusion-steps", min=1, max=100_000)
-    zero_terminal_snr: bool = _option(False, "rescale the schedule to alpha_bar_T = 0 (needs v or x0)")
-    parameterization: Parameterization = _option("eps", "what the network predicts")
+    zero_terminal_snr: bool = _option(True, "rescale the schedule to alpha_bar_T = 0 (needs v or x0; the paper: no)")
+    parameterization: Parameterization = _option("v", "what the network predicts (the paper: eps)")
     variance: Variance = _option("fixed_small", "Sigma_theta of the reverse process")
     loss: LossType = _option("simple", "L_simple (Eq. 14), the bound, or L_hybrid")
     weighting: Weighting = _option("constant", "the MSE's weight over t: 1 (L_simple), lambda(t) of the bound, "
