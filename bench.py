@@ -19,7 +19,8 @@ from .ddpm import (Diffusion, Trainer, TrainConfig, UserError, beta_schedule,
                    load_model, make_plan, preset_config, resolve_device,
                    sample, torch_noise)
 from .export import onnx_sampler
-from .precision import AUTOCAST_DTYPE, AtPrecision, Precision, compile_for_sampling, resolve_precision
+from .precision import (AUTOCAST_DTYPE, AtPrecision, Precision, SamplePrecision, compile_for_sampling, int8_calibration,
+                        resolve_precision)
 from .fd import fd_of_samples
 
 
@@ -118,7 +119,7 @@ def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str,
 # on onnxruntime and on OpenVINO (ddpm_runner --engine openvino)
 BACKENDS = ("torch", "compile", "ort", "openvino", "cpp", "cpp-openvino")
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
-PRECISIONS = tuple(dict.fromkeys(get_args(Precision) + onnx_sampler.PRECISIONS))  # what bench sample runs
+PRECISIONS = tuple(dict.fromkeys(get_args(SamplePrecision) + onnx_sampler.PRECISIONS))  # what bench sample runs
 
 
 def _die_with_parent():
@@ -195,7 +196,8 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
             raise ValueError(f"backends must be among {', '.join(BACKENDS)}, got {backend!r}")
         for precision in _backend_precisions(backend, precisions, dev):
             if backend in ("torch", "compile"):
-                net = AtPrecision(model, precision)
+                net = AtPrecision(model, precision, int8_calibration(calibration(), diffusion, model)
+                                  if precision == "int8" else None)
                 net = compile_for_sampling(net) if backend == "compile" else net
                 peak, last = matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev), []
                 for sampler, steps in runs:
@@ -263,7 +265,8 @@ def _backend_precisions(backend: str, precisions, device: torch.device) -> list[
     order, once each."""
     torch_side = backend in ("torch", "compile")
     openvino = backend in ("openvino", "cpp-openvino")
-    runs = get_args(Precision)[1:] if torch_side else OPENVINO_PRECISIONS if openvino else onnx_sampler.PRECISIONS
+    runs = (get_args(SamplePrecision)[1:] if backend == "compile" else get_args(Precision)[1:]) if torch_side else \
+        OPENVINO_PRECISIONS if openvino else onnx_sampler.PRECISIONS  # int8 in torch: compiled only
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"precision must be among {', '.join(PRECISIONS)}, got {p!r}")

@@ -32,7 +32,8 @@ from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, Train
 from .ddpm import _option as _field  # a config field with its option's help and range
 from .export import onnx_sampler
 from .fd import digits_features, frechet_distance
-from .precision import AtPrecision, Precision, compile_for_sampling, resolve_precision
+from .precision import (AtPrecision, Int8Error, Precision, SamplePrecision, compile_for_sampling, int8_calibration,
+                        resolve_precision)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
@@ -125,12 +126,19 @@ def _refuse(ctx: typer.Context, names, why: str) -> None:
         raise UserError(f"--{given[0].replace('_', '-').rstrip('-')} {why}")
 
 
-def _at_precision(model, precision: str, device: torch.device, compile: bool = False):
+def _at_precision(model, precision: str, device: torch.device, compile: bool = False, cfg=None, diffusion=None):
     """(the model in the asked precision (AtPrecision), compiled if asked; "bf16 (auto: why)", which the
-    command prints with its result: printed before, it would make a later user error two lines)."""
-    chosen, why = resolve_precision(precision, device)
-    net = AtPrecision(model, chosen)
-    return (compile_for_sampling(net) if compile else net), f"{chosen} ({why})"
+    command prints with its result: printed before, it would make a later user error two lines). int8 is
+    calibrated on noisy training images of the run (`cfg`) at uniform t, and always compiled (its int8
+    kernels exist only compiled)."""
+    try:
+        chosen, why = resolve_precision(precision, device)
+        calibration = int8_calibration(calibration_images(cfg), diffusion, model) if chosen == "int8" else None
+        net = AtPrecision(model, chosen, calibration)
+    except Int8Error as e:
+        raise UserError(str(e)) from None
+    compile = compile or chosen == "int8"
+    return (compile_for_sampling(net) if compile else net), f"{chosen} ({why}{', compiled' if chosen == 'int8' else ''})"
 
 
 def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
@@ -357,7 +365,8 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                numpy_noise_: bool = Opt(False, "--numpy-noise", help="numpy RandomState noise: the stream of "
                                         "`onnx-sample` and the C++ runner (same seed, same images)"),
                ema: bool = EMA, batch_size: int = BATCH, device: Device = DEVICE,
-               precision: Precision = Opt("auto", help="network precision (auto: bf16 where the device runs it fast)"),
+               precision: SamplePrecision = Opt("auto", help="network precision (auto: bf16 where the device runs it "
+                                                "fast; int8: the CPU, compiled, needs torchao)"),
                compile: bool = COMPILE, out: str = Opt("samples.png", help=OUT_IMAGES), **options):
     """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE), with a corrector or not;
     a class-conditional model samples the requested classes, with classifier-free guidance."""
@@ -370,7 +379,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     plan_options = _plan_options(ctx, options)
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
-    model, precision_note = _at_precision(model, precision, dev, compile)
+    model, precision_note = _at_precision(model, precision, dev, compile, cfg, diffusion)
     clf = load_classifier(classifier, dev) if classifier else None
     labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], num_samples)
     if clf and options["classes"] is None:
@@ -664,7 +673,7 @@ def fd_cmd(ctx: typer.Context,
            seed: int = SEED, seeds: str = Opt(None, help="A,B,...: draw the samples once with each seed and report the "
                                                                 "mean FD and its standard deviation over them"),
            device: Device = DEVICE,
-           precision: Precision = Opt("fp32", help="network precision (fp32: the published figures)"),
+           precision: SamplePrecision = Opt("fp32", help="network precision (fp32: the published figures)"),
            compile: bool = COMPILE, json_: bool = JSON, **options):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by; for a class-conditional model (samples
@@ -696,10 +705,10 @@ def fd_cmd(ctx: typer.Context,
                    f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
         return
     dev = resolve_device(device)
-    model, diffusion, _, shape = load_model(source, True, dev)
+    model, diffusion, cfg, shape = load_model(source, True, dev)
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
-    model, note = _at_precision(model, precision, dev, compile)
+    model, note = _at_precision(model, precision, dev, compile, cfg, diffusion)
 
     def fd_of(variance=None, clf=None, scale=1.0, seed=seed, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion

@@ -1,14 +1,18 @@
-"""The precision the network computes in: float32, or bfloat16/float16 autocast where the device runs it fast.
+"""The precision the network computes in: float32, or bfloat16/float16 autocast where the device runs it fast, or
+(sampling on the CPU) int8.
 Training autocasts over float32 master weights; sampling runs a reduced-precision copy of the weights
 (AtPrecision) whose output is float32, so the sampler's arithmetic stays float32."""
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from typing import Literal, get_args
 
 import torch
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+SamplePrecision = Literal["auto", "fp32", "bf16", "fp16", "int8"]  # int8: sampling on the CPU, see quantize_int8
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -25,9 +29,12 @@ def fast_bf16(device: torch.device) -> str | None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
-    """(fp32|bf16|fp16, why): `auto` is bf16 autocast where the device runs it fast, float32 elsewhere."""
-    if precision not in get_args(Precision):
-        raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {precision!r}")
+    """(fp32|bf16|fp16|int8, why): `auto` is bf16 autocast where the device runs it fast, float32 elsewhere;
+    int8 (sampling only) is refused (Int8Error) off the CPU."""
+    if precision not in get_args(SamplePrecision):
+        raise ValueError(f"precision must be one of {', '.join(get_args(SamplePrecision))}, got {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise Int8Error(f"int8 runs on the CPU (x86's int8 kernels), not on {device.type}: use --device cpu")
     if precision != "auto":
         return precision, "as asked"
     why = fast_bf16(device)
@@ -42,16 +49,58 @@ def compile_for_sampling(model):
     return torch.compile(model)
 
 
+class Int8Error(Exception):
+    """int8 cannot run here: no torchao, or not on the CPU."""
+
+
+def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, ...]]) -> torch.nn.Module:
+    """Static int8 quantization of model(*inputs) for the CPU, torchao's PT2E flow with its X86InductorQuantizer:
+    per-output-channel int8 weights and per-tensor uint8 activations (histograms over the `calibration` inputs)
+    for the convolutions and linear layers; normalisation, attention's softmax and the elementwise ops stay float32,
+    as in the int8 ONNX export. The graph runs int8 kernels once compiled (compile_for_sampling: inductor with
+    freezing lowers each quantized pattern to a oneDNN int8 kernel); uncompiled, it simulates int8 in float32."""
+    for name in ("torchao", "torch.utils._pytree"):  # torchao's import logs each CUDA extension it cannot load
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, "torch._inductor")  # its lowering
+    try:
+        from torchao.quantization.pt2e.inductor_passes import x86  # noqa: F401 (registers the int8 lowerings)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ModuleNotFoundError as e:
+        raise Int8Error(f"int8 in PyTorch needs torchao ({e}): pip install 'ddpm-reference[int8]'") from None
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        graph = torch.export.export(model.eval(), calibration[0], dynamic_shapes=[{0: batch}] * len(calibration[0]))
+        config = xiq.get_default_x86_inductor_quantization_config()  # its global default also quantizes the adds:
+        quantizer = xiq.X86InductorQuantizer()  # 3x the error of these two alone on the digits model
+        quantizer.set_module_type_qconfig(torch.nn.Conv2d, config).set_module_type_qconfig(torch.nn.Linear, config)
+        prepared = prepare_pt2e(graph.module(), quantizer)
+        for inputs in calibration:
+            prepared(*inputs)
+        return convert_pt2e(prepared)
+
+
+def int8_calibration(images, diffusion, model) -> list[tuple[torch.Tensor, ...]]:
+    """The model's inputs of the int8 export's calibration (its noisy_batches) for `images` (float32 NCHW in
+    [-1, 1]): x_t of Eq. 4 at uniform t, and labels (the null label among them) for a conditional model."""
+    from .export.onnx_export import noisy_batches
+    batches = noisy_batches(images, diffusion.betas, len(getattr(model, "class_names", [])), seed=0)
+    return [tuple(torch.from_numpy(v) for v in inputs.values()) for inputs in batches]
+
+
 class AtPrecision(torch.nn.Module):
     """model(*args) in `precision` for inference: bf16/fp16 run a copy of the weights in that dtype under
     autocast (which keeps the sinusoidal embedding and the normalisations' statistics in float32); the
-    output is float32, so the sampler's arithmetic stays float32. fp32 calls the model itself."""
+    output is float32, so the sampler's arithmetic stays float32. fp32 calls the model itself; int8 a quantized
+    copy (quantize_int8, calibrated on `calibration`: a list of the model's input tuples)."""
 
-    def __init__(self, model: torch.nn.Module, precision: str):
+    def __init__(self, model: torch.nn.Module, precision: str, calibration=None):
         super().__init__()
         self.dtype = AUTOCAST_DTYPE.get(precision)
-        self.model = model if self.dtype is None else copy.deepcopy(model).to(self.dtype)
         self.class_names = getattr(model, "class_names", [])
+        if precision == "int8":
+            model = quantize_int8(copy.deepcopy(model), calibration)
+        self.model = model if self.dtype is None else copy.deepcopy(model).to(self.dtype)
 
     def forward(self, *args):
         if self.dtype is None:

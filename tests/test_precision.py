@@ -148,6 +148,41 @@ def test_bf16_unet_is_close_to_fp32_and_really_bf16():
     assert prec.AtPrecision(net, "fp32").model is net
 
 
+def test_int8_torch_network_is_int8_close_to_fp32_and_compiles_to_the_same_function():
+    """--precision int8 in PyTorch: every convolution and linear layer reads int8 weights (per output channel) and
+    uint8 activations, calibrated on noisy images at uniform t, and differs from float32 by the quantization's error
+    (the export's bound, 10%); compiled (the int8 kernels) it is the same function within 1% of its output, for a
+    batch it was not traced with."""
+    net = unet_with_outputs()
+    diffusion = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    images = torch.rand(128, *IMAGE).mul(2).sub(1).numpy()
+    quantized = prec.AtPrecision(net, "int8", prec.int8_calibration(images, diffusion, net))
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules())
+    graph = quantized.model.graph
+    weights = [n for n in graph.nodes if n.target == torch.ops.quantized_decomposed.dequantize_per_channel.default]
+    assert len(weights) == layers and all(n.args[-1] == torch.int8 for n in weights)
+    x, t = torch.randn(5, *IMAGE), torch.randint(0, 1000, (5,))
+    with torch.no_grad():
+        want, got = net(x, t), quantized(x, t)
+        compiled = prec.compile_for_sampling(quantized)(x, t)
+    relative = lambda a, b: ((a - b).pow(2).mean() / b.pow(2).mean()).sqrt().item()  # noqa: E731
+    assert 1e-3 < relative(got, want) < 0.1 and relative(compiled, got) < 0.01
+
+
+def test_int8_without_torchao_says_what_to_install(monkeypatch):
+    import sys
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")] + ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(prec.Int8Error, match=r"needs torchao .*pip install 'ddpm-reference\[int8\]'"):
+        prec.quantize_int8(unet_with_outputs(), [(torch.randn(2, *IMAGE), torch.tensor([1, 2]))])
+
+
+def test_int8_runs_on_the_cpu_only():
+    with pytest.raises(prec.Int8Error, match="int8 runs on the CPU"):
+        prec.resolve_precision("int8", torch.device("cuda"))
+    assert prec.resolve_precision("int8", torch.device("cpu")) == ("int8", "as asked")
+
+
 def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the quantizer's scratch files must not land in the working folder
     d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
