@@ -19,8 +19,8 @@ from .ddpm import (Diffusion, Trainer, TrainConfig, UserError, beta_schedule,
                    load_model, make_plan, preset_config, resolve_device,
                    sample, torch_noise)
 from .export import onnx_sampler
-from .precision import (AUTOCAST_DTYPE, AtPrecision, Precision, SamplePrecision, compile_for_sampling, int8_calibration,
-                        resolve_precision)
+from .export.onnx_export import noisy_inputs
+from .precision import AUTOCAST_DTYPE, AtPrecision, Precision, SamplePrecision, compile_for_sampling, resolve_precision
 from .fd import fd_of_samples
 
 
@@ -196,8 +196,8 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
             raise ValueError(f"backends must be among {', '.join(BACKENDS)}, got {backend!r}")
         for precision in _backend_precisions(backend, precisions, dev):
             if backend in ("torch", "compile"):
-                net = AtPrecision(model, precision, int8_calibration(calibration(), diffusion, model)
-                                  if precision == "int8" else None)
+                inputs = noisy_inputs(calibration(), diffusion.betas, 0) if precision == "int8" else None
+                net = AtPrecision(model, precision, inputs)
                 net = compile_for_sampling(net) if backend == "compile" else net
                 peak, last = matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev), []
                 for sampler, steps in runs:

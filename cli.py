@@ -32,8 +32,7 @@ from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, Train
 from .ddpm import _option as _field  # a config field with its option's help and range
 from .export import onnx_sampler
 from .fd import digits_features, frechet_distance
-from .precision import (AtPrecision, Int8Error, Precision, SamplePrecision, compile_for_sampling, int8_calibration,
-                        resolve_precision)
+from .precision import AtPrecision, Int8Error, Precision, SamplePrecision, compile_for_sampling, resolve_precision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
@@ -133,7 +132,10 @@ def _at_precision(model, precision: str, device: torch.device, compile: bool = F
     kernels exist only compiled)."""
     try:
         chosen, why = resolve_precision(precision, device)
-        calibration = int8_calibration(calibration_images(cfg), diffusion, model) if chosen == "int8" else None
+        calibration = None
+        if chosen == "int8":
+            from .export.onnx_export import noisy_inputs
+            calibration = noisy_inputs(calibration_images(cfg), diffusion.betas, len(model.class_names))
         net = AtPrecision(model, chosen, calibration)
     except Int8Error as e:
         raise UserError(str(e)) from None

@@ -80,14 +80,6 @@ def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, 
         return convert_pt2e(prepared)
 
 
-def int8_calibration(images, diffusion, model) -> list[tuple[torch.Tensor, ...]]:
-    """The model's inputs of the int8 export's calibration (its noisy_batches) for `images` (float32 NCHW in
-    [-1, 1]): x_t of Eq. 4 at uniform t, and labels (the null label among them) for a conditional model."""
-    from .export.onnx_export import noisy_batches
-    batches = noisy_batches(images, diffusion.betas, len(getattr(model, "class_names", [])), seed=0)
-    return [tuple(torch.from_numpy(v) for v in inputs.values()) for inputs in batches]
-
-
 class AtPrecision(torch.nn.Module):
     """model(*args) in `precision` for inference: bf16/fp16 run a copy of the weights in that dtype under
     autocast (which keeps the sinusoidal embedding and the normalisations' statistics in float32); the

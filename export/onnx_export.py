@@ -155,6 +155,13 @@ def noisy_batches(images: np.ndarray, betas: np.ndarray, num_classes: int, seed:
     return batches
 
 
+def noisy_inputs(images: np.ndarray, betas: np.ndarray, num_classes: int, seed: int = 0) -> list[tuple]:
+    """noisy_batches as the network's positional inputs (x, t[, y]), torch tensors: what PyTorch's int8
+    (precision.quantize_int8) is calibrated on, the calibration of this export's int8."""
+    return [tuple(torch.from_numpy(v) for v in inputs.values())
+            for inputs in noisy_batches(images, betas, num_classes, seed)]
+
+
 def quantize_int8(fp32_path: str, out_path: str, calibration: list[dict]) -> None:
     """Static int8 quantization in the QDQ format (ONNX Runtime's quantize_static): per-output-channel int8
     weights and per-tensor uint8 activations (MinMax over the `calibration` batches) for Conv, MatMul and
