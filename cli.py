@@ -617,7 +617,7 @@ def bench_sample_cmd(checkpoint: str = Opt(None, help="time this checkpoint (and
                                                                 "dpmpp2m, dpmpp2m-sde, dpmpp3m, unipc (10 each)"),
                      steps: int = Opt(None, min=1, help="every run's network calls (default: each sampler's above)"),
                      backends: str = Opt("torch,ort,cpp", help=f"comma-separated: {','.join(BACKENDS)}"),
-                     precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch), fp32,fp16,int8 "
+                     precision: str = Opt("auto", help="comma-separated: fp32,bf16,fp16 (torch; int8 too, compile), fp32,fp16,int8 "
                                                        "(ort, cpp), fp32,bf16,int8 (openvino, cpp-openvino; int8: the "
                                                        "int8 file); auto: bf16 where fast (torch, OpenVINO), fp32 "
                                                        "(onnxruntime)"),
