@@ -56,9 +56,10 @@ class Int8Error(Exception):
 def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, ...]]) -> torch.nn.Module:
     """Static int8 quantization of model(*inputs) for the CPU, torchao's PT2E flow with its X86InductorQuantizer:
     per-output-channel int8 weights and per-tensor uint8 activations (histograms over the `calibration` inputs)
-    for the convolutions and linear layers; normalisation, attention's softmax and the elementwise ops stay float32,
-    as in the int8 ONNX export. The graph runs int8 kernels once compiled (compile_for_sampling: inductor with
-    freezing lowers each quantized pattern to a oneDNN int8 kernel); uncompiled, it simulates int8 in float32."""
+    for the convolutions and linear layers but those that read a concatenation (concat_readers); normalisation,
+    attention's softmax and the elementwise ops stay float32, as in the int8 ONNX export. The graph runs int8
+    kernels once compiled (compile_for_sampling: inductor with freezing lowers each quantized pattern to a oneDNN
+    int8 kernel); uncompiled, it simulates int8 in float32."""
     for name in ("torchao", "torch.utils._pytree"):  # torchao's import logs each CUDA extension it cannot load
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning, "torch._inductor")  # its lowering
@@ -74,10 +75,20 @@ def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, 
         config = xiq.get_default_x86_inductor_quantization_config()  # its global default also quantizes the adds:
         quantizer = xiq.X86InductorQuantizer()  # 3x the error of these two alone on the digits model
         quantizer.set_module_type_qconfig(torch.nn.Conv2d, config).set_module_type_qconfig(torch.nn.Linear, config)
+        for name in concat_readers(graph.graph):
+            quantizer.set_module_name_qconfig(name, None)
         prepared = prepare_pt2e(graph.module(), quantizer)
         for inputs in calibration:
             prepared(*inputs)
         return convert_pt2e(prepared)
+
+
+def concat_readers(graph: torch.fx.Graph) -> list[str]:
+    """The convolutions that read a concatenation (the U-Net decoder's 1x1 shortcuts over [h, skip]), by module
+    name: their input joins channels of very different ranges (+-5 beside +-130 on the digits model), which one
+    per-tensor int8 scale cannot hold (Q-Diffusion's observation, Li et al. 2023); they stay float32."""
+    return [next(reversed(node.meta["nn_module_stack"].values()))[0] for node in graph.nodes
+            if node.target == torch.ops.aten.conv2d.default and node.args[0].target == torch.ops.aten.cat.default]
 
 
 class AtPrecision(torch.nn.Module):

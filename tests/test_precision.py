@@ -3,6 +3,7 @@ the C++ runner, against the exact moments of an oracle network and against float
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -160,8 +161,10 @@ def test_int8_torch_network_is_int8_close_to_fp32_and_compiles_to_the_same_funct
     layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules())
     graph = quantized.model.graph
     weights = [n for n in graph.nodes if n.target == torch.ops.quantized_decomposed.dequantize_per_channel.default]
-    assert len(weights) == layers and all(n.args[-1] == torch.int8 for n in weights)
     x, t = torch.randn(5, *IMAGE), torch.randint(0, 1000, (5,))
+    float32 = prec.concat_readers(torch.export.export(net, (x, t)).graph)  # the decoder's shortcuts over [h, skip]
+    assert float32 and all(name.startswith("up.") and name.endswith(".res.shortcut") for name in float32)
+    assert len(weights) == layers - len(float32) and all(n.args[-1] == torch.int8 for n in weights)
     with torch.no_grad():
         want, got = net(x, t), quantized(x, t)
         compiled = prec.compile_for_sampling(quantized)(x, t)
@@ -212,6 +215,44 @@ def test_int8_export_of_a_unet_within_tolerance_and_refused_past_it(tmp_path, mo
     assert not (tmp_path / "wide.onnx").exists()
     with pytest.raises(onnx_export.ExportError, match="calibration images"):
         onnx_export.export_onnx(Wide().eval(), d, IMAGE, tmp_path / "wide.onnx", precision="int8")
+
+
+class Joined(torch.nn.Module):
+    """A convolution over a concatenation of channels 10^3 apart in range, whose output is the small one's: one
+    int8 scale over both rounds the small channel to 0 (the U-Net decoder's shortcut over [h, skip])."""
+
+    def __init__(self):
+        super().__init__()
+        self.big, self.small = torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.Conv2d(1, 1, 1, bias=False)
+        self.joined = torch.nn.Conv2d(2, 1, 1, bias=False)
+        with torch.no_grad():
+            self.big.weight.fill_(1e3), self.small.weight.fill_(1.0)
+            self.joined.weight.copy_(torch.tensor([1e-6, 1.0]).reshape(1, 2, 1, 1))
+
+    def forward(self, x, t):
+        return self.joined(torch.cat([self.big(x), self.small(x)], 1)) + 0 * t[:, None, None, None]
+
+
+def test_int8_keeps_a_convolution_over_a_concatenation_in_float32(tmp_path, monkeypatch):
+    """Both int8 paths leave the convolution that reads a concatenation in float32 (and only it): quantized,
+    Joined's output would be 0 (relative error 1), refused by the export."""
+    monkeypatch.chdir(tmp_path)
+    d = ddpm.Diffusion(ddpm.beta_schedule("linear", 1000))
+    images = np.random.default_rng(0).uniform(-1, 1, (64, *IMAGE)).astype(np.float32)
+    report = onnx_export.export_onnx(Joined().eval(), d, IMAGE, tmp_path / "j.onnx", precision="int8",
+                                     calibration_images=images)
+    assert max(c["relative_rms"] for c in report["checks"]) < 0.1  # int8's rounding of x; quantized joined: ~1
+    graph = onnx.load(tmp_path / "j.onnx").graph
+    produced_by = {out: node.op_type for node in graph.node for out in node.output}
+    convs = {node.name: produced_by.get(node.input[0]) for node in graph.node if node.op_type == "Conv"}
+    assert sorted(convs.values()) == ["Concat", "DequantizeLinear", "DequantizeLinear"], convs
+
+    inputs = onnx_export.noisy_inputs(images, d.betas, 0)
+    quantized = prec.AtPrecision(Joined().eval(), "int8", inputs)
+    x, t = inputs[0]
+    with torch.no_grad():
+        want, got = Joined().eval()(x, t), quantized(x, t)
+    assert ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item() < 0.1
 
 
 def test_compiled_sampling_network_matches_eager():
