@@ -39,6 +39,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Opt = typer.Option
 Provider = typing.Literal[("auto", *onnx_sampler.PROVIDERS)]  # onnxruntime providers by name
 FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
+GUIDANCE_TABLE = (0.0, 1.0, 1.5, 2.0, 3.0)  # the classifier-free scales of fd --guidance-table
 
 
 def _finite(value):
@@ -669,7 +670,8 @@ def fd_cmd(ctx: typer.Context,
                                          "with fixed_small and fixed_large, as a Markdown table"),
            nfe_table: bool = Opt(False, help="FD against network calls (NFE) for every sampler, as a Markdown table"),
            guidance_table: bool = Opt(False, help="a class-conditional model: class accuracy and FD for guidance "
-                                                  "s = 0, 1, 2, 3 (and classifier guidance with --classifier)"),
+                                                  "s = 0, 1, 1.5, 2, 3 with the sampler given (and classifier "
+                                                  "guidance with --classifier)"),
            classifier: str = Opt(None, help="with --guidance-table: also classifier guidance with this classifier"),
            classifier_scales: str = Opt("1,2", help="with --guidance-table --classifier: the g values"),
            seed: int = SEED, seeds: str = Opt(None, help="A,B,...: draw the samples once with each seed and report the "
@@ -684,9 +686,10 @@ def fd_cmd(ctx: typer.Context,
         raise UserError("--table, --nfe-table and --guidance-table are separate tables: give one")
     if not guidance_table:
         _refuse(ctx, ["classifier", "classifier_scales"], "applies to --guidance-table only")
-    if table or nfe_table or guidance_table:
-        _refuse(ctx, ["variance", "sampler", "steps", "eta", "seeds"] + (["classes", "guidance"] if guidance_table else []),
-                "is set by the table's rows")
+    if table or nfe_table:
+        _refuse(ctx, ["variance", "sampler", "steps", "eta", "seeds"], "is set by the table's rows")
+    if guidance_table:
+        _refuse(ctx, ["classes", "guidance"], "is set by the table's rows")
     if source.endswith(".npz"):
         _refuse(ctx, SAMPLING_OPTIONS + ["num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
                                          "seeds", "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
@@ -727,21 +730,26 @@ def fd_cmd(ctx: typer.Context,
     if guidance_table:
         if not model.class_names and not classifier:
             raise UserError("--guidance-table needs a class-conditional model (or --classifier)")
-        rows = {f"classifier-free, s = {g:g}": fd_of(guidance=g) for g in ((0.0, 1.0, 2.0, 3.0) if model.class_names else ())}
+        def row(**kwargs):  # (FD, its spread, network calls, class accuracy) over the seeds
+            runs = np.array([fd_of(variance, seed=s, **kwargs) for s in seed_list], dtype=np.float64)
+            return runs[:, 0].mean(), runs[:, 0].std(), int(runs[0, 1]), runs[:, 2].mean()
+
+        rows = {f"classifier-free, s = {g:g}": row(guidance=g) for g in (GUIDANCE_TABLE if model.class_names else ())}
         if classifier:
             clf = load_classifier(classifier, dev)
             every_class = ",".join(map(str, range(len(clf[2]))))
             rows.update({f"classifier guidance of the unconditional model, g = {g:g}":  # the null label: s = 0
-                         fd_of(clf=clf, scale=g, classes=every_class, guidance=0.0)
+                         row(clf=clf, scale=g, classes=every_class, guidance=0.0)
                          for g in _float_list(classifier_scales, "--classifier-scales")})
         if json_:
-            typer.echo(json.dumps({"rows": rows, "floor": floor, "num_samples": num_samples, "precision": note}))
+            typer.echo(json.dumps({"rows": rows, "floor": floor, "num_samples": num_samples, "seeds": seed_list,
+                                   "precision": note}))
             return
         typer.echo("| guidance | class accuracy | FD |\n|---|---|---|")
-        for name, (fd, _, accuracy) in rows.items():
-            typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f} |")
-        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {num_samples} samples per row, an equal share of each class; "
-                   f"network in {note}")
+        for name, (fd, spread, _, accuracy) in rows.items():
+            typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f}" + (f" +- {spread:.3f}" if seeds else "") + " |")
+        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {num_samples} samples per row, an equal share of each class"
+                   + (f", mean and standard deviation over seeds {seeds}" if seeds else "") + f"; network in {note}")
         return
     if nfe_table:
         rows = {name: [fd_of(**{**opts, "steps": s})[:2] for s in steps] for name, opts, steps in NFE_ROWS}

@@ -107,3 +107,21 @@ def test_bench_train_cli_json():
     assert row["achieved_tflops"] > 0 and row["matmul_peak_tflops"] > 0
     assert row["of_matmul_peak"] == pytest.approx(row["achieved_tflops"] / row["matmul_peak_tflops"])
     assert_user_error(cli("bench", "train", "--precision", "fp8"), "--precision", "is not one of")
+
+
+def test_guidance_table_rows_are_fd_runs_of_the_sampler_given(tmp_path):
+    """fd --guidance-table: one row per classifier-free scale, each the mean over --seeds of what `fd --guidance s`
+    gives with the same sampler and seed (its FD and class agreement)."""
+    res = cli("train", "--class-cond", "--train-steps", 5, "--batch-size", 8, "--diffusion-steps", 20, "--device", "cpu",
+              "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    run = lambda *args: json.loads(cli("fd", tmp_path / "checkpoint.pt", "--sampler", "ddim", "--steps", 2,  # noqa: E731
+                                       "--num-samples", 20, "--device", "cpu", "--json", *args).stdout)
+    table = run("--guidance-table", "--seeds", "3,4")
+    assert list(table["rows"]) == [f"classifier-free, s = {g:g}" for g in (0, 1, 1.5, 2, 3)] and table["seeds"] == [3, 4]
+    for g in (1.5, 3):
+        fd_mean, fd_std, calls, accuracy = table["rows"][f"classifier-free, s = {g:g}"]
+        one, two = run("--guidance", g, "--seed", 3), run("--guidance", g, "--seed", 4)
+        assert fd_mean == pytest.approx((one["fd"] + two["fd"]) / 2) and fd_std == pytest.approx(abs(one["fd"] - two["fd"]) / 2)
+        assert accuracy == pytest.approx((one["class_accuracy"] + two["class_accuracy"]) / 2) and calls == 2
+    assert_user_error(cli("fd", tmp_path / "checkpoint.pt", "--guidance-table", "--guidance", 2), "table's rows")
