@@ -228,8 +228,8 @@ class GuidanceOptions:
     """The classes and guidance of a class-conditional model (sample, onnx-sample, fd, the C++ runner)."""
     classes: str | None = _field(None, "a class or comma-separated classes (indices or names); default: every class, "
                                        "a row each", aliases=("--class",))
-    guidance: float = _field(1.0, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, "
-                                  "0 unconditional")
+    guidance: float | None = _field(None, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, "
+                                          f"0 unconditional; default {onnx_sampler.DEFAULT_GUIDANCE:g}")
 
 
 def _plan_options(ctx: typer.Context, options: dict) -> dict:
@@ -243,7 +243,7 @@ def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> 
     """The n labels a command samples (a balanced sweep over the requested classes), or None for an
     unconditional model; UserError for labels or guidance it cannot take."""
     if not class_names:
-        if classes is not None or guidance != 1.0:
+        if classes is not None or guidance is not None:
             raise UserError("--class/--guidance need a class-conditional model (train one with --class-cond)")
         return None
     if classes is None:
@@ -275,7 +275,7 @@ class TorchRun:
     noise: typing.Callable
     device: torch.device
     labels: np.ndarray | None = None
-    guidance: float = 1.0
+    guidance: float | None = None  # None: onnx_sampler.DEFAULT_GUIDANCE
     classifier: tuple | None = None
     scale: float = 1.0
 
@@ -285,7 +285,8 @@ class TorchRun:
         y = None if self.labels is None else torch.as_tensor(self.labels[start:stop], device=self.device)
         net, shape = self.model, (stop - start, *self.shape)
         if y is not None and self.model.class_names:
-            net = classifier_free_guidance(net, y, self.guidance, len(self.model.class_names))
+            scale = onnx_sampler.DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+            net = classifier_free_guidance(net, y, scale, len(self.model.class_names))
         if self.classifier is None:
             return sample(net, self.plan, shape, self.noise, tick).cpu()
         clf = self.classifier[0]
@@ -390,7 +391,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     if clf and (clf[1].schedule, clf[1].T, clf[1].zero_terminal_snr) != (cfg.schedule, cfg.T, cfg.zero_terminal_snr):
         raise UserError(f"{classifier} was trained on the {clf[1].schedule} schedule with T = {clf[1].T}, the model "
                         f"on {cfg.schedule} with T = {cfg.T}: the noise levels must match")
-    if clf and not model.class_names and options["guidance"] not in (0.0, 1.0):
+    if clf and not model.class_names and options["guidance"] not in (None, 0.0, 1.0):
         raise UserError("--guidance (classifier-free) needs a class-conditional model; --classifier-scale sets g")
     plan = _torch_plan(diffusion, plan_options)
     noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)

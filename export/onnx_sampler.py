@@ -60,6 +60,10 @@ PARAMETERIZATIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ENGINES = ("onnxruntime", "openvino")  # what runs the network (openvino: openvino_engine.py, the openvino package)
+# The classifier-free guidance of a class-conditional model when none is given (the C++ runner's kDefaultGuidance):
+# chosen from the guidance table of BENCHMARKS.md, where it is the scale of the best FD among those whose samples
+# are the requested class at least 98% of the time.
+DEFAULT_GUIDANCE = 1.5
 PRECISIONS = ("fp32", "fp16", "int8")  # how an exported network computes (ddpm.precision); its inputs and output are float32
 FORMAT = "1"
 
@@ -779,7 +783,7 @@ class OnnxSampler:
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
                spacing: str = "uniform", clip: bool | None = None, seed: int = 0, batch: int | None = None,
                progress: Callable[[int, int], None] | None = None, return_timing: bool = False,
-               corrector_steps: int = 0, snr: float = 0.16, labels=None, guidance: float = 1.0):
+               corrector_steps: int = 0, snr: float = 0.16, labels=None, guidance: float | None = None):
         """n samples, float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one
         RandomState(seed) stream: each batch in order draws x_T, then each noisy row's z. progress(k, K)
         is called after every network call (K = rows x number of batches). With return_timing, returns
@@ -791,12 +795,13 @@ class OnnxSampler:
 
     def run(self, plan: Plan, x: np.ndarray | int, seed: int = 0, batch: int | None = None,
             progress: Callable[[int, int], None] | None = None, return_timing: bool = False, labels=None,
-            guidance: float = 1.0):
+            guidance: float | None = None):
         """Execute `plan` from x (float [n, C, H, W]: latents to decode, or images to encode), or from n
         draws of x_T when x is a number n; noise from RandomState(seed), batch by batch (see sample).
         A class-conditional model runs with the null label (unconditionally), or with n `labels` in
         0..K-1 and classifier-free guidance out_u + s (out_c - out_u) on the prediction channels (s =
-        `guidance`; 1: one conditional call per row, 0: one unconditional call, else one call on 2B)."""
+        `guidance`, default DEFAULT_GUIDANCE; 1: one conditional call per row, 0: one unconditional call, else
+        one call on 2B)."""
         start = time.perf_counter()
         given = not isinstance(x, (int, np.integer))
         n = len(x) if given else x
@@ -805,7 +810,7 @@ class OnnxSampler:
             raise ValueError(f"n and batch must be positive integers, got n={n}, batch={batch}")
         if given and tuple(np.shape(x)[1:]) != self.image_shape:
             raise ValueError(f"x must be [n, {', '.join(map(str, self.image_shape))}], got {list(np.shape(x))}")
-        labels = self._check_labels(labels, guidance, n)
+        labels, guidance = self._check_labels(labels, guidance, n)
         rng = np.random.RandomState(seed)
         coefficients = [self._ortvalue(step_coefficients(plan, k)) for k in range(len(plan))]
         result = np.empty((n, *self.image_shape), dtype=np.float32)
@@ -822,19 +827,21 @@ class OnnxSampler:
         return result, {"total_s": time.perf_counter() - start, "network_s": network_s, "steps": len(plan),
                         "provider": self.provider, "precision": self.precision, "precision_why": self.why}
 
-    def _check_labels(self, labels, guidance: float, n: int):
-        """The labels as int64 [n] (the null label for a conditional model given none), or ValueError."""
+    def _check_labels(self, labels, guidance: float | None, n: int):
+        """(the labels as int64 [n] (the null label for a conditional model given none), the guidance scale), or
+        ValueError."""
         if labels is None:
-            if guidance != 1.0:
+            if guidance not in (None, 1.0):
                 raise ValueError("a guidance scale needs labels (the classes to guide to)")
-            return np.full(n, self.null_label, dtype=np.int64) if self.num_classes else None
+            return (np.full(n, self.null_label, dtype=np.int64) if self.num_classes else None), 1.0
         if not self.num_classes:
             raise ValueError(f"{self.path} is an unconditional model: it takes no labels")
         labels = np.asarray(labels)
         if labels.shape != (n,) or labels.dtype.kind not in "iu" or not ((labels >= 0) & (labels < self.num_classes)).all():
             raise ValueError(f"labels must be {n} whole numbers in 0..{self.num_classes - 1} (the classes "
                              f"{', '.join(self.class_names)}), got {labels.tolist()[:10]}")
-        return labels.astype(np.int64) if guidance != 0 else np.full(n, self.null_label, dtype=np.int64)
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        return (labels.astype(np.int64) if guidance != 0 else np.full(n, self.null_label, dtype=np.int64)), guidance
 
     def _ortvalue(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device, self._device_id)

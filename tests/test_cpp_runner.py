@@ -285,11 +285,13 @@ def conditional_model(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("path", ["host", "step-graph"])
 @pytest.mark.parametrize("sampler,steps,eta,classes,guidance", [
     ("ancestral", 10, 0.0, "2,0", 2.5), ("ddim", 8, 0.5, "1", 1.0), ("ddim", 8, 0.0, "0,1,2", 0.0),
-    ("dpmpp2m-sde", 6, 0.0, None, 3.0), ("ddim", 5, 0.0, None, 1.0)])
+    ("dpmpp2m-sde", 6, 0.0, None, 3.0), ("ddim", 5, 0.0, None, 1.0), ("ddim", 5, 0.0, "2,0", None)])
 def test_guided_samples_match_python(runner, conditional_model, tmp_path, path, sampler, steps, eta, classes, guidance):
-    from ddpm_reference.export.onnx_sampler import OnnxSampler, balanced_labels
+    """guidance None: neither gives one, and both guide by DEFAULT_GUIDANCE."""
+    from ddpm_reference.export.onnx_sampler import DEFAULT_GUIDANCE, OnnxSampler, balanced_labels
     n, batch, seed = 5, 2, 9
-    args = ["--sampler", sampler, "--steps", steps, "--guidance", guidance] + (["--eta", eta] if eta else [])
+    args = ["--sampler", sampler, "--steps", steps] + (["--eta", eta] if eta else [])
+    args += ["--guidance", guidance] if guidance is not None else []
     args += ["--classes", classes] if classes else []
     run(runner, "--model", conditional_model, "--num-samples", n, "--batch-size", batch, "--seed", seed, "--threads", 1,
         "--out", tmp_path / "x.npy", *args, *(["--step-graph"] if path == "step-graph" else []))
@@ -297,6 +299,9 @@ def test_guided_samples_match_python(runner, conditional_model, tmp_path, path, 
     labels = balanced_labels([int(c) for c in classes.split(",")] if classes else [0, 1, 2], n)
     want = python.sample(n, sampler, steps, eta, seed=seed, batch=batch, labels=labels, guidance=guidance)
     assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-3
+    if guidance is None:
+        assert np.array_equal(want, python.sample(n, sampler, steps, eta, seed=seed, batch=batch, labels=labels,
+                                                  guidance=DEFAULT_GUIDANCE))
 
 
 def test_label_errors(runner, conditional_model, models, tmp_path):

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from ddpm_reference import ddpm
 from ddpm_reference.export import onnx_sampler
 from ddpm_reference.export.onnx_export import FP16_TOLERANCE, ExportError, export_onnx, metadata
-from ddpm_reference.export.onnx_sampler import ModelError, OnnxSampler, save_images
+from ddpm_reference.export.onnx_sampler import DEFAULT_GUIDANCE, ModelError, OnnxSampler, save_images
 
 try:
     from ddpm_reference import unet
@@ -346,12 +346,14 @@ def test_guided_onnx_sampler_matches_torch(conditional, c, sampler, steps, eta, 
     assert np.abs(got - want.numpy()).max() <= 1e-3
 
 
-def test_guidance_one_and_zero_are_the_conditional_and_unconditional_models(conditional):
+def test_guidance_one_and_zero_are_the_conditional_and_unconditional_models_and_the_default_is_guided(conditional):
     nets, folder = conditional
     sampler = OnnxSampler(folder / "cond1.onnx", provider="cpu", threads=1)
     labels = np.array([1, 1, 2])
-    cond = sampler.sample(3, "ddim", 5, seed=4, labels=labels)
-    assert np.array_equal(cond, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=1.0))
+    guided = sampler.sample(3, "ddim", 5, seed=4, labels=labels)
+    assert np.array_equal(guided, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=DEFAULT_GUIDANCE))
+    cond = sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=1.0)
+    assert not np.allclose(guided, cond)
     uncond = sampler.sample(3, "ddim", 5, seed=4)  # no labels: the null label
     assert np.array_equal(uncond, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=0.0))
     assert not np.allclose(cond, uncond)

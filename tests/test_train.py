@@ -18,6 +18,7 @@ from PIL import Image
 from ddpm_reference import cli as ddpm_cli
 from ddpm_reference import ddpm
 from ddpm_reference import data as datasets
+from ddpm_reference.export.onnx_sampler import DEFAULT_GUIDANCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(steps=40, batch_size=32, warmup=5, log_every=10, checkpoint_every=20, sample_every=10_000,
@@ -293,6 +294,18 @@ def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
     res = cli("nll", tmp_path / "a" / "checkpoint.pt", "--num-images", 8, "--json")  # conditioned on the true labels
     assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["total"] > 0, res.stderr
     assert_user_error(cli("sample", tmp_path / "a" / "checkpoint.pt", "--class", 12), "not a class of this model")
+    ckpt, files = tmp_path / "a" / "checkpoint.pt", iter(range(10))
+
+    def pixels(command, model, *args):
+        out = tmp_path / f"{next(files)}.npz"
+        res = cli(command, model, "--num-samples", 6, "--sampler", "ddim", "--steps", 4, *args, "--out", out)
+        assert res.returncode == 0, res.stderr
+        return np.load(out)["arr_0"].astype(int)
+    assert cli("export", ckpt, "--out", tmp_path / "cond.onnx").returncode == 0
+    guided = pixels("sample", ckpt, "--numpy-noise")  # no --guidance: DEFAULT_GUIDANCE, in torch and onnxruntime
+    assert np.array_equal(guided, pixels("sample", ckpt, "--numpy-noise", "--guidance", DEFAULT_GUIDANCE))
+    assert not np.array_equal(guided, pixels("sample", ckpt, "--numpy-noise", "--guidance", 1))
+    assert np.abs(guided - pixels("onnx-sample", tmp_path / "cond.onnx")).max() <= 1
     np.savez(tmp_path / "unlabelled.npz", np.zeros((10, 8, 8), np.uint8))
     with pytest.raises(ddpm.UserError, match="no labels"):
         fit(ddpm.TrainConfig(**{**cfg, "data": str(tmp_path / "unlabelled.npz")}, out=str(tmp_path / "c")))

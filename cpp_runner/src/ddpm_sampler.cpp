@@ -948,10 +948,11 @@ Sampler::Impl::Labels Sampler::Impl::batch_labels(const Conditioning& cond, int6
     return l;
   }
   const int64_t null = info_.num_classes;
-  l.guided = !cond.labels.empty() && cond.guidance != 0.0 && cond.guidance != 1.0;
-  l.scale = float(cond.guidance);
+  const double guidance = cond.guidance.value_or(cond.labels.empty() ? 1.0 : kDefaultGuidance);
+  l.guided = !cond.labels.empty() && guidance != 0.0 && guidance != 1.0;
+  l.scale = float(guidance);
   for (int64_t i = 0; i < b; ++i)
-    l.y.push_back(cond.labels.empty() || cond.guidance == 0.0 ? null : cond.labels[first + i]);
+    l.y.push_back(cond.labels.empty() || guidance == 0.0 ? null : cond.labels[first + i]);
   if (l.guided) l.y.resize(2 * b, null);
   return l;
 }
@@ -972,8 +973,8 @@ RunStats Sampler::Impl::sample(const Plan& p, uint32_t seed, float* out, size_t 
                 (!s.learned || info_.variance == "learned_range");
        }), "the plan was not made for this model (use make_plan with this Sampler's info())");
   need(info_.num_classes || cond.labels.empty(), "this model is unconditional: it takes no labels (--class)");
-  need(!cond.labels.empty() || cond.guidance == 1.0, "a guidance scale needs labels (--class or --classes)");
-  need(std::isfinite(cond.guidance), "the guidance scale must be a finite number");
+  need(!cond.labels.empty() || cond.guidance.value_or(1.0) == 1.0, "a guidance scale needs labels (--class or --classes)");
+  need(std::isfinite(cond.guidance.value_or(1.0)), "the guidance scale must be a finite number");
   need(cond.labels.empty() || int64_t(cond.labels.size()) == n, "one label per image is needed");
   for (int64_t y : cond.labels)
     need(y >= 0 && y < info_.num_classes, "label " + std::to_string(y) + " is out of range: the model has classes 0.." +

@@ -50,7 +50,7 @@ const char* kUsage =
     "                               into latents (write a .npy) (off)\n"
     "  --class K | --classes K1,K2  the classes (indices or names) of a class-conditional model, in equal blocks,\n"
     "                               a grid row each (every class)\n"
-    "  --guidance S                 classifier-free guidance out_u + S (out_c - out_u): 1 conditional, 0 unconditional (1)\n"
+    "  --guidance S                 classifier-free guidance out_u + S (out_c - out_u): 1 conditional, 0 unconditional (1.5)\n"
     "  --help                       this text\n"
     "Testing aids: --dump-noise COUNT (the seed's first COUNT float64 normals), --dump-plan (the plan as JSON),\n"
     "--step-graph (the CUDA path's row updates as ONNX graphs, on any provider).\n"
@@ -59,7 +59,7 @@ const char* kUsage =
 struct Args {
   std::string model, out = "samples.png", init;
   std::optional<std::string> classes;
-  double guidance = 1.0;
+  std::optional<double> guidance;  // none: ddpm::kDefaultGuidance
   ddpm::PlanOptions plan;
   ddpm::Provider provider = ddpm::Provider::Auto;
   ddpm::Engine engine = ddpm::Engine::OnnxRuntime;
@@ -215,7 +215,7 @@ ddpm::Conditioning conditioning(const Args& a, const ddpm::ModelInfo& m, int64_t
   ddpm::Conditioning c;
   c.guidance = a.guidance;
   if (!m.num_classes) {
-    if (a.classes || a.guidance != 1.0)
+    if (a.classes || a.guidance)
       throw Error("--class/--guidance need a class-conditional model (this one is unconditional)");
     return c;
   }

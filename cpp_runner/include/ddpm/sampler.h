@@ -108,11 +108,16 @@ struct LoadOptions {
   Precision precision = Precision::Auto;  // anything but the file's own precision needs Engine::OpenVino
 };
 
+// The classifier-free guidance of a class-conditional model when none is given, as in Python
+// (export/onnx_sampler.DEFAULT_GUIDANCE): chosen from the guidance table of BENCHMARKS.md.
+inline constexpr double kDefaultGuidance = 1.5;
+
 // What a class-conditional model samples: one label in 0..K-1 per image (none: the null label, i.e.
-// unconditionally) and the classifier-free guidance s of out_u + s (out_c - out_u) on the prediction channels.
+// unconditionally) and the classifier-free guidance s of out_u + s (out_c - out_u) on the prediction channels
+// (none: kDefaultGuidance with labels; 1 is one conditional call per row, 0 one unconditional call).
 struct Conditioning {
   std::vector<int64_t> labels;
-  double guidance = 1.0;
+  std::optional<double> guidance;
 };
 
 struct RunStats {
