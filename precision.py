@@ -85,7 +85,7 @@ def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, 
 
 def concat_readers(graph: torch.fx.Graph) -> list[str]:
     """The convolutions that read a concatenation (the U-Net decoder's 1x1 shortcuts over [h, skip]), by module
-    name: their input joins channels of very different ranges (+-5 beside +-130 on the digits model), which one
+    name: their input joins channels of very different ranges (+-5 beside +-138 on the digits model), which one
     per-tensor int8 scale cannot hold (Q-Diffusion's observation, Li et al. 2023); they stay float32."""
     return [next(reversed(node.meta["nn_module_stack"].values()))[0] for node in graph.nodes
             if node.target == torch.ops.aten.conv2d.default and node.args[0].target == torch.ops.aten.cat.default]

@@ -162,11 +162,12 @@ def noisy_inputs(images: np.ndarray, betas: np.ndarray, num_classes: int, seed: 
             for inputs in noisy_batches(images, betas, num_classes, seed)]
 
 
-def quantize_int8(fp32_path: str, out_path: str, calibration: list[dict]) -> None:
-    """Static int8 quantization in the QDQ format (ONNX Runtime's quantize_static): per-output-channel int8
-    weights and per-tensor uint8 activations (MinMax over the `calibration` batches) for Conv, MatMul and
-    Gemm; normalisation, attention softmax and the elementwise ops stay float32, as do the inputs and the
-    output (the file is read by the same samplers). Quantizing those too made it less exact and slower.
+def quantize_int8(fp32: onnx.ModelProto, out_path: str, calibration: list[dict]) -> None:
+    """Static int8 quantization of the float32 graph `fp32` into the file `out_path`, in the QDQ format (ONNX
+    Runtime's quantize_static): per-output-channel int8 weights and per-tensor uint8 activations (MinMax over
+    the `calibration` batches) for Conv, MatMul and Gemm; normalisation, attention softmax and the elementwise
+    ops stay float32, as do the inputs and the output (the file is read by the same samplers). Quantizing those
+    too made it less exact and slower.
     Unsigned activations, x86's native u8 x s8 product: OpenVINO ran signed ones 15% off float32 (RMS) on
     the digits model, where onnxruntime ran them 2.3% off. The convolutions that read a concatenation (the
     decoder's 1x1 shortcuts over [h, skip]) stay float32, as in PyTorch's int8 (precision.concat_readers): on
@@ -181,12 +182,12 @@ def quantize_int8(fp32_path: str, out_path: str, calibration: list[dict]) -> Non
         def get_next(self):
             return next(self.batches, None)
 
-    graph = onnx.load(fp32_path).graph
-    concat = {out for node in graph.node if node.op_type == "Concat" for out in node.output}
-    concat_readers = [node.name for node in graph.node if node.op_type == "Conv" and node.input[0] in concat]
+    nodes = fp32.graph.node
+    concat = {out for node in nodes if node.op_type == "Concat" for out in node.output}
+    concat_readers = [node.name for node in nodes if node.op_type == "Conv" and node.input[0] in concat]
     with warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
-        quantize_static(fp32_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(fp32, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"], nodes_to_exclude=concat_readers,
                         calibrate_method=CalibrationMethod.MinMax)
@@ -299,8 +300,7 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
         cut = len(images) * 3 // 4  # calibrate on the first three quarters, check on the rest
         held_out = noisy_batches(images[cut:], diffusion.betas, len(classes), seed=1)
         with tempfile.TemporaryDirectory() as tmp:
-            onnx.save(graph, os.path.join(tmp, "fp32.onnx"))
-            quantize_int8(os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx"),
+            quantize_int8(graph, os.path.join(tmp, "int8.onnx"),
                           noisy_batches(images[:cut], diffusion.betas, len(classes), seed=0))
             graph = onnx.load(os.path.join(tmp, "int8.onnx"))
     for key, value in metadata(diffusion, image_shape, clip_denoised, classes, precision).items():
