@@ -216,7 +216,8 @@ class SampleOptions:
     steps: int | None = _field(None, "network calls of the sampler (default: T for ancestral, 50 for the others)",
                                min=1)
     eta: float = _field(0.0, "DDIM's eta (ddim only)", min=0.0, max=1.0)
-    spacing: Spacing = _field("uniform", "which timesteps are kept when --steps < T")
+    spacing: Spacing | None = _field(None, "which timesteps are kept when --steps < T (default: trailing for a "
+                                           "zero-terminal-SNR schedule, else uniform)")
     clip: bool | None = _field(None, "clip the predicted x0 to [-1, 1] (default: on; for an .onnx file, the file's)")
     corrector_steps: int = _field(0, "Langevin corrector steps per timestep (predictor-corrector; ancestral, ddim)",
                                   min=0, max=1000)

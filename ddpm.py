@@ -420,25 +420,25 @@ Spacing = Literal[onnx_sampler.SPACINGS]  # uniform | linspace | trailing | quad
 
 
 def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int | None = None,
-              eta: float = 0.0, spacing: Spacing = "uniform", clip: bool = True, corrector_steps: int = 0,
+              eta: float = 0.0, spacing: Spacing | None = None, clip: bool = True, corrector_steps: int = 0,
               snr: float = 0.16) -> Plan:
     """The plan for `diffusion` of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM
     Section 4), DDIM with eta (Song et al. Eq. 12, 16), DPM-Solver++(2M) (dpmpp2m, Lu et al. 2022) or its
     SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m), UniPC (unipc, Zhao et al. 2023), optionally with K = corrector_steps Langevin rows per timestep (Song et al.
-    2021's predictor-corrector); steps defaults to T (ancestral) and min(50, T) (the others). See
-    export/onnx_sampler.make_plan."""
+    2021's predictor-corrector); steps defaults to T (ancestral) and min(50, T) (the others), spacing to trailing
+    for a zero-terminal-SNR schedule and uniform otherwise. See export/onnx_sampler.make_plan."""
     return onnx_sampler.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance,
                                   sampler, steps, eta, spacing, clip, corrector_steps, snr)
 
 
-def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing = "uniform") -> Plan:
+def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing | None = None) -> Plan:
     """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3); decoding the result with the DDIM
     plan of the same steps reconstructs the data."""
     return onnx_sampler.ddim_inversion_plan(diffusion.alphas_cumprod, diffusion.parameterization, steps, spacing)
 
 
 def ddim_reconstruct(model, diffusion: Diffusion, x0: torch.Tensor, steps: int | None = None,
-                     spacing: Spacing = "uniform") -> torch.Tensor:
+                     spacing: Spacing | None = None) -> torch.Tensor:
     """Encode x0 with DDIM inversion and decode the latent with DDIM (eta = 0) over the same `steps`
     timesteps (Song et al. Section 5.4, Table 2): the reconstruction, close to x0 for a good model."""
     latent = run_plan(model, ddim_inversion_plan(diffusion, steps, spacing), x0)

@@ -284,7 +284,8 @@ def scheduler_config(cfg: ddpm.TrainConfig) -> dict:
                   beta_end=min(end * scale, 0.999), beta_schedule=named.get(cfg.schedule, "linear"), trained_betas=None,
                   variance_type=cfg.variance, clip_sample=True, clip_sample_range=1.0,
                   prediction_type={v: k for k, v in PREDICTIONS.items()}[cfg.parameterization],
-                  rescale_betas_zero_snr=cfg.zero_terminal_snr, timestep_spacing="leading", steps_offset=0)
+                  rescale_betas_zero_snr=cfg.zero_terminal_snr, steps_offset=0,
+                  timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading")  # make_plan's default
     if cfg.schedule not in named:  # const, jsd: written out
         config["trained_betas"] = ddpm.beta_schedule(cfg.schedule, cfg.T).tolist()
     return config

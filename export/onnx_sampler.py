@@ -160,6 +160,13 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform", alphas_cumprod
     return ts
 
 
+def default_spacing(alphas_cumprod) -> str:
+    """The spacing of a plan given none: trailing for a schedule that ends at zero SNR (alpha_bar_T = 0), whose
+    sampler must start from T, which uniform never keeps (Lin et al. 2023, Section 3.3); uniform (DDIM's)
+    otherwise."""
+    return "trailing" if float(np.asarray(alphas_cumprod)[-1]) == 0.0 else "uniform"
+
+
 def x0_coefficients(ab: np.ndarray, parameterization: str):
     """(a, b) with x0 = a x_t + b * output, for each parameterisation (Eq. 4 of Ho et al. solved for x_0;
     v = sqrt(ab) eps - sqrt(1 - ab) x0 of Salimans & Ho)."""
@@ -332,13 +339,13 @@ def _unipc_rows(ab_ts: np.ndarray):
 
 
 def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fixed_small",
-              sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, spacing: str = "uniform",
+              sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
               clip: bool = True, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
     """The plan (float64) for the schedule alpha_bar_1..T of: Algorithm 2 of Ho et al. (ancestral, over all T
     steps or on the process respaced to the kept steps, improved DDPM Section 4); DDIM with eta; DPM-Solver++(2M)
     (dpmpp2m), its SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m) or UniPC (unipc, order 3) over the kept
     timesteps with lambda >= LAMBDA_MIN. steps (network calls of the predictor) defaults to T for ancestral and
-    min(50, T) otherwise. corrector_steps K adds K Langevin rows (langevin_coefficients, signal-to-noise ratio
+    min(50, T) otherwise, spacing to default_spacing. corrector_steps K adds K Langevin rows (langevin_coefficients, signal-to-noise ratio
     snr) at each kept timestep after the first, before its predictor row: Song et al.'s predictor-corrector
     sampler (with ancestral or ddim)."""
     _choice("sampler", sampler, SAMPLERS)
@@ -355,6 +362,7 @@ def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fi
         raise ValueError("the Langevin corrector runs with the one-step samplers (ancestral, ddim): a corrector "
                          f"row would replace the x0s that {sampler} keeps from its previous steps")
     ab_all = np.asarray(alphas_cumprod, dtype=np.float64)
+    spacing = spacing or default_spacing(ab_all)
     T = int((log_snr(ab_all) >= LAMBDA_MIN).sum()) if multistep else len(ab_all)
     steps = steps or (T if sampler == "ancestral" else min(50, T))
     ts = space_timesteps(T, steps, spacing, ab_all)
@@ -398,14 +406,15 @@ def _with_corrector(rows: list, ab: np.ndarray, parameterization: str, K: int, s
 
 
 def ddim_inversion_plan(alphas_cumprod, parameterization: str = "eps", steps: int | None = None,
-                        spacing: str = "uniform") -> Plan:
+                        spacing: str | None = None) -> Plan:
     """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3): the data is taken as x at the
     first kept step, and each step runs Eq. (12) with eta = 0 forward, from t_k to t_{k+1}. Decoding the
-    result with the DDIM plan of the same steps reconstructs the data."""
+    result with the DDIM plan of the same steps and spacing (default: default_spacing for both) reconstructs
+    the data."""
     _choice("parameterization", parameterization, PARAMETERIZATIONS)
     alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
     steps = steps or min(50, len(alphas_cumprod))
-    ts = space_timesteps(len(alphas_cumprod), steps, spacing, alphas_cumprod)
+    ts = space_timesteps(len(alphas_cumprod), steps, spacing or default_spacing(alphas_cumprod), alphas_cumprod)
     ab = alphas_cumprod[ts]
     x0_x, x0_o = x0_coefficients(ab[:-1], parameterization)
     mean_x0, mean_xt = ddim_coefficients(ab[:-1], ab[1:], np.zeros(steps - 1))
@@ -771,17 +780,17 @@ class OnnxSampler:
                              f"float32 [B,{self.out_channels},{H},{W}]; found {found}")
 
     def plan(self, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
-             spacing: str = "uniform", clip: bool | None = None, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
+             spacing: str | None = None, clip: bool | None = None, corrector_steps: int = 0, snr: float = 0.16) -> Plan:
         """This model's plan (see make_plan); clip defaults to the file's ddpm.clip_denoised."""
         return make_plan(self.alphas_cumprod, self.parameterization, self.variance, sampler, steps, eta, spacing,
                          self.clip_denoised if clip is None else clip, corrector_steps, snr)
 
-    def inversion_plan(self, steps: int | None = None, spacing: str = "uniform") -> Plan:
+    def inversion_plan(self, steps: int | None = None, spacing: str | None = None) -> Plan:
         """DDIM encoding x_0 -> x_T (see ddim_inversion_plan); decode with plan("ddim", steps, clip=False)."""
         return ddim_inversion_plan(self.alphas_cumprod, self.parameterization, steps, spacing)
 
     def sample(self, n: int, sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
-               spacing: str = "uniform", clip: bool | None = None, seed: int = 0, batch: int | None = None,
+               spacing: str | None = None, clip: bool | None = None, seed: int = 0, batch: int | None = None,
                progress: Callable[[int, int], None] | None = None, return_timing: bool = False,
                corrector_steps: int = 0, snr: float = 0.16, labels=None, guidance: float | None = None):
         """n samples, float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one

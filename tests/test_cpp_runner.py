@@ -125,7 +125,7 @@ def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: f
 
 
 def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
-                     spacing: str = "uniform", clip: bool | None = None, seed: int = 0,
+                     spacing: str | None = None, clip: bool | None = None, seed: int = 0,
                      corrector_steps: int = 0) -> tuple[list[int], np.ndarray]:
     """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime
     sampler, export/onnx_sampler.py."""
@@ -137,7 +137,7 @@ def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: in
 
 
 def plan_args(sampler, steps, eta, spacing, clip, corrector_steps=0):
-    args = ["--sampler", sampler, "--spacing", spacing, "--corrector-steps", corrector_steps]
+    args = ["--sampler", sampler, "--corrector-steps", corrector_steps] + (["--spacing", spacing] if spacing else [])
     args += ["--steps", steps] if steps else []
     args += ["--eta", eta] if sampler == "ddim" else []
     args += [] if clip is None else ["--clip" if clip else "--no-clip"]
@@ -160,6 +160,7 @@ PLAN_CASES = [(s, S, e, sp, 0) for s, e in [("ancestral", 0.0), ("ddim", 0.0), (
              [("ancestral", None, 0.0, "uniform", 0), ("ddim", None, 0.0, "uniform", 0), ("ddim", T, 1.0, "trailing", 0),
               ("ddim", 10, 0.0, "logsnr", 0), ("ancestral", 10, 0.0, "linspace", 2), ("ddim", 7, 0.5, "trailing", 1),
               ("dpmpp2m", None, 0.0, "uniform", 0)] + \
+             [(s, S, 0.0, None, 0) for s, S in [("ancestral", 10), ("ddim", 13), ("dpmpp2m", 5), ("unipc", 10)]] + \
              [(s, S, 0.0, sp, 0) for s in ["dpmpp3m", "unipc"]  # the orders' edges: warm-up, 3M's second-last step
               for sp, S in [("trailing", 1), ("uniform", 4), ("logsnr", 14), ("trailing", 15), ("logsnr", 40)]]
 
@@ -194,6 +195,26 @@ def test_plan_matches_contract(runner, models, model_name, sampler, steps, eta, 
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-300, err_msg=key)
 
 
+@pytest.mark.parametrize("model_name,spacing", [("v_zero_snr", "trailing"), ("eps_small", "uniform")])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpmpp2m", 5), ("ancestral", 7)])
+def test_default_spacing_is_trailing_at_zero_terminal_snr(runner, models, model_name, spacing, sampler, steps):
+    """Without --spacing the runner and both Python executors keep the same timesteps: trailing where alpha_bar_T
+    = 0 (the first row is the last timestep the sampler can use), uniform (DDIM's) otherwise."""
+    from ddpm_reference import ddpm
+    from ddpm_reference.export.onnx_sampler import OnnxSampler
+
+    model = models[model_name]
+    got = json.loads(run(runner, "--model", model, "--dump-plan", "--sampler", sampler, "--steps", steps).stdout)["t"]
+    meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    assert got == reference_plan(meta, sampler, steps, 0.0, spacing, None).t.tolist()
+    assert got == reference_plan(meta, sampler, steps, 0.0, None, None).t.tolist()
+    assert got == OnnxSampler(model, provider="cpu", threads=1).plan(sampler, steps).t.tolist()
+    betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")])
+    finite = int((ddpm.onnx_sampler.log_snr(np.cumprod(1 - betas)) >= ddpm.onnx_sampler.LAMBDA_MIN).sum())
+    last = finite if sampler == "dpmpp2m" else T  # DPM-Solver keeps the timesteps of finite lambda
+    assert (got[0] == last - 1) == (spacing == "trailing")
+
+
 def test_spacing_that_cannot_give_distinct_steps_is_an_error(runner, models):
     from ddpm_reference import ddpm
 
@@ -213,6 +234,7 @@ SAMPLE_CASES = [(*case, 0) for case in [
     ("eps_learned", "ancestral", 10, 0.0, "linspace", None),
     ("v_zero_snr", "ancestral", 10, 0.0, "trailing", None),
     ("v_zero_snr", "ddim", 10, 0.5, "trailing", None),
+    ("v_zero_snr", "ddim", 10, 0.0, None, None), ("eps_small", "ddim", 10, 0.0, None, None),  # the default spacing
 ] + [("eps_small", "ddim", 10, eta, sp, None) for eta in (0.0, 0.5)
      for sp in ("uniform", "linspace", "trailing", "quadratic")] + [("eps_learned", "ddim", 10, 0.5, "uniform", True)]
 ] + [(m, s, 8, 0.0, sp, None, 0) for s in ("dpmpp2m", "dpmpp2m-sde")  # multistep rows keep the previous x0
@@ -443,8 +465,9 @@ def test_help_shows_every_option_with_its_default(runner):
     text = run(runner, "--help").stdout
     for flag in FLAGS:
         assert flag in text, flag
-    for default in ["(samples.png)", "(64)", "(256)", "(ancestral)", "(uniform)", "(0.16)", "(auto)"]:
+    for default in ["(samples.png)", "(64)", "(256)", "(ancestral)", "(0.16)", "(auto)"]:
         assert default in text, default
+    assert "(trailing\n" in text and "for a zero-terminal-SNR schedule, else uniform)" in text
     assert "--n " not in text and "--batch " not in text
 
 

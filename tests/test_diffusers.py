@@ -227,27 +227,32 @@ def diffusers_chain(scheduler, model, steps: int, seed: int, **step_kwargs) -> t
     return x
 
 
-@pytest.mark.parametrize("sampler, variance, parameterization, steps, spacing, eta", [
-    ("ancestral", "fixed_large", "eps", 50, "leading", 0.0), ("ancestral", "fixed_small", "x0", 25, "trailing", 0.0),
-    ("ancestral", "fixed_small", "eps", 20, "linspace", 0.0), ("ddim", "fixed_small", "v", 50, "leading", 0.0),
-    ("ddim", "fixed_small", "eps", 20, "leading", 0.5)])
+@pytest.mark.parametrize("sampler, variance, parameterization, steps, spacing, eta, zero_snr", [
+    ("ancestral", "fixed_large", "eps", 50, "leading", 0.0, False),
+    ("ancestral", "fixed_small", "x0", 25, "trailing", 0.0, False),
+    ("ancestral", "fixed_small", "eps", 20, "linspace", 0.0, False), ("ddim", "fixed_small", "v", 50, "leading", 0.0, False),
+    ("ddim", "fixed_small", "eps", 20, "leading", 0.5, False),
+    ("ddim", "fixed_small", "v", 10, None, 0.0, True), ("ddim", "fixed_small", "eps", 10, None, 0.0, False)])
 def test_diffusers_schedulers_on_the_export_equal_our_sampler_on_the_import(tiny, tmp_path, sampler, variance,
-                                                                          parameterization, steps, spacing, eta):
+                                                                          parameterization, steps, spacing, eta,
+                                                                          zero_snr):
     """Same noise (one torch generator, drawn in the same order: x_T, then each noisy step). diffusers' "leading"
     spacing is ours "uniform"; DDIM re-derives eps from the clipped x0 (use_clipped_model_output) as ours does.
-    The network is the tiny one whatever it is said to predict: the parameterisations are a change of variable."""
+    The network is the tiny one whatever it is said to predict: the parameterisations are a change of variable.
+    spacing None: the exported scheduler's own spacing against make_plan's default (trailing at zero terminal SNR)."""
     _, folder = tiny
     state = ddpm.load_checkpoint(folder / "checkpoint.pt")
-    state["config"].update(variance=variance, parameterization=parameterization)
+    state["config"].update(variance=variance, parameterization=parameterization, zero_terminal_snr=zero_snr)
     ddpm.save_checkpoint(tmp_path / "ckpt.pt", state)
     dio.export_diffusers(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
     theirs = UNet2DModel.from_pretrained(str(tmp_path / "hf")).eval()
     kind = DDPMScheduler if sampler == "ancestral" else DDIMScheduler
-    scheduler = kind.from_pretrained(str(tmp_path / "hf"), timestep_spacing=spacing)
+    scheduler = kind.from_pretrained(str(tmp_path / "hf"), **({"timestep_spacing": spacing} if spacing else {}))
     extra = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
     want = diffusers_chain(scheduler, theirs, steps, seed=6, **extra)
     model, diffusion, _, _ = ddpm.load_model(tmp_path / "ckpt.pt")
     plan = ddpm.make_plan(diffusion, sampler, steps, eta=eta, spacing={"leading": "uniform"}.get(spacing, spacing))
+    assert spacing or (plan.t[0] == diffusion.T - 1) == zero_snr  # the default starts at T at zero terminal SNR
     np.testing.assert_array_equal(plan.t, scheduler.timesteps.numpy())
     gen = torch.Generator().manual_seed(6)
     got = ddpm.sample(model, plan, (2, 3, 16, 16), lambda shape: torch.randn(shape, generator=gen))

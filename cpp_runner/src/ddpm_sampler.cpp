@@ -750,6 +750,12 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, Spacing spacing, const
   return ts;
 }
 
+Spacing default_spacing(const ModelInfo& info) {
+  double abar = 1.0;
+  for (double b : info.betas) abar *= 1.0 - b;
+  return abar == 0.0 ? Spacing::Trailing : Spacing::Uniform;
+}
+
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   to_string(opt.sampler);  // an Error for a value outside the enum (kept_timesteps checks the spacing)
   need(opt.eta >= 0.0 && opt.eta <= 1.0, "eta must be in [0, 1], got " + str(opt.eta));  // NaN fails, too
@@ -768,13 +774,14 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   const auto finite_lambda = [](double ab) { return log_snr(ab) >= kLambdaMin; };
   const int64_t T = multistep ? std::count_if(abar.begin(), abar.end(), finite_lambda) : int64_t(abar.size());
   const int64_t S = opt.steps ? *opt.steps : ancestral ? T : std::min<int64_t>(50, T);
-  const std::vector<int64_t> ts = kept_timesteps(T, S, opt.spacing, abar);
+  const Spacing spacing = opt.spacing.value_or(default_spacing(info));
+  const std::vector<int64_t> ts = kept_timesteps(T, S, spacing, abar);
   const auto ab_prev = [&](int64_t k) { return k ? abar[ts[k - 1]] : 1.0; };
   std::vector<double> ab_sampling(S);  // the kept alpha_bar in sampling order
   for (int64_t k = 0; k < S; ++k) {
     ab_sampling[k] = abar[ts[S - 1 - k]];
     need(!multistep || k == 0 || log_snr(ab_sampling[k]) > log_snr(ab_sampling[k - 1]),
-         "the kept timesteps' lambdas are not strictly decreasing (" + to_string(opt.spacing) + ", " +
+         "the kept timesteps' lambdas are not strictly decreasing (" + to_string(spacing) + ", " +
          std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
   }
   const std::vector<Row> rows = !multistep ? std::vector<Row>() : unipc ? unipc_rows(ab_sampling)
@@ -812,11 +819,11 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   return p;
 }
 
-Plan make_inversion_plan(const ModelInfo& info, std::optional<int64_t> steps, Spacing spacing) {
+Plan make_inversion_plan(const ModelInfo& info, std::optional<int64_t> steps, std::optional<Spacing> spacing) {
   std::vector<double> abar(info.betas.size());
   for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
   const int64_t T = abar.size(), S = steps.value_or(std::min<int64_t>(50, T));
-  const std::vector<int64_t> ts = kept_timesteps(T, S, spacing, abar);
+  const std::vector<int64_t> ts = kept_timesteps(T, S, spacing.value_or(default_spacing(info)), abar);
   Plan p;
   p.clip = false;
   p.channels = info.C;

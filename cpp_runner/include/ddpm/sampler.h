@@ -73,7 +73,7 @@ struct PlanOptions {
   SamplerKind sampler = SamplerKind::Ancestral;
   std::optional<int64_t> steps;  // network calls, 1..T; none: T for ancestral, min(50, T) for the others
   double eta = 0.0;              // in [0, 1], ddim only
-  Spacing spacing = Spacing::Uniform;
+  std::optional<Spacing> spacing;  // none: default_spacing of the model's schedule
   std::optional<bool> clip;      // clip the predicted x0 to [-1, 1]; none: the model's ddpm.clip_denoised
   int64_t corrector_steps = 0;   // Langevin rows per timestep, 0..1000 (ancestral, ddim)
   double snr = 0.16;             // the corrector's signal-to-noise ratio r > 0
@@ -91,14 +91,17 @@ struct Plan {
   int64_t channels = 0, memory = 0;  // memory: the length of every row's mean_x0_prev
 };
 
+// The spacing of a plan given none: trailing for a schedule that ends at zero SNR (abar_T = 0), whose sampler
+// must start from T, which uniform never keeps (Lin et al. 2023, Section 3.3); uniform (DDIM's) otherwise.
+DDPM_API Spacing default_spacing(const ModelInfo& info);
 // The kept timesteps, ascending; abar (alpha_bar, length >= T) is read by the logsnr spacing only.
 DDPM_API std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, Spacing spacing, const std::vector<double>& abar);
 // An Error for options out of range (steps, eta, corrector_steps, snr: NaN and inf too) or that do not go together.
 DDPM_API Plan make_plan(const ModelInfo& info, const PlanOptions& options);
 // DDIM encoding x_0 -> x_T (Song et al. Section 4.3): rows t_0..t_{S-2}, each Eq. (12) with eta = 0 from t_k up
-// to t_{k+1}; run it from the data (SampleOptions::init). steps none: min(50, T).
+// to t_{k+1}; run it from the data (SampleOptions::init). steps none: min(50, T); spacing none: default_spacing.
 DDPM_API Plan make_inversion_plan(const ModelInfo& info, std::optional<int64_t> steps = {},
-                                  Spacing spacing = Spacing::Uniform);
+                                  std::optional<Spacing> spacing = {});
 
 struct LoadOptions {
   Provider provider = Provider::Auto;
