@@ -63,7 +63,7 @@ ENGINES = ("onnxruntime", "openvino")  # what runs the network (openvino: openvi
 # The classifier-free guidance of a class-conditional model when none is given (the C++ runner's kDefaultGuidance):
 # chosen from the guidance table of BENCHMARKS.md, where it is the scale of the best FD among those whose samples
 # are the requested class at least 98% of the time.
-DEFAULT_GUIDANCE = 1.5
+DEFAULT_GUIDANCE = 1.0
 PRECISIONS = ("fp32", "fp16", "int8")  # how an exported network computes (ddpm.precision); its inputs and output are float32
 FORMAT = "1"
 

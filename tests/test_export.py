@@ -346,13 +346,15 @@ def test_guided_onnx_sampler_matches_torch(conditional, c, sampler, steps, eta, 
     assert np.abs(got - want.numpy()).max() <= 1e-3
 
 
-def test_guidance_one_and_zero_are_the_conditional_and_unconditional_models_and_the_default_is_guided(conditional):
+def test_guidance_one_and_zero_are_the_conditional_and_unconditional_models_and_the_default_is_the_constant(
+        conditional):
     nets, folder = conditional
     sampler = OnnxSampler(folder / "cond1.onnx", provider="cpu", threads=1)
     labels = np.array([1, 1, 2])
-    guided = sampler.sample(3, "ddim", 5, seed=4, labels=labels)
-    assert np.array_equal(guided, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=DEFAULT_GUIDANCE))
+    default = sampler.sample(3, "ddim", 5, seed=4, labels=labels)
+    assert np.array_equal(default, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=DEFAULT_GUIDANCE))
     cond = sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=1.0)
+    guided = sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=2.0)
     assert not np.allclose(guided, cond)
     uncond = sampler.sample(3, "ddim", 5, seed=4)  # no labels: the null label
     assert np.array_equal(uncond, sampler.sample(3, "ddim", 5, seed=4, labels=labels, guidance=0.0))

@@ -304,7 +304,7 @@ def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
     assert cli("export", ckpt, "--out", tmp_path / "cond.onnx").returncode == 0
     guided = pixels("sample", ckpt, "--numpy-noise")  # no --guidance: DEFAULT_GUIDANCE, in torch and onnxruntime
     assert np.array_equal(guided, pixels("sample", ckpt, "--numpy-noise", "--guidance", DEFAULT_GUIDANCE))
-    assert not np.array_equal(guided, pixels("sample", ckpt, "--numpy-noise", "--guidance", 1))
+    assert not np.array_equal(guided, pixels("sample", ckpt, "--numpy-noise", "--guidance", DEFAULT_GUIDANCE + 1))
     assert np.abs(guided - pixels("onnx-sample", tmp_path / "cond.onnx")).max() <= 1
     np.savez(tmp_path / "unlabelled.npz", np.zeros((10, 8, 8), np.uint8))
     with pytest.raises(ddpm.UserError, match="no labels"):

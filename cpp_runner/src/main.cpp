@@ -51,7 +51,7 @@ const char* kUsage =
     "                               into latents (write a .npy) (off)\n"
     "  --class K | --classes K1,K2  the classes (indices or names) of a class-conditional model, in equal blocks,\n"
     "                               a grid row each (every class)\n"
-    "  --guidance S                 classifier-free guidance out_u + S (out_c - out_u): 1 conditional, 0 unconditional (1.5)\n"
+    "  --guidance S                 classifier-free guidance out_u + S (out_c - out_u): 1 conditional, 0 unconditional (1)\n"
     "  --help                       this text\n"
     "Testing aids: --dump-noise COUNT (the seed's first COUNT float64 normals), --dump-plan (the plan as JSON),\n"
     "--step-graph (the CUDA path's row updates as ONNX graphs, on any provider).\n"

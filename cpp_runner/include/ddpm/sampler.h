@@ -113,7 +113,7 @@ struct LoadOptions {
 
 // The classifier-free guidance of a class-conditional model when none is given, as in Python
 // (export/onnx_sampler.DEFAULT_GUIDANCE): chosen from the guidance table of BENCHMARKS.md.
-inline constexpr double kDefaultGuidance = 1.5;
+inline constexpr double kDefaultGuidance = 1.0;
 
 // What a class-conditional model samples: one label in 0..K-1 per image (none: the null label, i.e.
 // unconditionally) and the classifier-free guidance s of out_u + s (out_c - out_u) on the prediction channels
