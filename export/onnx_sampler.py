@@ -345,9 +345,9 @@ def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fi
     steps or on the process respaced to the kept steps, improved DDPM Section 4); DDIM with eta; DPM-Solver++(2M)
     (dpmpp2m), its SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m) or UniPC (unipc, order 3) over the kept
     timesteps with lambda >= LAMBDA_MIN. steps (network calls of the predictor) defaults to T for ancestral and
-    min(50, T) otherwise, spacing to default_spacing. corrector_steps K adds K Langevin rows (langevin_coefficients, signal-to-noise ratio
-    snr) at each kept timestep after the first, before its predictor row: Song et al.'s predictor-corrector
-    sampler (with ancestral or ddim)."""
+    min(50, T) otherwise, spacing to default_spacing. corrector_steps K adds K Langevin rows
+    (langevin_coefficients, signal-to-noise ratio snr) at each kept timestep after the first, before its
+    predictor row: Song et al.'s predictor-corrector sampler (with ancestral or ddim)."""
     _choice("sampler", sampler, SAMPLERS)
     _choice("parameterization", parameterization, PARAMETERIZATIONS)
     _choice("variance", variance, VARIANCES)
