@@ -266,12 +266,13 @@ def test_samples_match_python(runner, models, tmp_path, model_name, sampler, ste
     assert np.isfinite(got).all() and np.abs(got - want).max() <= 1e-3
 
 
+@pytest.mark.parametrize("model_name", ["eps_small", "v_zero_snr"])  # the default spacing: uniform, trailing
 @pytest.mark.parametrize("path", ["host", "step-graph"])
-def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path):
+def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path, model_name):
     """--init x.npy --invert: DDIM encoding of given images; --init latents.npy: a plan run from given latents
     (here a noisy one: only the rows' z are drawn), both as OnnxSampler.run does them."""
     from ddpm_reference.export.onnx_sampler import OnnxSampler
-    model, extra = models["eps_small"], (["--step-graph"] if path == "step-graph" else [])
+    model, extra = models[model_name], (["--step-graph"] if path == "step-graph" else [])
     python = OnnxSampler(model, provider="cpu", threads=1)
     x0 = np.random.RandomState(1).uniform(-1, 1, (5, *IMAGE)).astype(np.float32)
     np.save(tmp_path / "x0.npy", x0)
