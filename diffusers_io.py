@@ -280,12 +280,13 @@ def scheduler_config(cfg: ddpm.TrainConfig) -> dict:
     """The DDPMScheduler config of a checkpoint's TrainConfig: the inverse of schedule_fields."""
     start, end = _schedule_defaults()
     scale, named = 1000.0 / cfg.T, {v: k for k, v in SCHEDULES.items()}
+    spacing = ddpm.onnx_sampler.default_spacing(ddpm.make_diffusion(cfg).alphas_cumprod)  # make_plan's default
     config = dict(_class_name="DDPMScheduler", num_train_timesteps=cfg.T, beta_start=start * scale,
                   beta_end=min(end * scale, 0.999), beta_schedule=named.get(cfg.schedule, "linear"), trained_betas=None,
                   variance_type=cfg.variance, clip_sample=True, clip_sample_range=1.0,
                   prediction_type={v: k for k, v in PREDICTIONS.items()}[cfg.parameterization],
                   rescale_betas_zero_snr=cfg.zero_terminal_snr, steps_offset=0,
-                  timestep_spacing="trailing" if cfg.zero_terminal_snr else "leading")  # make_plan's default
+                  timestep_spacing={"uniform": "leading"}.get(spacing, spacing))
     if cfg.schedule not in named:  # const, jsd: written out
         config["trained_betas"] = ddpm.beta_schedule(cfg.schedule, cfg.T).tolist()
     return config

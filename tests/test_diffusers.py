@@ -227,6 +227,17 @@ def diffusers_chain(scheduler, model, steps: int, seed: int, **step_kwargs) -> t
     return x
 
 
+@pytest.mark.parametrize("schedule, zero_snr", [("linear", False), ("cosine", True), ("jsd", False)])
+def test_exported_timestep_spacing_is_our_default(schedule, zero_snr):
+    """jsd ends at beta_T = 1: alpha_bar_T = 0 without the rescaling, so it samples from T (trailing) as well."""
+    cfg = ddpm.TrainConfig(schedule=schedule, zero_terminal_snr=zero_snr, parameterization="v")
+    scheduler = DDIMScheduler.from_config(dio.scheduler_config(cfg))
+    scheduler.set_timesteps(10)
+    plan = ddpm.make_plan(ddpm.make_diffusion(cfg), "ddim", 10)
+    np.testing.assert_array_equal(plan.t, scheduler.timesteps.numpy())
+    assert (plan.t[0] == cfg.T - 1) == (schedule != "linear")
+
+
 @pytest.mark.parametrize("sampler, variance, parameterization, steps, spacing, eta, zero_snr", [
     ("ancestral", "fixed_large", "eps", 50, "leading", 0.0, False),
     ("ancestral", "fixed_small", "x0", 25, "trailing", 0.0, False),
