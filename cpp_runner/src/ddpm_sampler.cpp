@@ -750,10 +750,16 @@ std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, Spacing spacing, const
   return ts;
 }
 
+// alpha_bar_t = prod_{s <= t} (1 - beta_s), float64, in the order of Python's cumprod.
+static std::vector<double> alphas_cumprod(const ModelInfo& info) {
+  std::vector<double> abar(info.betas.size());
+  for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
+  return abar;
+}
+
 Spacing default_spacing(const ModelInfo& info) {
-  double abar = 1.0;
-  for (double b : info.betas) abar *= 1.0 - b;
-  return abar == 0.0 ? Spacing::Trailing : Spacing::Uniform;
+  const std::vector<double> abar = alphas_cumprod(info);
+  return !abar.empty() && abar.back() == 0.0 ? Spacing::Trailing : Spacing::Uniform;
 }
 
 Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
@@ -769,12 +775,11 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
   const bool multistep = !ddim && !ancestral;
   need(!(multistep && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers (ancestral, ddim): "
        "a corrector row would replace the x0s that " + to_string(opt.sampler) + " keeps from its previous steps");
-  std::vector<double> abar(info.betas.size());
-  for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
+  const std::vector<double> abar = alphas_cumprod(info);
   const auto finite_lambda = [](double ab) { return log_snr(ab) >= kLambdaMin; };
   const int64_t T = multistep ? std::count_if(abar.begin(), abar.end(), finite_lambda) : int64_t(abar.size());
   const int64_t S = opt.steps ? *opt.steps : ancestral ? T : std::min<int64_t>(50, T);
-  const Spacing spacing = opt.spacing.value_or(default_spacing(info));
+  const Spacing spacing = opt.spacing ? *opt.spacing : default_spacing(info);
   const std::vector<int64_t> ts = kept_timesteps(T, S, spacing, abar);
   const auto ab_prev = [&](int64_t k) { return k ? abar[ts[k - 1]] : 1.0; };
   std::vector<double> ab_sampling(S);  // the kept alpha_bar in sampling order
@@ -820,10 +825,9 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
 }
 
 Plan make_inversion_plan(const ModelInfo& info, std::optional<int64_t> steps, std::optional<Spacing> spacing) {
-  std::vector<double> abar(info.betas.size());
-  for (size_t i = 0; i < abar.size(); ++i) abar[i] = (i ? abar[i - 1] : 1.0) * (1.0 - info.betas[i]);
+  const std::vector<double> abar = alphas_cumprod(info);
   const int64_t T = abar.size(), S = steps.value_or(std::min<int64_t>(50, T));
-  const std::vector<int64_t> ts = kept_timesteps(T, S, spacing.value_or(default_spacing(info)), abar);
+  const std::vector<int64_t> ts = kept_timesteps(T, S, spacing ? *spacing : default_spacing(info), abar);
   Plan p;
   p.clip = false;
   p.channels = info.C;
