@@ -29,8 +29,9 @@ from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, Train
                    classifier_guidance, classifier_mean_shift, ddim_inversion_plan, load_checkpoint, load_model,
                    make_plan, numpy_noise, option_flag, resolve_device, run_plan, sample, save_images,
                    to_model_range, to_uint8, torch_noise, train)
-from .ddpm import _option as _field  # a config field with its option's help and range
+from .ddpm import config_field as _field  # a config field with its option's help and range
 from .export import onnx_sampler
+from .plan import DEFAULT_GUIDANCE, Plan, PlanOptions, slerp
 from .fd import digits_features, frechet_distance
 from .precision import AtPrecision, Int8Error, Precision, SamplePrecision, compile_for_sampling, resolve_precision
 
@@ -211,7 +212,8 @@ def _with_options(*configs, only=None, help=None):
 
 @dataclasses.dataclass
 class SampleOptions:
-    """The sampler of `sample`, `onnx-sample`, `fd` and the C++ runner (make_plan's arguments)."""
+    """The options of a sampling plan (plan.PlanOptions) as `sample`, `onnx-sample`, `fd` and the C++ runner
+    take them."""
     sampler: Sampler = _field("ancestral", "the sampler")
     steps: int | None = _field(None, "network calls of the sampler (default: T for ancestral, 50 for the others)",
                                min=1)
@@ -230,14 +232,16 @@ class GuidanceOptions:
     classes: str | None = _field(None, "a class or comma-separated classes (indices or names); default: every class, "
                                        "a row each", aliases=("--class",))
     guidance: float | None = _field(None, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, "
-                                          f"0 unconditional; default {onnx_sampler.DEFAULT_GUIDANCE:g}")
+                                          f"0 unconditional; default {DEFAULT_GUIDANCE:g}")
 
 
-def _plan_options(ctx: typer.Context, options: dict) -> dict:
-    """make_plan's arguments from the sampling options; --snr without a corrector cannot apply."""
-    if options["corrector_steps"] == 0:
+def _plan_options(options: dict, ctx: typer.Context | None = None) -> PlanOptions:
+    """The PlanOptions of the sampling options; a user error for options that do not fit together, and (with the
+    command's ctx) for --snr without a corrector, which cannot apply."""
+    if ctx is not None and options["corrector_steps"] == 0:
         _refuse(ctx, ["snr"], "needs --corrector-steps K > 0 (it sets the corrector's step size)")
-    return {f.name: options[f.name] for f in dataclasses.fields(SampleOptions)}
+    with _as_user_error():
+        return PlanOptions(**{f.name: options[f.name] for f in dataclasses.fields(SampleOptions)})
 
 
 def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> np.ndarray | None:
@@ -271,12 +275,12 @@ class TorchRun:
     `load_classifier` triple, with its scale g), and one noise stream for the whole run."""
     model: typing.Any
     diffusion: Diffusion
-    plan: onnx_sampler.Plan
+    plan: Plan
     shape: tuple
     noise: typing.Callable
     device: torch.device
     labels: np.ndarray | None = None
-    guidance: float | None = None  # None: onnx_sampler.DEFAULT_GUIDANCE
+    guidance: float | None = None  # None: DEFAULT_GUIDANCE
     classifier: tuple | None = None
     scale: float = 1.0
 
@@ -286,7 +290,7 @@ class TorchRun:
         y = None if self.labels is None else torch.as_tensor(self.labels[start:stop], device=self.device)
         net, shape = self.model, (stop - start, *self.shape)
         if y is not None and self.model.class_names:
-            scale = onnx_sampler.DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+            scale = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
             net = classifier_free_guidance(net, y, scale, len(self.model.class_names))
         if self.classifier is None:
             return sample(net, self.plan, shape, self.noise, tick).cpu()
@@ -297,9 +301,9 @@ class TorchRun:
                       tick).cpu()
 
 
-def _torch_plan(diffusion: Diffusion, plan: dict):
+def _torch_plan(diffusion: Diffusion, options: PlanOptions):
     with _as_user_error():
-        return make_plan(diffusion, **{**plan, "clip": plan["clip"] is not False})
+        return make_plan(diffusion, options)
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -381,7 +385,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                         "which needs gradients, runs on checkpoints only)")
     if classifier is None:
         _refuse(ctx, ["classifier_scale"], "needs --classifier")
-    plan_options = _plan_options(ctx, options)
+    plan_options = _plan_options(options, ctx)
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
     model, precision_note = _at_precision(model, precision, dev, compile, cfg, diffusion)
@@ -484,7 +488,7 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
         ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads, engine=engine, precision=precision)
     labels = _labels(ort_sampler.class_names, options["classes"], options["guidance"], num_samples)
     with _as_user_error():
-        plan = ort_sampler.plan(**_plan_options(ctx, options))
+        plan = ort_sampler.plan(_plan_options(options, ctx))
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
         x, timing = ort_sampler.run(plan, num_samples, seed, batch_size, progress=tick, return_timing=True,
                                     labels=labels, guidance=options["guidance"])
@@ -580,7 +584,7 @@ def interpolate_cmd(ctx: typer.Context, model: str = MODEL_ARG,
             if not 0 <= i < len(enc.held_out):
                 raise UserError(f"--images: {i} is out of range: the held-out split has {len(enc.held_out)} images")
         latents = enc.encode(enc.images(pair), steps)
-    path = onnx_sampler.slerp(latents[0], latents[1], np.linspace(0, 1, frames)).astype(np.float32)
+    path = slerp(latents[0], latents[1], np.linspace(0, 1, frames)).astype(np.float32)
     _samples_to_file(enc.decode(path, steps), out)
     typer.echo(f"wrote {frames} images from {'seeds' if seeds else 'held-out images'} {pair[0]} and {pair[1]} to {out}")
 
@@ -695,7 +699,7 @@ def fd_cmd(ctx: typer.Context,
     if source.endswith(".npz"):
         _refuse(ctx, SAMPLING_OPTIONS + ["num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
                                          "seeds", "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
-    _plan_options(ctx, options)
+    _plan_options(options, ctx)
     if seeds:
         _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
     seed_list = _int_list(seeds, "--seeds") if seeds else [seed]
@@ -720,7 +724,7 @@ def fd_cmd(ctx: typer.Context,
     def fd_of(variance=None, clf=None, scale=1.0, seed=seed, **changes):
         d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
         opts = {**options, **changes}
-        plan = _torch_plan(d, {f.name: opts[f.name] for f in dataclasses.fields(SampleOptions)})
+        plan = _torch_plan(d, _plan_options(opts))
         labels = _labels(model.class_names or (clf[2] if clf else []), opts["classes"], opts["guidance"], num_samples)
         noise = torch_noise(torch.Generator(dev).manual_seed(seed), dev)
         with _progress("sampling", len(plan)) as tick:

@@ -2,8 +2,8 @@
 
 Sections, in order: schedules -> Diffusion (forward process, posterior, parameterisations, variances)
 -> losses and bits/dim -> sampling plans and samplers (Algorithm 2, DDIM, DPM-Solver++, guidance) ->
-training (Algorithm 1). The sampling plan is built in export/onnx_sampler.py (numpy, no torch), which the
-onnxruntime sampler shares; this module executes it. Its users live beside it: data.py (data sets),
+training (Algorithm 1). The sampling plan is built in plan.py (numpy, no torch), which every executor shares;
+this module executes it in torch. Its users live beside it: data.py (data sets),
 fd.py (the digits FD), classifier.py (the noisy classifier of classifier guidance), bench.py (speed) and
 cli.py (`ddpm ...`); this module imports none of them.
 
@@ -28,10 +28,11 @@ import torch
 
 from . import unet
 from .precision import AUTOCAST_DTYPE, Precision, resolve_precision
-from .export import onnx_sampler
-from .export.onnx_sampler import (Plan, balanced_labels, ddim_coefficients, ddim_sigma,  # noqa: F401
-                                  dpmpp_2m_coefficients, langevin_coefficients, log_snr, posterior_coefficients,
-                                  save_images, space_timesteps, write_atomically, x0_coefficients)
+from . import images, plan as plans
+from .images import save_images, write_atomically  # noqa: F401 (ddpm.save_images: the samples' file writer)
+from .plan import (DEFAULT_GUIDANCE, Plan, PlanOptions, balanced_labels, ddim_coefficients, ddim_sigma,  # noqa: F401
+                   dpmpp_2m_coefficients, langevin_coefficients, log_snr, posterior_coefficients, space_timesteps,
+                   x0_coefficients)
 
 __version__ = importlib.metadata.version("ddpm-reference")
 
@@ -92,8 +93,8 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- diffusion
 
-Parameterization = Literal[onnx_sampler.PARAMETERIZATIONS]  # eps | x0 | v
-Variance = Literal[onnx_sampler.VARIANCES]  # fixed_small | fixed_large | learned_range
+Parameterization = Literal[plans.PARAMETERIZATIONS]  # eps | x0 | v
+Variance = Literal[plans.VARIANCES]  # fixed_small | fixed_large | learned_range
 
 _DEVICE_TABLES: dict = {}  # (id(table), device) -> (table, its copy on the device): one copy, not one per step
 
@@ -411,30 +412,28 @@ def bits_per_dim(diffusion: Diffusion, model, x0, generator: torch.Generator | N
 
 
 # --------------------------------------------------------------------- sampling plans and samplers
-# A sampler is a Plan: plain numpy arrays of per-step coefficients (Plan, space_timesteps, x0_coefficients,
-# posterior_coefficients, ddim_sigma and ddim_coefficients live in export/onnx_sampler.py, which needs no
-# torch). run_plan executes one in torch; the onnxruntime sampler and the C++ runner execute the same plan.
+# A sampler is a Plan: plain numpy arrays of per-step coefficients, built in plan.py (numpy, no torch).
+# run_plan executes one in torch; the onnxruntime sampler and the C++ runner execute the same plan.
 
-Sampler = Literal[onnx_sampler.SAMPLERS]  # ancestral | ddim | dpmpp2m | dpmpp2m-sde | dpmpp3m | unipc
-Spacing = Literal[onnx_sampler.SPACINGS]  # uniform | linspace | trailing | quadratic | logsnr
+Sampler = Literal[plans.SAMPLERS]  # ancestral | ddim | dpmpp2m | dpmpp2m-sde | dpmpp3m | unipc
+Spacing = Literal[plans.SPACINGS]  # uniform | linspace | trailing | quadratic | logsnr
 
 
-def make_plan(diffusion: Diffusion, sampler: Sampler = "ancestral", steps: int | None = None,
-              eta: float = 0.0, spacing: Spacing | None = None, clip: bool = True, corrector_steps: int = 0,
-              snr: float = 0.16) -> Plan:
+def make_plan(diffusion: Diffusion, options: PlanOptions | Sampler | None = None, steps: int | None = None,
+              **fields) -> Plan:
     """The plan for `diffusion` of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM
     Section 4), DDIM with eta (Song et al. Eq. 12, 16), DPM-Solver++(2M) (dpmpp2m, Lu et al. 2022) or its
     SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m), UniPC (unipc, Zhao et al. 2023), optionally with K = corrector_steps Langevin rows per timestep (Song et al.
-    2021's predictor-corrector); steps defaults to T (ancestral) and min(50, T) (the others), spacing to trailing
-    for a zero-terminal-SNR schedule and uniform otherwise. See export/onnx_sampler.make_plan."""
-    return onnx_sampler.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance,
-                                  sampler, steps, eta, spacing, clip, corrector_steps, snr)
+    2021's predictor-corrector); the options as plan.plan_options takes them (a PlanOptions, a sampler's name and
+    steps, or PlanOptions' fields by name). See plan.make_plan."""
+    return plans.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance, options, steps,
+                           **fields)
 
 
 def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing | None = None) -> Plan:
     """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3); decoding the result with the DDIM
     plan of the same steps reconstructs the data."""
-    return onnx_sampler.ddim_inversion_plan(diffusion.alphas_cumprod, diffusion.parameterization, steps, spacing)
+    return plans.ddim_inversion_plan(diffusion.alphas_cumprod, diffusion.parameterization, steps, spacing)
 
 
 def ddim_reconstruct(model, diffusion: Diffusion, x0: torch.Tensor, steps: int | None = None,
@@ -446,8 +445,8 @@ def ddim_reconstruct(model, diffusion: Diffusion, x0: torch.Tensor, steps: int |
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
-    """Spherical interpolation between two latents, [len(alphas), *a.shape] (export/onnx_sampler.slerp)."""
-    return torch.from_numpy(onnx_sampler.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
+    """Spherical interpolation between two latents, [len(alphas), *a.shape] (plan.slerp)."""
+    return torch.from_numpy(plans.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
 
 
 def guided_output(model, x, t, y, scale: float, null: int):
@@ -582,7 +581,7 @@ def level_width(images: torch.Tensor) -> float:
 def to_uint8(x):
     """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch); the same
     rounding as the onnxruntime sampler and the C++ runner."""
-    return onnx_sampler.to_uint8(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    return images.to_uint8(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
 # ---------------------------------------------------------------------------------- training (Alg. 1)
@@ -591,7 +590,7 @@ Device = Literal["auto", "cpu", "cuda"]
 CHECKPOINT_FORMAT = "ddpm-reference-checkpoint-1"
 
 
-def _option(default, help: str, **cli):
+def config_field(default, help: str, **cli):
     """A TrainConfig field: its default, and the help and range of its `ddpm train` option (cli: min, max, and
     flag where the option's name is not the field's; the CLI is built from these)."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
@@ -605,46 +604,46 @@ LRDecay = Literal["constant", "cosine"]
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint so that a run can be resumed or rebuilt.
     Each field is also an option of `ddpm train` (--batch-size for batch_size), with this default."""
-    data: str = _option("digits", "'digits', an image folder, a cifar-10-batches-py folder, or a .npz")
-    preset: Preset = _option("digits", "U-Net preset (see `ddpm info`)")
-    image_size: int | None = _option(None, "resize and centre-crop folder images to this size", min=1)
-    dropout: float | None = _option(None, "dropout of the U-Net's residual blocks (default: the preset's)", min=0.0,
+    data: str = config_field("digits", "'digits', an image folder, a cifar-10-batches-py folder, or a .npz")
+    preset: Preset = config_field("digits", "U-Net preset (see `ddpm info`)")
+    image_size: int | None = config_field(None, "resize and centre-crop folder images to this size", min=1)
+    dropout: float | None = config_field(None, "dropout of the U-Net's residual blocks (default: the preset's)", min=0.0,
                                     max=0.99)
-    steps: int = _option(800, "optimizer steps in total (with --resume: the new total)", flag="--train-steps", min=1)
-    batch_size: int = _option(128, "images per optimizer step (per process under torchrun)", min=1)
-    lr: float = _option(2e-3, "AdamW learning rate after warm-up", min=1e-12)
-    warmup: int = _option(100, "linear learning-rate warm-up steps", min=0)
-    lr_decay: LRDecay = _option("constant", "the learning rate after warm-up: constant, or cosine decay to 0")
-    weight_decay: float = _option(0.0, "AdamW weight decay", min=0.0)
-    grad_clip: float = _option(1.0, "clip the gradient norm to this", min=1e-12)
-    accum: int = _option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
-    ema_decay: float = _option(0.998, "decay of the exponential moving average of the weights", min=0.0, max=0.999999)
-    ema_warmup: bool = _option(True, "warm the EMA's decay up as (1 + step) / (10 + step), capped at --ema-decay")
-    schedule: Schedule = _option("cosine", "beta schedule (the paper: linear)")
-    T: int = _option(1000, "diffusion steps T", flag="--diffusion-steps", min=1, max=100_000)
-    zero_terminal_snr: bool = _option(True, "rescale the schedule to alpha_bar_T = 0 (needs v or x0; the paper: no)")
-    parameterization: Parameterization = _option("v", "what the network predicts (the paper: eps)")
-    variance: Variance = _option("fixed_small", "Sigma_theta of the reverse process")
-    loss: LossType = _option("simple", "L_simple (Eq. 14), the bound, or L_hybrid")
-    weighting: Weighting = _option("constant", "the MSE's weight over t: 1 (L_simple), lambda(t) of the bound, "
+    steps: int = config_field(800, "optimizer steps in total (with --resume: the new total)", flag="--train-steps", min=1)
+    batch_size: int = config_field(128, "images per optimizer step (per process under torchrun)", min=1)
+    lr: float = config_field(2e-3, "AdamW learning rate after warm-up", min=1e-12)
+    warmup: int = config_field(100, "linear learning-rate warm-up steps", min=0)
+    lr_decay: LRDecay = config_field("constant", "the learning rate after warm-up: constant, or cosine decay to 0")
+    weight_decay: float = config_field(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = config_field(1.0, "clip the gradient norm to this", min=1e-12)
+    accum: int = config_field(1, "gradient accumulation: micro-batches per optimizer step", min=1)
+    ema_decay: float = config_field(0.998, "decay of the exponential moving average of the weights", min=0.0, max=0.999999)
+    ema_warmup: bool = config_field(True, "warm the EMA's decay up as (1 + step) / (10 + step), capped at --ema-decay")
+    schedule: Schedule = config_field("cosine", "beta schedule (the paper: linear)")
+    T: int = config_field(1000, "diffusion steps T", flag="--diffusion-steps", min=1, max=100_000)
+    zero_terminal_snr: bool = config_field(True, "rescale the schedule to alpha_bar_T = 0 (needs v or x0; the paper: no)")
+    parameterization: Parameterization = config_field("v", "what the network predicts (the paper: eps)")
+    variance: Variance = config_field("fixed_small", "Sigma_theta of the reverse process")
+    loss: LossType = config_field("simple", "L_simple (Eq. 14), the bound, or L_hybrid")
+    weighting: Weighting = config_field("constant", "the MSE's weight over t: 1 (L_simple), lambda(t) of the bound, "
                                    "or Min-SNR-gamma")
-    snr_gamma: float = _option(5.0, "with --weighting min-snr: gamma, where the weight min(SNR, gamma) saturates",
+    snr_gamma: float = config_field(5.0, "with --weighting min-snr: gamma, where the weight min(SNR, gamma) saturates",
                                min=1e-6)
-    dequantize: bool = _option(False, "add uniform noise one grey level of the data wide to its training images")
-    class_cond: bool = _option(False, "class-conditional eps_theta on the data's labels (for guidance)")
-    p_uncond: float = _option(0.1, "with --class-cond: the probability of the null label (Ho & Salimans Alg. 1)",
+    dequantize: bool = config_field(False, "add uniform noise one grey level of the data wide to its training images")
+    class_cond: bool = config_field(False, "class-conditional eps_theta on the data's labels (for guidance)")
+    p_uncond: float = config_field(0.1, "with --class-cond: the probability of the null label (Ho & Salimans Alg. 1)",
                               min=0.0, max=0.999999)
-    importance: bool = _option(False, "importance-sample t by the loss second moment")
-    flip: bool = _option(False, "random horizontal flips")
-    seed: int = _option(0, "seed of the initial weights and of every random draw of training", min=0)
-    device: Device = _option("auto", "auto: CUDA if available, else CPU")
-    precision: Precision = _option("auto", "autocast precision (auto: bf16 where the device runs it fast)")
-    compile: bool = _option(False, "torch.compile the network")
-    channels_last: bool = _option(False, "channels-last memory format (faster convolutions on GPUs)")
-    checkpoint_every: int = _option(500, "write OUT/checkpoint.pt every this many steps (and at the end)", min=1)
-    sample_every: int = _option(1000, "write a grid of DDIM samples every this many steps", min=1)
-    log_every: int = _option(25, "check the loss for NaN and report it every this many steps", min=1)
-    out: str = _option("runs/digits", "run folder: checkpoint.pt and samples-STEP.png")
+    importance: bool = config_field(False, "importance-sample t by the loss second moment")
+    flip: bool = config_field(False, "random horizontal flips")
+    seed: int = config_field(0, "seed of the initial weights and of every random draw of training", min=0)
+    device: Device = config_field("auto", "auto: CUDA if available, else CPU")
+    precision: Precision = config_field("auto", "autocast precision (auto: bf16 where the device runs it fast)")
+    compile: bool = config_field(False, "torch.compile the network")
+    channels_last: bool = config_field(False, "channels-last memory format (faster convolutions on GPUs)")
+    checkpoint_every: int = config_field(500, "write OUT/checkpoint.pt every this many steps (and at the end)", min=1)
+    sample_every: int = config_field(1000, "write a grid of DDIM samples every this many steps", min=1)
+    log_every: int = config_field(25, "check the loss for NaN and report it every this many steps", min=1)
+    out: str = config_field("runs/digits", "run folder: checkpoint.pt and samples-STEP.png")
 
     def validate(self) -> None:
         for name, kind in (("schedule", Schedule), ("parameterization", Parameterization), ("variance", Variance),

@@ -34,7 +34,8 @@ import torch
 
 from . import ddpm, unet
 from .ddpm import UserError
-from .export.onnx_sampler import _umask
+from .images import current_umask
+from .plan import default_spacing
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # UNet2DModel's arguments and their defaults (diffusers 0.42), for configs that leave some out. A field that is
@@ -280,7 +281,7 @@ def scheduler_config(cfg: ddpm.TrainConfig) -> dict:
     """The DDPMScheduler config of a checkpoint's TrainConfig: the inverse of schedule_fields."""
     start, end = _schedule_defaults()
     scale, named = 1000.0 / cfg.T, {v: k for k, v in SCHEDULES.items()}
-    spacing = ddpm.onnx_sampler.default_spacing(ddpm.make_diffusion(cfg).alphas_cumprod)  # make_plan's default
+    spacing = default_spacing(ddpm.make_diffusion(cfg).alphas_cumprod)  # make_plan's default
     config = dict(_class_name="DDPMScheduler", num_train_timesteps=cfg.T, beta_start=start * scale,
                   beta_end=min(end * scale, 0.999), beta_schedule=named.get(cfg.schedule, "linear"), trained_betas=None,
                   variance_type=cfg.variance, clip_sample=True, clip_sample_range=1.0,
@@ -402,8 +403,8 @@ def export_diffusers(checkpoint_path: str, out_folder: str, ema: bool = True) ->
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump({**content, **version}, f, indent=2, sort_keys=True)
         for name in os.listdir(tmp):  # mkdtemp and safetensors make private files; give the usual permissions
-            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(os.path.join(tmp, name), 0o666 & ~current_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         if os.path.isdir(out_folder):
             os.rmdir(out_folder)  # empty, checked above
         os.rename(tmp, out_folder)

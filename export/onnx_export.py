@@ -22,7 +22,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_sampler import FORMAT, PRECISIONS, write_atomically
+from ..images import write_atomically
+from .onnx_sampler import FORMAT, PRECISIONS
 
 FP32_TOLERANCE = 1e-4
 # Measured on the digits U-Net (outputs of magnitude ~1.4): float16 convolutions and products differ from

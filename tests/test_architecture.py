@@ -15,8 +15,17 @@ from ddpm_reference import bench, cli, ddpm
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "data": "data.py", "fd": "fd.py", "bench": "bench.py", "cli": "cli.py",
-           "classifier": "classifier.py", "precision": "precision.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
+           "classifier": "classifier.py", "precision": "precision.py", "plan": "plan.py", "images": "images.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
            "export.onnx_sampler": "export/onnx_sampler.py", "export.openvino_engine": "export/openvino_engine.py"}
+
+
+def _walk_package_code(node):
+    """ast.walk, leaving out the `else` of `if __package__:`: the imports of a file copied into an application."""
+    yield node
+    copied = isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "__package__"
+    for child in ast.iter_child_nodes(node):
+        if not (copied and child in node.orelse):
+            yield from _walk_package_code(child)
 
 
 def our_imports(name: str) -> set[str]:
@@ -24,7 +33,7 @@ def our_imports(name: str) -> set[str]:
     full = "ddpm_reference." + name
     package = full if MODULES[name].endswith("__init__.py") else full.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse((ROOT / MODULES[name]).read_text())):
+    for node in _walk_package_code(ast.parse((ROOT / MODULES[name]).read_text())):
         if isinstance(node, ast.ImportFrom):
             base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
                 else node.module
@@ -37,13 +46,14 @@ def our_imports(name: str) -> set[str]:
 
 def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it():
     graph = {name: our_imports(name) for name in MODULES}
-    assert graph["ddpm"] == {"unet", "precision", "export", "export.onnx_sampler"}, graph  # none of its users
-    assert graph["precision"] == set(), graph
+    assert graph["ddpm"] == {"unet", "precision", "plan", "images"}, graph  # nothing of export/, none of its users
+    assert graph["precision"] == graph["plan"] == graph["images"] == set(), graph
     assert graph["data"] == {"ddpm"} and graph["fd"] == {"ddpm", "data"}, graph
     assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
     assert graph["unet"] == set() and graph["export.openvino_engine"] == set(), graph
-    assert graph["export.onnx_sampler"] == {"export.openvino_engine"}, graph  # only when engine="openvino" is asked for
-    assert graph["export.onnx_export"] == {"export.onnx_sampler"}, graph
+    # what an app copies (onnx_sampler.py, plan.py, images.py; openvino_engine.py when engine="openvino" is asked for)
+    assert graph["export.onnx_sampler"] == {"plan", "images", "export.openvino_engine"}, graph
+    assert graph["export.onnx_export"] == {"images", "export.onnx_sampler"}, graph
 
     def visit(node, path):
         assert node not in path, f"import cycle: {' -> '.join([*path, node])}"
@@ -62,7 +72,8 @@ def test_the_wheel_installs_one_unambiguous_top_level_package(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"ddpm_reference"}, top
     assert {"ddpm_reference/ddpm.py", "ddpm_reference/unet.py", "ddpm_reference/export/onnx_sampler.py",
-            "ddpm_reference/export/onnx_export.py", "ddpm_reference/cli.py", "ddpm_reference/data.py"} <= set(names)
+            "ddpm_reference/export/onnx_export.py", "ddpm_reference/cli.py", "ddpm_reference/data.py",
+            "ddpm_reference/plan.py", "ddpm_reference/images.py"} <= set(names)
 
 
 def test_a_users_unet_and_export_in_the_working_folder_change_nothing(tmp_path):
@@ -75,7 +86,7 @@ def test_a_users_unet_and_export_in_the_working_folder_change_nothing(tmp_path):
         res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and "params 1," in res.stdout, (cmd, res.stdout, res.stderr)
     probe = ("import sys; sys.path.insert(0, '.'); from ddpm_reference import ddpm; "
-             "print(ddpm.unet.__file__); print(ddpm.onnx_sampler.__file__)")
+             "print(ddpm.unet.__file__); print(ddpm.plans.__file__)")
     res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert all(Path(line).resolve().is_relative_to(ROOT) for line in res.stdout.split()), res.stdout

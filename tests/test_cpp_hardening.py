@@ -444,7 +444,7 @@ def test_noise_thread_under_tsan_matches_python(runner, exports, tmp_path):  # n
                               env={**os.environ, **SANITIZER_ENV})
         assert proc.returncode == 0, proc.stderr[-4000:]
         from ddpm_reference.export.onnx_sampler import OnnxSampler
-        want = OnnxSampler(exports["plain"], provider="cpu", threads=1).sample(256, "ddim", 3, 1.0, seed=4)
+        want = OnnxSampler(exports["plain"], provider="cpu", threads=1).sample(256, "ddim", 3, eta=1.0, seed=4)
         assert np.abs(np.load(out) - want).max() <= 1e-3
 
 

@@ -121,7 +121,8 @@ def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: f
     betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")], dtype=np.float64)
     diffusion = ddpm.Diffusion(betas, meta["ddpm.parameterization"], meta["ddpm.variance"])
     clip = (meta["ddpm.clip_denoised"] == "true") if clip is None else clip
-    return ddpm.make_plan(diffusion, sampler, steps, eta, spacing, clip, corrector_steps)
+    return ddpm.make_plan(diffusion, sampler, steps, eta=eta, spacing=spacing, clip=clip,
+                          corrector_steps=corrector_steps)
 
 
 def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
@@ -133,7 +134,8 @@ def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: in
     python = OnnxSampler(model, provider="cpu", threads=1)
     x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch,
                       corrector_steps=corrector_steps)
-    return python.plan(sampler, steps, eta, spacing, clip, corrector_steps).t.tolist(), x
+    return python.plan(sampler, steps, eta=eta, spacing=spacing, clip=clip,
+                       corrector_steps=corrector_steps).t.tolist(), x
 
 
 def plan_args(sampler, steps, eta, spacing, clip, corrector_steps=0):
@@ -210,7 +212,7 @@ def test_default_spacing_is_trailing_at_zero_terminal_snr(runner, models, model_
     assert got == reference_plan(meta, sampler, steps, 0.0, None, None).t.tolist()
     assert got == OnnxSampler(model, provider="cpu", threads=1).plan(sampler, steps).t.tolist()
     betas = np.array([float(b) for b in meta["ddpm.betas"].split(",")])
-    finite = int((ddpm.onnx_sampler.log_snr(np.cumprod(1 - betas)) >= ddpm.onnx_sampler.LAMBDA_MIN).sum())
+    finite = int((ddpm.plans.log_snr(np.cumprod(1 - betas)) >= ddpm.plans.LAMBDA_MIN).sum())
     last = finite if sampler == "dpmpp2m" else T  # DPM-Solver keeps the timesteps of finite lambda
     assert (got[0] == last - 1) == (spacing == "trailing")
 
@@ -283,7 +285,7 @@ def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path
     assert np.abs(latent - x0).max() > 0.1  # it moved
     run(runner, "--model", model, "--init", tmp_path / "latent.npy", "--sampler", "ddim", "--steps", 7, "--eta", 0.5,
         "--seed", 3, "--threads", 1, "--out", tmp_path / "decoded.npy", *extra)
-    want = python.run(python.plan("ddim", 7, 0.5), latent, seed=3)
+    want = python.run(python.plan("ddim", 7, eta=0.5), latent, seed=3)
     assert np.abs(np.load(tmp_path / "decoded.npy") - want).max() <= 1e-3
 
 
@@ -320,10 +322,10 @@ def test_guided_samples_match_python(runner, conditional_model, tmp_path, path, 
         "--out", tmp_path / "x.npy", *args, *(["--step-graph"] if path == "step-graph" else []))
     python = OnnxSampler(conditional_model, provider="cpu", threads=1)
     labels = balanced_labels([int(c) for c in classes.split(",")] if classes else [0, 1, 2], n)
-    want = python.sample(n, sampler, steps, eta, seed=seed, batch=batch, labels=labels, guidance=guidance)
+    want = python.sample(n, sampler, steps, eta=eta, seed=seed, batch=batch, labels=labels, guidance=guidance)
     assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-3
     if guidance is None:
-        assert np.array_equal(want, python.sample(n, sampler, steps, eta, seed=seed, batch=batch, labels=labels,
+        assert np.array_equal(want, python.sample(n, sampler, steps, eta=eta, seed=seed, batch=batch, labels=labels,
                                                   guidance=DEFAULT_GUIDANCE))
 
 

@@ -209,7 +209,7 @@ def test_plan_from_the_file_is_the_diffusion_formulas(schedule, T_):
             continue
         d = ddpm.Diffusion(betas, par, var)
         try:
-            plan = onnx_sampler.make_plan(ab_file, par, var, sampler, steps, eta, spacing)
+            plan = onnx_sampler.make_plan(ab_file, par, var, sampler, steps, eta=eta, spacing=spacing)
         except ValueError as e:
             assert spacing == "quadratic" and "distinct" in str(e)
             continue
@@ -284,9 +284,10 @@ def test_onnx_sampler_matches_torch_sampler(small, tmp_path, par, var, sampler, 
     path = relabel(folder / ("learned.onnx" if c == 2 else "eps.onnx"), tmp_path / "m.onnx", d)
     seed = 2**31 + 5
     sampler, K = sampler.split("+") if "+" in sampler else (sampler, 0)
-    got = OnnxSampler(path, provider="cpu", threads=1).sample(n, sampler, steps, eta, spacing, clip, seed=seed, batch=batch,
-                                                              corrector_steps=int(K))
-    plan = ddpm.make_plan(d, sampler, steps, eta, spacing, True if clip is None else clip, int(K))
+    got = OnnxSampler(path, provider="cpu", threads=1).sample(n, sampler, steps, eta=eta, spacing=spacing, clip=clip,
+                                                              seed=seed, batch=batch, corrector_steps=int(K))
+    plan = ddpm.make_plan(d, sampler, steps, eta=eta, spacing=spacing, clip=True if clip is None else clip,
+                          corrector_steps=int(K))
     noise = ddpm.numpy_noise(seed)  # one stream, batches in order, as the onnx sampler draws it
     batch = batch or n
     want = torch.cat([ddpm.sample(nets[c], plan, (min(batch, n - i), *IMAGE), noise) for i in range(0, n, batch)])
@@ -339,8 +340,9 @@ def test_guided_onnx_sampler_matches_torch(conditional, c, sampler, steps, eta, 
     assert (onnx_sampler_.num_classes, onnx_sampler_.class_names) == (3, list(CLASSES))
     n, batch, seed = 5, 3, 11
     labels = ddpm.balanced_labels([2, 0], n)
-    got = onnx_sampler_.sample(n, sampler, steps, eta, spacing, seed=seed, batch=batch, labels=labels, guidance=guidance)
-    plan, noise = ddpm.make_plan(d, sampler, steps, eta, spacing), ddpm.numpy_noise(seed)
+    got = onnx_sampler_.sample(n, sampler, steps, eta=eta, spacing=spacing, seed=seed, batch=batch, labels=labels,
+                               guidance=guidance)
+    plan, noise = ddpm.make_plan(d, sampler, steps, eta=eta, spacing=spacing), ddpm.numpy_noise(seed)
     want = torch.cat([ddpm.sample(ddpm.classifier_free_guidance(nets[c], torch.as_tensor(labels[i:i + batch]), guidance, 3),
                                   plan, (min(batch, n - i), *IMAGE), noise) for i in range(0, n, batch)])
     assert np.abs(got - want.numpy()).max() <= 1e-3
@@ -424,27 +426,31 @@ def test_step_graph_with_memory_is_the_row_update():
     np.testing.assert_array_equal(x_next, c[2] * want_x0 + c[3] * x + c[11] * e1 + c[12] * e2 + c[4] * z)
 
 
-def test_sampler_is_a_single_file_that_needs_no_torch(small, tmp_path):
-    """Copied alone into a folder and imported where torch and onnx cannot be imported, it samples the same."""
-    shutil.copy(ROOT / "export" / "onnx_sampler.py", tmp_path / "onnx_sampler.py")
+def test_sampler_and_plan_copied_into_an_app_need_no_torch(small, tmp_path):
+    """The files the README tells an app to copy (onnx_sampler.py, plan.py, images.py), alone in a folder and
+    imported where torch, onnx and this package cannot be imported, sample the same and write the images."""
+    for file in ("export/onnx_sampler.py", "plan.py", "images.py"):
+        shutil.copy(ROOT / file, tmp_path / Path(file).name)
     model = small[1] / "eps.onnx"
     script = textwrap.dedent(f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "onnx", "ddpm", "unet", "export"):
+                if name.split(".")[0] in ("torch", "onnx", "ddpm", "unet", "export", "ddpm_reference"):
                     raise ImportError(name + " is not available here")
         sys.meta_path.insert(0, Block())
         sys.path = [{str(tmp_path)!r}] + [p for p in sys.path if p not in ("", {str(ROOT)!r})]
         import numpy as np, onnx_sampler
         x = onnx_sampler.OnnxSampler({str(model)!r}, provider="cpu", threads=1).sample(2, "ddim", 3, seed=7)
         np.save({str(tmp_path / "x.npy")!r}, x)
+        onnx_sampler.save_images(x, {str(tmp_path / "x.png")!r})
         assert not {{"torch", "onnx"}} & set(sys.modules), sorted(sys.modules)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     want = OnnxSampler(model, provider="cpu", threads=1).sample(2, "ddim", 3, seed=7)
     np.testing.assert_allclose(np.load(tmp_path / "x.npy"), want, rtol=0, atol=1e-6)
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import norm
 
 from ddpm_reference import ddpm
-from ddpm_reference.export import onnx_sampler
+from ddpm_reference import plan as plans
 from oracle import ClassOracle, GaussianOracle, MixtureOracle
 
 MU, S = 0.3, 0.5
@@ -247,14 +247,14 @@ def test_uniform_lambda_steps_show_the_multistep_orders(monkeypatch):
     assert 3.8 < err["dpmpp3m", 100] / err["dpmpp3m", 200] < 4.4, err
     assert 12 < err["unipc", 100] / err["unipc", 200] < 20, err
     assert all(err["dpmpp2m", n] > 2 * err["dpmpp3m", n] > 20 * err["unipc", n] for n in (50, 100, 200)), err
-    dpmpp_3m = onnx_sampler.dpmpp_3m_coefficients
+    dpmpp_3m = plans.dpmpp_3m_coefficients
 
     def twice_d2(ab, ab_to, r0, r1):  # one more -alpha_to phi_3 D2
         mean_xt, *weights = dpmpp_3m(ab, ab_to, r0, r1)
-        h = onnx_sampler.log_snr(ab_to) - onnx_sampler.log_snr(ab)
+        h = plans.log_snr(ab_to) - plans.log_snr(ab)
         extra = -np.sqrt(ab_to) * ((np.expm1(-h) / h + 1.0) / h - 0.5) / (r0 + r1)
         return mean_xt, weights[0] + extra / r0, weights[1] - extra * (1.0 / r0 + 1.0 / r1), weights[2] + extra / r1
-    monkeypatch.setattr(onnx_sampler, "dpmpp_3m_coefficients", twice_d2)
+    monkeypatch.setattr(plans, "dpmpp_3m_coefficients", twice_d2)
     third = [deterministic_error(oracle, d, "dpmpp3m", n, "uniform", x_T, reference) for n in (100, 200)]
     assert third[0] / third[1] > 7.5 and third[1] < err["dpmpp3m", 200] / 20, (third, err)
 
@@ -267,7 +267,7 @@ def test_dpm_solver_first_order_rows_are_ddim_and_the_sde_first_order_rows_are_a
         for key in ("mean_x0", "mean_xt"):  # two steps: both rows first order (the first, and the one to ab = 1)
             np.testing.assert_allclose(getattr(dpm, key), getattr(one_step, key), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(dpm.sigma[dpm.add_noise], one_step.sigma[one_step.add_noise], rtol=1e-9)
-        assert (dpm.mean_x0_prev == 0).all() and dpm.memory == onnx_sampler.MULTISTEP[sampler]
+        assert (dpm.mean_x0_prev == 0).all() and dpm.memory == plans.MULTISTEP[sampler]
 
 
 def test_dpm_solver_rejects_lambdas_that_do_not_decrease():
@@ -275,7 +275,7 @@ def test_dpm_solver_rejects_lambdas_that_do_not_decrease():
     betas = ddpm.beta_schedule("linear", 100)
     betas[40:60] = 1e-300  # alpha_bar (and lambda) constant over 20 timesteps, to rounding
     d = ddpm.Diffusion(betas)
-    for sampler in onnx_sampler.MULTISTEP:
+    for sampler in plans.MULTISTEP:
         with pytest.raises(ValueError, match="not strictly decreasing"):
             ddpm.make_plan(d, sampler, 100)
     with np.errstate(divide="ignore"):  # log beta = -inf on those steps; the one-step samplers do not need lambda
