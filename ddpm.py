@@ -20,6 +20,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from functools import cached_property
 from typing import Callable, Literal, get_args
 
@@ -814,13 +815,23 @@ class Trainer:
         torch.manual_seed(cfg.seed + rank)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = make_model(cfg, image_shape, len(self.classes)).to(device, memory_format=self.memory_format)
-        self.ema = AveragedModel(self.model, multi_avg_fn=self._ema_update, use_buffers=True)
+        # The EMA calls back through a weak reference: a Trainer in a reference cycle would keep its DDP reducer, and
+        # with it the process group and gloo's threads, alive until the interpreter's teardown, which then aborts.
+        trainer = weakref.ref(self)
+        self.ema = AveragedModel(self.model, multi_avg_fn=lambda ema, current, _: trainer()._ema_update(ema, current),
+                                 use_buffers=True)
         self.ema.eval()  # only ever sampled from: no dropout, and no draws from the global RNG that training uses
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=device.type == "cuda")
         self.timesteps = TimestepSampler(self.diffusion.T, cfg.importance)
         self.gen = torch.Generator(device).manual_seed(cfg.seed + rank)
-        net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp else self.model
+        # Under DDP the gradients are views of the all-reduce buckets and are zeroed, not freed, after a step: a
+        # new gradient is accumulated into the bucket's layout, whatever strides a kernel gives it (a 1x1
+        # convolution's weight gradient comes back channels-last from the CPU's kernels), without a copy.
+        self.ddp = ddp
+        for p in self.model.parameters() if ddp else ():  # DDP makes these the bucket views from the first step on
+            p.grad = torch.zeros_like(p)
+        net = torch.nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True) if ddp else self.model
         self.net = torch.compile(net) if cfg.compile else net
         self.precision, why = resolve_precision(cfg.precision, device)
         self.precision_note = f"{self.precision} ({why})"  # what train reports
@@ -831,7 +842,7 @@ class Trainer:
         self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a NaN/inf loss since the start
 
     @torch.no_grad()
-    def _ema_update(self, ema: list, current: list, _) -> None:
+    def _ema_update(self, ema: list, current: list) -> None:
         """ema <- d ema + (1 - d) current with d = ema_decay_at(self.step) (the EMA's float tensors)."""
         torch._foreach_lerp_(ema, current, 1.0 - ema_decay_at(self.step, self.cfg))
 
@@ -874,7 +885,7 @@ class Trainer:
         self.bad |= ~torch.isfinite(self.running)
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.ddp)
         self.ema.update_parameters(self.model)
         self.step += 1
 
@@ -902,14 +913,21 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
     callback({"step", "steps", "loss", "images_per_s"}) is called on rank 0 once set up (loss None, and
     "precision": the precision chosen and why) and at each log step. Returns a summary."""
     cfg.validate()
-    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
-    ddp = world > 1
-    if ddp:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _train(cfg, data, resume, callback, overwrite, 0, 1)
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
+    try:
         if torch.cuda.is_available() and cfg.device != "cpu":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return _train(cfg, data, resume, callback, overwrite, dist.get_rank(), world)
+    finally:  # on success and on error alike: a group left to the interpreter's teardown can abort the process
+        dist.destroy_process_group()
+
+
+def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int) -> tuple:
+    """(the Trainer, a new run's or resumed from cfg.out/checkpoint.pt, and that path), or a UserError."""
     device = resolve_device(cfg.device)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     os.makedirs(cfg.out, exist_ok=True)
@@ -921,29 +939,38 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
         raise UserError(f"{ckpt_path} holds imported weights (`ddpm import`), not a run: there is nothing to resume")
     if state is not None:
         check_resumable(state["config"], cfg)
-    dataset, data = data, torch.from_numpy(data.train).to(device)  # all on the device: no loader in the hot loop
-    labels = torch.from_numpy(dataset.train_labels).to(device) if cfg.class_cond and dataset.classes else None
-    trainer = Trainer(cfg, dataset.train.shape[1:], device, rank, ddp, dataset.classes)
+    trainer = Trainer(cfg, data.train.shape[1:], device, rank, int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                      data.classes)
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.step >= cfg.steps:
             raise UserError(f"{ckpt_path} is at step {trainer.step}: resume to a larger total of steps")
         _set_rng_state(trainer.gen, state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    return trainer, ckpt_path
 
-    def checkpoint():
-        rngs = [_rng_state(trainer.gen)]
-        if ddp:  # every rank takes part in the gather; rank 0 writes
-            import torch.distributed as dist
-            rngs = [None] * dist.get_world_size()
-            dist.all_gather_object(rngs, _rng_state(trainer.gen))
-        if rank == 0:
-            save_checkpoint(ckpt_path, {"format": CHECKPOINT_FORMAT, "version": __version__, "config": vars(cfg).copy(),
-                                        "image_shape": list(trainer.image_shape), **trainer.state_dict(), "rng": rngs})
 
+def _checkpoint(trainer: Trainer, path: str, rank: int, world: int) -> None:
+    """Every rank's RNG state gathered (every rank takes part), the run written by rank 0."""
+    rngs = [_rng_state(trainer.gen)]
+    if world > 1:
+        import torch.distributed as dist
+        rngs = [None] * world
+        dist.all_gather_object(rngs, _rng_state(trainer.gen))
+    if rank == 0:
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": __version__, "config": vars(trainer.cfg).copy(),
+                               "image_shape": list(trainer.image_shape), **trainer.state_dict(), "rng": rngs})
+
+
+def _train(cfg: TrainConfig, dataset, resume: bool, callback, overwrite: bool, rank: int, world: int) -> dict:
+    """train's loop on this process (rank of world)."""
+    trainer, ckpt_path = _start(cfg, dataset, resume, overwrite, rank)
+    data = torch.from_numpy(dataset.train).to(trainer.device)  # all on the device: no loader in the hot loop
+    labels = torch.from_numpy(dataset.train_labels).to(trainer.device) if trainer.classes else None
     losses, start_step, t0 = [], trainer.step, time.perf_counter()
-    if callback and rank == 0:
-        callback({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None,
-                  "precision": trainer.precision_note})
+    report = callback if callback and rank == 0 else (lambda r: None)
+    report({"step": start_step, "steps": cfg.steps, "loss": None, "images_per_s": None,
+            "precision": trainer.precision_note})
+    images_per_step = cfg.batch_size * cfg.accum * world
     while trainer.step < cfg.steps:
         trainer.train_step(data, labels)
         step = trainer.step
@@ -953,20 +980,16 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
                                 f"({ckpt_path}) is kept. Lower --lr or use --precision fp32")
             losses.append((step, trainer.running.item() / (step - (losses[-1][0] if losses else start_step))))
             trainer.running.zero_()
-            rate = (step - start_step) * cfg.batch_size * cfg.accum * world / (time.perf_counter() - t0)
-            if callback and rank == 0:
-                callback({"step": step, "steps": cfg.steps, "loss": losses[-1][1], "images_per_s": rate})
+            report({"step": step, "steps": cfg.steps, "loss": losses[-1][1],
+                    "images_per_s": (step - start_step) * images_per_step / (time.perf_counter() - t0)})
         t_io = time.perf_counter()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint()
+            _checkpoint(trainer, ckpt_path, rank, world)
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_grid(trainer.ema.module, trainer.diffusion, trainer.image_shape,
                       os.path.join(cfg.out, f"samples-{step}.png"), classes=len(trainer.classes))
         t0 += time.perf_counter() - t_io  # throughput counts training steps only
     elapsed = time.perf_counter() - t0
-    if ddp:
-        import torch.distributed as dist
-        dist.destroy_process_group()
     return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,
             "precision": trainer.precision_note,
-            "images_per_s": (trainer.step - start_step) * cfg.batch_size * cfg.accum * world / max(elapsed, 1e-9)}
+            "images_per_s": (trainer.step - start_step) * images_per_step / max(elapsed, 1e-9)}
