@@ -2,6 +2,7 @@
 throughput, each beside the matmul peak of the same precision and library measured in the same run."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -118,6 +119,7 @@ def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str,
 # torch eager, torch.compile, onnxruntime, OpenVINO (the float32 file at fp32 or bf16, or the int8 file), the C++ runner
 # on onnxruntime and on OpenVINO (ddpm_runner --engine openvino)
 BACKENDS = ("torch", "compile", "ort", "openvino", "cpp", "cpp-openvino")
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")  # `make cpp`
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 PRECISIONS = tuple(dict.fromkeys(get_args(SamplePrecision) + onnx_sampler.PRECISIONS))  # what bench sample runs
 
@@ -139,7 +141,7 @@ def _die_with_parent():
 
 def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "ort", "cpp"), repeats: int = 3,
                  runs=(("ancestral", 1000), ("ddim", 50)), device: str = "auto", threads: int | None = None,
-                 precisions=("auto",), checkpoint: str | None = None):
+                 precisions=("auto",), checkpoint: str | None = None, rows: list | None = None):
     """Images/s and network evaluations/s of each backend and precision for each (sampler, steps), the loop
     overhead (the loop's time / the time of the same number of bare network calls), and the achieved FLOP/s
     beside the matmul peak of the row's precision and library. torch runs fp32|bf16|fp16 (auto: see
@@ -150,9 +152,11 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     zero-initialised layers (speed does not depend on them) and int8 is calibrated on uniform noise images.
     With an (unconditional) checkpoint its EMA weights are timed, int8 is calibrated on its training images,
     and for 8x8 digits each row also gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no
-    speed without its quality."""
+    speed without its quality. Each row is appended to `rows` (a new list if None) as it is measured, so that a
+    caller keeps the rows finished before an error; what the backends need is checked before any is timed."""
     import tempfile
     dev = resolve_device(device)
+    check_backends(backends, precisions, dev)
     if checkpoint:
         model, diffusion, cfg, image_shape = load_model(checkpoint, True)
         if model.class_names:
@@ -171,7 +175,7 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     shape = (batch, *image_shape)
     quality = fd_of_samples() if checkpoint and tuple(image_shape) == (1, 8, 8) else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows, tmp = [], tempfile.mkdtemp()
+    rows, tmp = [] if rows is None else rows, tempfile.mkdtemp()
     flops = unet.flops_per_forward(model)  # per image and network call
     x = torch.randn(shape, device=dev)
     t = torch.full((batch,), 500, device=dev, dtype=torch.long)
@@ -192,8 +196,6 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
         return {**r, "fd": quality(samples)} if quality else r
 
     for backend in backends:
-        if backend not in BACKENDS:
-            raise ValueError(f"backends must be among {', '.join(BACKENDS)}, got {backend!r}")
         for precision in _backend_precisions(backend, precisions, dev):
             if backend in ("torch", "compile"):
                 inputs = noisy_inputs(calibration(), diffusion.betas, 0) if precision == "int8" else None
@@ -221,14 +223,11 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                     rows.append(row(backend, precision, sampler, steps, times, bare, res["timings"][0]["provider"],
                                     res["peak"], np.load(out)))
             else:
-                runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")
-                if not os.path.exists(runner):
-                    raise UserError(f"{runner} not built: run `make cpp` (or drop {backend} from --backends)")
                 openvino = backend == "cpp-openvino"
                 peak = onnx_matmul_peak(precision, threads=threads, engine="openvino" if openvino else "onnxruntime")
                 file, engine_precision = _file_and_engine_precision(backend, precision)
                 for sampler, steps in runs:
-                    cmd = [runner, "--model", onnx_file(file), "--num-samples", str(batch), "--batch-size",
+                    cmd = [RUNNER, "--model", onnx_file(file), "--num-samples", str(batch), "--batch-size",
                            str(batch), "--sampler", sampler, "--steps", str(steps), "--json", "--out", out]
                     cmd += ["--engine", "openvino", "--precision", engine_precision] if openvino else ["--provider",
                                                                                                      provider]
@@ -238,6 +237,19 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
                     rows.append(row(backend, precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
                                     np.load(out)))
     return rows
+
+
+def check_backends(backends, precisions, device: torch.device) -> None:
+    """A UserError, before anything is timed, for a backend this machine cannot run: an unknown name, a C++ runner
+    that is not built, OpenVINO or torchao (int8) not installed, a precision the CPU lacks."""
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"backends must be among {', '.join(BACKENDS)}, got {backend!r}")
+        if backend.startswith("cpp") and not os.path.exists(RUNNER):
+            raise UserError(f"{RUNNER} not built: run `make cpp` (or drop {backend} from --backends)")
+        chosen = _backend_precisions(backend, precisions, device)
+        if backend == "compile" and "int8" in chosen and importlib.util.find_spec("torchao") is None:
+            raise UserError("the int8 rows of the compile backend need torchao: pip install 'ddpm-reference[int8]'")
 
 
 def _file_and_engine_precision(backend: str, precision: str) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """The command line, `ddpm ...`: train, sample, score, export and benchmark, on top of ddpm.py.
 
-One name per concept across the commands and the C++ runner (the README's table): --num-samples (images
+One name per concept across the commands and the C++ runner (docs/commands.md's table): --num-samples (images
 drawn), --num-images (held-out images read), --batch-size (images per network call or optimizer step), --steps
 (the sampler's network calls), --train-steps (optimizer steps). Every option is checked at this boundary
 (choices, ranges, finite numbers), and an option given where it cannot apply is an error.
@@ -377,8 +377,8 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                precision: SamplePrecision = Opt("auto", help="network precision (auto: bf16 where the device runs it "
                                                 "fast; int8: the CPU, compiled, needs torchao)"),
                compile: bool = COMPILE, out: str = Opt("samples.png", help=OUT_IMAGES), **options):
-    """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE), with a corrector or not;
-    a class-conditional model samples the requested classes, with classifier-free guidance."""
+    """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE) and (3M), UniPC, with a corrector
+    or not; a class-conditional model samples the requested classes, with classifier-free guidance."""
     _check_out(out)
     if checkpoint.endswith(".onnx"):
         raise UserError(f"{checkpoint} is an ONNX file: sample it with `ddpm onnx-sample` (classifier guidance, "
@@ -633,9 +633,13 @@ def bench_sample_cmd(checkpoint: str = Opt(None, help="time this checkpoint (and
     """Images/s, network evaluations/s, loop overhead (loop time / bare network time) and achieved FLOP/s
     against the matmul peak of the row's precision, for each sampler run (and FD with --checkpoint)."""
     runs = tuple((name, steps or BENCH_STEPS[name]) for name in _choices(samplers, "--samplers", onnx_sampler.SAMPLERS))
-    rows = bench_sample(preset, batch_size, _choices(backends, "--backends", BACKENDS), repeats, runs, device, threads,
-                        _choices(precision, "--precision", BENCH_PRECISIONS), checkpoint)
-    _print_table(rows, json_)
+    rows = []  # printed even when a later backend fails: the rows measured by then are kept
+    try:
+        bench_sample(preset, batch_size, _choices(backends, "--backends", BACKENDS), repeats, runs, device, threads,
+                     _choices(precision, "--precision", BENCH_PRECISIONS), checkpoint, rows)
+    finally:
+        if rows:
+            _print_table(rows, json_)
 
 
 @bench_app.command("train")

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from ddpm_reference import bench, ddpm, fd, unet
+from ddpm_reference import bench, fd, unet
 from ddpm_reference import data as datasets
-from test_train import ROOT, assert_user_error, cli
+from conftest import ROOT, assert_user_error, cli
 
 
 def test_frechet_distance_closed_form_and_identity():
@@ -78,6 +78,29 @@ def test_bench_sample_report():
     with pytest.raises(ValueError, match="precision"):
         bench.bench_sample("digits", batch=2, backends=("torch",), repeats=1, runs=(("ddim", 1),), device="cpu",
                           precisions=("int4",))
+
+
+def test_bench_sample_checks_its_backends_first_and_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    timed = []
+
+    def once(fn, repeats, sync=None, bare=None):  # what is timed, run once
+        timed.append(fn())
+        return ([1.0], [1.0]) if bare else [1.0]
+    monkeypatch.setattr(bench, "_timed", once)
+    monkeypatch.setattr(bench, "RUNNER", str(tmp_path / "ddpm_runner"))  # not built
+    args = ["bench", "sample", "--samplers", "ddim", "--steps", 1, "--batch-size", 2, "--repeats", 1,
+            "--precision", "fp32", "--device", "cpu"]
+    res = cli(*args, "--backends", "torch,cpp")
+    assert_user_error(res, "not built", "make cpp")
+    assert timed == [] and res.stdout == ""  # refused before the torch row was timed
+
+    def failing_child(cmd, backend):
+        raise bench.UserError(f"backend {backend}: the engine failed")
+    monkeypatch.setattr(bench, "_child_json", failing_child)
+    res = cli(*args, "--backends", "torch,ort")
+    assert_user_error(res, "backend ort: the engine failed")
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] == "backend" and lines[1].split()[:2] == ["torch", "fp32"]
 
 
 def test_bench_sample_of_a_checkpoint_gives_each_rows_fd(tmp_path):
