@@ -1,5 +1,7 @@
 # The two commands: `make demo` (train on digits, score, export, sample the same images in torch, ONNX and C++)
-# and `make test` (the whole test suite). Both create .venv and install what they need.
+# and `make test` (the whole test suite, as CI runs it). Both create .venv and install what they need.
+# `make check` is the edit loop: the tests not marked slow (nothing that trains, builds the C++ runner or runs
+# `make demo`), a few minutes on two cores.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 TRAIN_FLAGS ?=
 
-.PHONY: install cpp test demo clean
+.PHONY: install cpp test check demo clean
 
 install: $(STAMP)
 
@@ -26,6 +28,9 @@ cpp: $(STAMP)
 
 test: $(STAMP) cpp
 	$(PY) -m pytest -q --durations=10
+
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # The demo trains afresh each time (--overwrite), so it runs again after any change; it samples the same 64 images
 # (ancestral, seed 0, numpy's noise, float32) in PyTorch, onnxruntime and C++ and checks that they agree.

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import cli as run_cli
 import typer
 
 from ddpm_reference import classifier, cli, ddpm
@@ -23,14 +24,6 @@ def commands():
             yield name, command
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    """cli.main in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
 def test_every_option_has_help_and_shows_its_default():
     for name, command in commands():
         for p in command.params:
@@ -42,7 +35,7 @@ def test_every_option_has_help_and_shows_its_default():
 
 
 def test_version(capsys):
-    code, out, _ = run(capsys, "--version")
+    code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"ddpm-reference {ddpm.__version__}"
 
 
@@ -58,7 +51,7 @@ def test_version(capsys):
     (("sample", "x.pt", "--sampler", "euler"), "--sampler"), (("export", "x.pt", "--precision", "bf16"), "--precision"),
 ])
 def test_numbers_and_choices_are_checked_at_the_boundary(capsys, args, flag):
-    code, _, err = run(capsys, *args)
+    code, _, err = run_cli(*args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ddpm: error:") and flag in lines[0], err
 
@@ -70,7 +63,7 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_does_not(capsys, monkeypatch
     with pytest.raises(ValueError, match="internal inconsistency"):
         cli.main(["sample", "x.pt"])
     monkeypatch.undo()
-    code, _, err = run(capsys, "sample", "missing.pt")
+    code, _, err = run_cli("sample", "missing.pt")
     assert code == 2 and err.strip() == "ddpm: error: missing.pt: no such checkpoint file"
 
 
@@ -101,16 +94,16 @@ def test_train_classifier_shows_exactly_the_options_it_reads(monkeypatch, tmp_pa
 def test_resume_applies_and_says_what_may_change_and_refuses_the_rest(capsys, tmp_path):
     base = ["train", "--train-steps", 3, "--batch-size", 4, "--diffusion-steps", 10, "--device", "cpu", "--out", tmp_path,
             "--precision", "fp32"]
-    assert run(capsys, *base)[0] == 0
-    code, out, _ = run(capsys, *base[:2], 5, "--lr", 1e-4, "--out", tmp_path, "--resume")
+    assert run_cli(*base)[0] == 0
+    code, out, _ = run_cli(*base[:2], 5, "--lr", 1e-4, "--out", tmp_path, "--resume")
     state = ddpm.load_checkpoint(tmp_path / "checkpoint.pt")
     assert code == 0 and "resumed with --lr 0.002 -> 0.0001" in out, out
     assert state["step"] == 5 and state["config"]["lr"] == 1e-4 and state["config"]["T"] == 10
-    code, _, err = run(capsys, "train", "--train-steps", 6, "--schedule", "linear", "--out", tmp_path, "--resume")
+    code, _, err = run_cli("train", "--train-steps", 6, "--schedule", "linear", "--out", tmp_path, "--resume")
     assert code == 2 and "--schedule linear" in err and "resumed run" in err, err
-    code, _, err = run(capsys, *base)
+    code, _, err = run_cli(*base)
     assert code == 2 and "--overwrite" in err
-    assert run(capsys, *base, "--overwrite")[0] == 0
+    assert run_cli(*base, "--overwrite")[0] == 0
     assert ddpm.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
 
 
@@ -122,7 +115,7 @@ def test_options_that_cannot_apply_are_refused(capsys, tmp_path):
                         (("fd", "x.pt", "--table", "--eta", 0.5), "table's rows"),
                         (("interpolate", "x.pt", "--seeds", "1,2", "--images", "3,4"), "give one"),
                         (("train", "--resume", "--overwrite", "--out", tmp_path), "give one")]:
-        code, _, err = run(capsys, *args)
+        code, _, err = run_cli(*args)
         assert code == 2 and words in err, (args, err)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cpp_runner import RUNNER_DIR, runner  # noqa: F401  (fixture)
+from conftest import RUNNER_DIR
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402

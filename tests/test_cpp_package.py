@@ -1,7 +1,7 @@
 """The C++ library as an app embeds it: `cmake --install` gives a self-contained, relocatable prefix (ONNX Runtime
 copied into it, every RUNPATH $ORIGIN-relative) with a CMake package that an app finds with
 find_package(ddpm_runner CONFIG) and links as ddpm_runner::sampler. The prefix is moved after installing, and
-everything here uses it there: the README's embedding example, built against the moved prefix, and the installed
+everything here uses it there: docs/cpp.md's embedding example, built against the moved prefix, and the installed
 ddpm_runner run without LD_LIBRARY_PATH, load ONNX Runtime from inside the moved prefix (also with the wheel that
 the build used hidden) and give the right samples."""
 from __future__ import annotations
@@ -15,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cpp_runner import RUNNER_DIR, models, python_reference, runner  # noqa: F401  (fixtures)
+from conftest import RUNNER_DIR
+from small_models import python_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_block(language: str) -> str:
-    """The first ```language block of the README's "C++ runner" section."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("\n## C++ runner\n"):]
-    section = section[:section.index("\n## ", 1)]
-    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
+    """The first ```language block of docs/cpp.md (the C++ page the README links to)."""
+    return re.search(rf"```{language}\n(.*?)```", (ROOT / "docs" / "cpp.md").read_text(), re.S).group(1)
 
 
 def without_library_path(**extra) -> dict[str, str]:
@@ -125,11 +123,11 @@ def test_moved_command_loads_onnx_runtime_from_the_prefix_and_samples_right(pref
 
 @pytest.fixture(scope="module")
 def example_app(prefix, tmp_path_factory) -> Path:
-    """The README's CMakeLists.txt and C++ example, built against the moved prefix's package."""
+    """docs/cpp.md's CMakeLists.txt and C++ example, built against the moved prefix's package."""
     app = tmp_path_factory.mktemp("app")
     (app / "CMakeLists.txt").write_text(readme_block("cmake"))
     code = readme_block("cpp")
-    assert len(code.strip().splitlines()) <= 15  # the README promises a 15-line example
+    assert len(code.strip().splitlines()) <= 15  # docs/cpp.md promises a 15-line example
     (app / "app.cpp").write_text(code)
     # -Werror: the public header is clean under a consumer's warnings too.
     sh("cmake", "-S", app, "-B", app / "build", f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release",

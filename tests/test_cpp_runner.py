@@ -8,108 +8,19 @@ plans are also compared with ddpm.make_plan directly.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_runner as run
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNNER_DIR = ROOT / "cpp_runner"
-T = 200  # large enough for a 10-step quadratic spacing (S <= sqrt(0.8 T) + 1)
-IMAGE = (1, 8, 8)
-
-
-# ---------------------------------------------------------------- build and run the runner
-@pytest.fixture(scope="session")
-def runner() -> Path:
-    in_ci = bool(os.environ.get("CI"))
-    tools = shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))
-    if not tools and not in_ci and os.geteuid() != 0:
-        pytest.skip("cmake or a C++ compiler is missing (apt-get install cmake g++ zlib1g-dev)")
-    # Link against the onnxruntime wheel of this very interpreter.
-    env = {**os.environ, "PYTHON": sys.executable}
-    build = subprocess.run(["sh", str(RUNNER_DIR / "build.sh")], capture_output=True, text=True, env=env)
-    if build.returncode != 0:
-        tail = (build.stdout + build.stderr)[-3000:]
-        if in_ci:
-            pytest.fail(f"cpp_runner/build.sh failed:\n{tail}")
-        pytest.skip(f"cpp_runner/build.sh failed (fatal when CI is set):\n{tail}")
-    return RUNNER_DIR / "build" / "ddpm_runner"
-
-
-def run(runner: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-# ---------------------------------------------------------------- small test models
-def _export_net(path: Path, c_out: int) -> None:
-    """A tiny conv net eps_theta(x, t) that really depends on t, exported like the project's U-Net."""
-    import torch
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(T, 8)
-            self.c1 = torch.nn.Conv2d(IMAGE[0], 8, 3, padding=1)
-            self.c2 = torch.nn.Conv2d(8, c_out, 3, padding=1)
-
-        def forward(self, x, t):
-            h = torch.nn.functional.silu(self.c1(x) + self.emb(t)[:, :, None, None])
-            return torch.tanh(self.c2(h))
-
-    torch.manual_seed(c_out)
-    x, t = torch.zeros(2, *IMAGE), torch.zeros(2, dtype=torch.int64)
-    batch = {0: "batch"}
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but still the plain route
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Net().eval(), (x, t), str(path), input_names=["x", "t"], output_names=["model_output"],
-                          dynamic_axes={"x": batch, "t": batch, "model_output": batch}, opset_version=17, dynamo=False)
-
-
-def _metadata(parameterization: str, variance: str, clip: bool = True, zero_snr: bool = False) -> dict[str, str]:
-    from ddpm_reference import ddpm
-
-    betas = ddpm.beta_schedule("linear", T)
-    if zero_snr:  # alpha_bar_T = 0: the last beta is exactly 1
-        betas = ddpm.rescale_zero_terminal_snr(betas)
-    return {"ddpm.format": "1", "ddpm.betas": ",".join(repr(float(b)) for b in betas),
-            "ddpm.num_timesteps": str(T), "ddpm.parameterization": parameterization, "ddpm.variance": variance,
-            "ddpm.image_shape": ",".join(map(str, IMAGE)), "ddpm.data_range": "-1,1",
-            "ddpm.clip_denoised": "true" if clip else "false", "ddpm.timestep_dtype": "int64", "ddpm.version": "test"}
-
-
-def _with_metadata(src: Path, dst: Path, meta: dict[str, str]) -> Path:
-    model = onnx.load(str(src))
-    onnx.helper.set_model_props(model, meta)
-    onnx.save(model, str(dst))
-    return dst
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("models")
-    pytest.importorskip("torch")
-    _export_net(d / "net1.onnx", IMAGE[0])
-    _export_net(d / "net2.onnx", 2 * IMAGE[0])
-    return {
-        "eps_small": _with_metadata(d / "net1.onnx", d / "eps_small.onnx", _metadata("eps", "fixed_small")),
-        "v_large": _with_metadata(d / "net1.onnx", d / "v_large.onnx", _metadata("v", "fixed_large", clip=False)),
-        "x0_small": _with_metadata(d / "net1.onnx", d / "x0_small.onnx", _metadata("x0", "fixed_small")),
-        "eps_learned": _with_metadata(d / "net2.onnx", d / "eps_learned.onnx", _metadata("eps", "learned_range")),
-        "v_zero_snr": _with_metadata(d / "net1.onnx", d / "v_zero_snr.onnx", _metadata("v", "fixed_small", zero_snr=True)),
-        "no_meta": d / "net1.onnx",
-    }
+from small_models import IMAGE, T, metadata, python_reference, with_metadata
 
 
 # ---------------------------------------------------------------- the Python side: ddpm.make_plan + an executor
@@ -123,19 +34,6 @@ def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: f
     clip = (meta["ddpm.clip_denoised"] == "true") if clip is None else clip
     return ddpm.make_plan(diffusion, sampler, steps, eta=eta, spacing=spacing, clip=clip,
                           corrector_steps=corrector_steps)
-
-
-def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
-                     spacing: str | None = None, clip: bool | None = None, seed: int = 0,
-                     corrector_steps: int = 0) -> tuple[list[int], np.ndarray]:
-    """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime
-    sampler, export/onnx_sampler.py."""
-    from ddpm_reference.export.onnx_sampler import OnnxSampler
-    python = OnnxSampler(model, provider="cpu", threads=1)
-    x = python.sample(n, sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, seed=seed, batch=batch,
-                      corrector_steps=corrector_steps)
-    return python.plan(sampler, steps, eta=eta, spacing=spacing, clip=clip,
-                       corrector_steps=corrector_steps).t.tolist(), x
 
 
 def plan_args(sampler, steps, eta, spacing, clip, corrector_steps=0):
@@ -522,10 +420,10 @@ ERROR_CASES = {
     "missing model": (lambda m, d: ["--model", d / "absent.onnx"], "not found"),
     "not a DDPM model": (lambda m, d: ["--model", _not_ddpm(d / "id.onnx")], "'ddpm.format' is missing"),
     "no metadata": (lambda m, d: ["--model", m["no_meta"]], "not a DDPM model"),
-    "missing betas": (lambda m, d: ["--model", _with_metadata(m["no_meta"], d / "nb.onnx", {"ddpm.format": "1"})],
+    "missing betas": (lambda m, d: ["--model", with_metadata(m["no_meta"], d / "nb.onnx", {"ddpm.format": "1"})],
                       "'ddpm.betas' is missing"),
-    "eps with zero terminal SNR": (lambda m, d: ["--model", _with_metadata(
-        m["no_meta"], d / "z.onnx", _metadata("eps", "fixed_small", zero_snr=True))], "zero terminal SNR"),
+    "eps with zero terminal SNR": (lambda m, d: ["--model", with_metadata(
+        m["no_meta"], d / "z.onnx", metadata("eps", "fixed_small", zero_snr=True))], "zero terminal SNR"),
     "truncated file": (lambda m, d: ["--model", _truncated(m["eps_small"], d / "cut.onnx")], "cannot load"),
     "unknown flag": (lambda m, d: ["--model", m["eps_small"], "--frobnicate"], "unknown option"),
     "bad integer": (lambda m, d: ["--model", m["eps_small"], "--steps", "ten"], "--steps"),

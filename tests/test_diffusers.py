@@ -22,7 +22,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        UniPCMultistepScheduler)
 
 import diffusers_models as dm  # noqa: E402
-from ddpm_reference import cli, ddpm, diffusers_io as dio, unet  # noqa: E402
+from conftest import cli as run_cli  # noqa: E402
+from ddpm_reference import ddpm, diffusers_io as dio, unet  # noqa: E402
 from oracle import MixtureOracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """cli.main in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def ours(checkpoint: dict) -> unet.UNet:
@@ -157,11 +150,11 @@ def native_checkpoint(path, preset: str = "digits", **fields) -> dict:
 def test_round_trip_ours_diffusers_ours_is_bit_identical(tmp_path, capsys, zero_terminal_snr):
     native = native_checkpoint(tmp_path / "native.pt", schedule="cosine", T=400, parameterization="v",
                                zero_terminal_snr=zero_terminal_snr)
-    code, out, err = run(capsys, "export-diffusers", tmp_path / "native.pt", "--out", tmp_path / "hf")
+    code, out, err = run_cli("export-diffusers", tmp_path / "native.pt", "--out", tmp_path / "hf")
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "diffusion_pytorch_model.safetensors",
                                                    "model_index.json", "scheduler_config.json"]
-    code, _, err = run(capsys, "import", tmp_path / "hf", "--out", tmp_path / "back.pt")
+    code, _, err = run_cli("import", tmp_path / "hf", "--out", tmp_path / "back.pt")
     assert code == 0, err
     back = ddpm.load_checkpoint(tmp_path / "back.pt")
     assert native["ema"].keys() == back["ema"].keys()
@@ -339,11 +332,11 @@ def cpp_runner() -> Path:
 def test_imported_model_exports_to_onnx_and_cpp_draws_the_same_images(tiny, tmp_path, capsys):
     _, folder = tiny
     onnx_file, common = tmp_path / "model.onnx", ["--num-samples", "4", "--sampler", "ddim", "--steps", "10", "--seed", "3"]
-    code, out, err = run(capsys, "export", folder / "checkpoint.pt", "--out", onnx_file)
+    code, out, err = run_cli("export", folder / "checkpoint.pt", "--out", onnx_file)
     assert code == 0, err
-    code, _, err = run(capsys, "onnx-sample", onnx_file, *common, "--threads", "1", "--out", tmp_path / "ort.npz")
+    code, _, err = run_cli("onnx-sample", onnx_file, *common, "--threads", "1", "--out", tmp_path / "ort.npz")
     assert code == 0, err
-    code, _, err = run(capsys, "sample", folder / "checkpoint.pt", *common, "--numpy-noise", "--precision", "fp32",
+    code, _, err = run_cli("sample", folder / "checkpoint.pt", *common, "--numpy-noise", "--precision", "fp32",
                        "--out", tmp_path / "torch.npz")
     assert code == 0, err
     proc = subprocess.run([str(cpp_runner()), "--model", str(onnx_file), *common, "--threads", "1",
@@ -352,14 +345,14 @@ def test_imported_model_exports_to_onnx_and_cpp_draws_the_same_images(tiny, tmp_
     assert proc.returncode == 0, proc.stderr
     ort_pixels, cpp_pixels = (np.load(tmp_path / f"{n}.npz")["arr_0"] for n in ("ort", "cpp"))
     assert ort_pixels.shape == (4, 16, 16, 3) and np.abs(ort_pixels.astype(int) - cpp_pixels).max() <= 1
-    code, out, _ = run(capsys, "compare", tmp_path / "torch.npz", tmp_path / "ort.npz", tmp_path / "cpp.npz")
+    code, out, _ = run_cli("compare", tmp_path / "torch.npz", tmp_path / "ort.npz", tmp_path / "cpp.npz")
     assert code == 0, out
 
 
 # ------------------------------------------------------------------------------------ what is refused
 
 def one_line_error(capsys, *args) -> str:
-    code, out, err = run(capsys, *args)
+    code, out, err = run_cli(*args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("ddpm: error: "), (code, out, err)
     return lines[0]

@@ -4,7 +4,6 @@ that are not DDPM models."""
 from __future__ import annotations
 
 import itertools
-import re
 import shutil
 import subprocess
 import sys

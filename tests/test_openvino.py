@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ddpm_reference import cli, ddpm, unet
+from ddpm_reference import ddpm, unet
 from ddpm_reference.export.onnx_export import export_onnx
 from ddpm_reference.export.onnx_sampler import ModelError, OnnxSampler, to_uint8
-from test_cpp_runner import run as run_runner, runner  # noqa: F401  (a fixture)
+from conftest import cli, run_runner
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino package is not installed "
@@ -146,16 +146,9 @@ def test_onnxruntime_computes_in_the_files_precision(models):
 
 
 # ------------------------------------------------------------------------------------------- command line
-def run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        cli.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
 @needs_openvino
 def test_onnx_sample_with_openvino_says_what_it_ran(models, capsys, tmp_path):
-    code, out, err = run(capsys, "onnx-sample", models / "eps.onnx", "--engine", "openvino", "--precision", "fp32",
+    code, out, err = cli("onnx-sample", models / "eps.onnx", "--engine", "openvino", "--precision", "fp32",
                          "--num-samples", 4, "--sampler", "ddim", "--steps", 5, "--out", tmp_path / "x.npz")
     assert code == 0, err
     assert "network calls on OpenVINO CPU in fp32 (as asked)" in out and (tmp_path / "x.npz").is_file()
@@ -183,7 +176,7 @@ def test_onnx_sample_errors_are_one_line(models, capsys, monkeypatch, tmp_path, 
     if args == ("--engine", "openvino") or ("int8" in args and not HAS_OPENVINO):
         without_openvino(monkeypatch)
         says = says if args == ("--engine", "openvino") else "needs the openvino package"
-    code, out, err = run(capsys, "onnx-sample", models / "eps.onnx", *args, "--out", tmp_path / "x.png")
+    code, out, err = cli("onnx-sample", models / "eps.onnx", *args, "--out", tmp_path / "x.png")
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -203,7 +196,7 @@ def test_bench_sample_openvino_precisions(runner, models):  # noqa: F811
 
 def test_bench_sample_without_openvino_is_a_one_line_error(capsys, monkeypatch):
     without_openvino(monkeypatch)
-    code, _, err = run(capsys, "bench", "sample", "--backends", "openvino", "--samplers", "ddim", "--steps", 1,
+    code, _, err = cli("bench", "sample", "--backends", "openvino", "--samplers", "ddim", "--steps", 1,
                        "--batch-size", 1, "--repeats", 1, "--device", "cpu")
     assert code == 2 and "the openvino backend needs the openvino package" in err and len(err.strip().splitlines()) == 1
 

@@ -12,7 +12,7 @@ from ddpm_reference import precision as prec
 from ddpm_reference.export import onnx_export
 from ddpm_reference.export.onnx_sampler import OnnxSampler
 from oracle import GaussianOracle
-from test_cpp_runner import run, runner  # noqa: F401  (the runner fixture: builds cpp_runner once)
+from conftest import run_runner as run
 
 MU, S, T, IMAGE = 0.3, 0.5, 100, (1, 8, 8)
 

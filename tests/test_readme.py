@@ -1,5 +1,6 @@
-"""The README works as written: every code block runs (shell blocks with a small training budget), `make demo`
-runs twice in a row, and the naming table is what the commands and the C++ runner accept."""
+"""The README and docs/ work as written: every code block runs (shell blocks with a small training budget, the
+README's first, then each page's in DOCS order), `make demo` runs twice in a row, and the naming table of
+docs/commands.md is what the commands and the C++ runner accept."""
 import os
 import re
 import stat
@@ -17,6 +18,8 @@ from diffusers_models import save_stand_in
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = ("commands.md", "precision.md", "cpp.md", "diffusers.md", "gpu.md", "internals.md")  # walked in this order
+PAGES = [("README.md", README)] + [(f"docs/{name}", (ROOT / "docs" / name).read_text()) for name in DOCS]
 RUNNER = ROOT / "cpp_runner" / "build" / "ddpm_runner"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 QUICK_START = "make demo", "make test"  # the quick start: test_make_demo_runs_twice, and CI's own `make test`
@@ -44,10 +47,20 @@ def blocks(text: str = README) -> list[tuple[str, str, int]]:
     return [(m.group(1), m.group(2), text[:m.start()].count("\n") + 1) for m in BLOCK.finditer(text)]
 
 
+def every_block() -> list[tuple[str, str, str]]:
+    """(language, code, "page, line N") of every fenced block of the README and docs/, in walking order."""
+    return [(lang, code, f"{page}, line {line}") for page, text in PAGES for lang, code, line in blocks(text)]
+
+
+def test_every_page_is_walked_and_the_readme_is_short():
+    assert set(DOCS) == {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert len(README.splitlines()) <= 220
+
+
 def test_every_block_is_of_a_kind_the_tests_run():
-    kinds = {lang for lang, _, _ in blocks()}
+    kinds = {lang for lang, _, _ in every_block()}
     assert kinds <= {"sh", "python", "cmake", "cpp", "text"}, kinds  # cmake, cpp: tests/test_cpp_package.py
-    assert "README.md" in (ROOT / "tests" / "test_cpp_package.py").read_text()
+    assert "docs/cpp.md" in (ROOT / "tests" / "test_cpp_package.py").read_text()
     quick = [code for lang, code, _ in blocks() if lang == "sh" and code.lstrip().startswith("make")]
     assert len(quick) == 1 and [line.split("#")[0].strip() for line in quick[0].splitlines()] == list(QUICK_START)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
@@ -66,22 +79,22 @@ def walk(tmp_path_factory):
     np.save(home / "images.npy", held_out.astype(np.float32) / 127.5 - 1)
     save_stand_in(home / "ddpm-cifar10-32")  # the released weights' folder, downloaded by the user: a small stand-in
     env = {**os.environ, "PATH": f"{home / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for lang, code, line in blocks():
+    for lang, code, where in every_block():
         if lang != "sh" or code.lstrip().startswith("make"):
             continue
         res = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=home, env=env, capture_output=True, text=True,
                              timeout=900)
-        assert res.returncode == 0, f"README.md line {line}:\n{code}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert res.returncode == 0, f"{where}:\n{code}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     return home
 
 
 def test_the_shell_blocks_run_and_the_python_blocks_run_after_them(walk, monkeypatch):
     monkeypatch.chdir(walk)
     monkeypatch.syspath_prepend(str(ROOT / "export"))  # `from onnx_sampler import ...`, the file an app copies
-    for lang, code, line in blocks():
+    for lang, code, where in every_block():
         if lang == "python":
             scope = {}
-            exec(compile(code, f"README.md, line {line}", "exec"), scope)
+            exec(compile(code, where, "exec"), scope)
             if "frames" in scope:  # the Python API block: what its comments promise
                 assert scope["x"].shape == (16, 1, 4, 4) and len(scope["frames"]) == 1000
                 assert ((scope["recon"] - scope["x0"]) ** 2).mean() < 0.01
@@ -99,8 +112,9 @@ def test_make_demo_runs_twice(tmp_path):
 
 
 def naming_table() -> list[tuple[str, list[str], list[str]]]:
-    """(concept, flags, commands) of the README's naming table."""
-    section = README[README.index("## One name per concept"):]
+    """(concept, flags, commands) of the naming table of docs/commands.md."""
+    text = dict(PAGES)["docs/commands.md"]
+    section = text[text.index("## One name per concept"):]
     section = section[:section.index("\n## ")]
     rows = []
     for line in [line for line in section.splitlines() if line.startswith("|")][2:]:
