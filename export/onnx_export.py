@@ -1,6 +1,6 @@
 """torch -> ONNX export of eps_theta, with the diffusion schedule written into the file's metadata.
 
-The file is what export/onnx_sampler.py and cpp_runner/ read (README, "The sampling plan and the ONNX file"): inputs x float32 [B,C,H,W]
+The file is what export/onnx_sampler.py and cpp_runner/ read (docs/internals.md, "The sampling plan and the ONNX file"): inputs x float32 [B,C,H,W]
 and t int64 [B] (timestep index 0..T-1), output model_output float32 [B,C_out,H,W], batch dynamic, the
 metadata keys ddpm.*, everything in one .onnx file. Before the file appears it has passed the ONNX
 checker and shape inference, and onnxruntime's outputs have been compared with PyTorch's.
@@ -54,7 +54,7 @@ class ExportError(ValueError):
 
 def metadata(diffusion: Schedule, image_shape, clip_denoised: bool = True, classes=(),
              precision: str = "fp32") -> dict[str, str]:
-    """The ddpm.* metadata the README specifies; betas as Python reprs of float64, which round-trip exactly.
+    """The ddpm.* metadata docs/internals.md specifies; betas as Python reprs of float64, which round-trip exactly.
     A class-conditional model (classes: its class names) adds ddpm.num_classes K, ddpm.null_label K and
     ddpm.class_names, a JSON list. ddpm.precision says how the network computes (informative: every
     file has the same float32 inputs and output)."""

@@ -90,7 +90,7 @@ def _field(number: int, value) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(value)) + value
 
 
-# The update of the README's "Executing the plan", in the torch sampler's order of operations. c holds
+# The update of docs/internals.md's "Executing the plan", in the torch sampler's order of operations. c holds
 # the row's coefficients as float32 (COEFFICIENTS, then the M weights of the earlier x0s); z is all zeros
 # on rows that add no noise.
 COEFFICIENTS = ("x0_x", "x0_o", "mean_x0", "mean_xt", "sigma", "log_var_min", "log_var_max", "lo", "hi", "one", "half")
@@ -383,7 +383,7 @@ class OnnxSampler:
             raise ModelError(f"{self.path}: zero terminal SNR needs the v or x0 parameterization, not eps")
 
     def _check_signature(self) -> None:
-        """The graph must be eps_theta as the README specifies: x float32 [B,C,H,W], t int64 [B] (and y int64 [B]
+        """The graph must be eps_theta as docs/internals.md specifies: x float32 [B,C,H,W], t int64 [B] (and y int64 [B]
         for a class-conditional model) -> model_output."""
         C, H, W = self.image_shape
         self.out_channels = 2 * C if self.variance == "learned_range" else C

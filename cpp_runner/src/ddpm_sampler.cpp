@@ -296,7 +296,7 @@ Ports openvino_ports(const OpenVinoNetwork& network) {
   return ports;
 }
 
-// The graph is eps_theta as the README specifies, for this metadata: x float32 [B, C, H, W], t int64 [B] (and y int64
+// The graph is eps_theta as docs/internals.md specifies, for this metadata: x float32 [B, C, H, W], t int64 [B] (and y int64
 // [B] for a class-conditional model) -> model_output float32 [B, C_out, H, W], C_out = 2C for learned_range.
 // Symbolic dims pass here; the engine checks them against the buffers at run time.
 void check_graph(Ports ports, const ModelInfo& m, const std::string& path) {

@@ -1,7 +1,7 @@
 // ddpm/sampler.h: sample images from an eps_theta ONNX file written by `ddpm export` (the ddpm_runner::sampler
 // library). It reads the schedule from the file's metadata, checks the graph against it, builds the sampling plan
 // (Algorithm 2 of Ho et al. on the respaced process, DDIM with eta, DPM-Solver++(2M) and its SDE variant,
-// optionally with Langevin corrector rows) and runs it with ONNX Runtime. Plan and noise stream follow the
+// DPM-Solver++(3M), UniPC, optionally with Langevin corrector rows) and runs it with ONNX Runtime. Plan and noise stream follow the
 // contract shared with ddpm.py and the onnxruntime sampler, so all three give the same samples for the same seed
 // and batch size.
 //
@@ -57,7 +57,7 @@ DDPM_API std::string to_string(Provider provider);
 DDPM_API std::string to_string(Engine engine);
 DDPM_API std::string to_string(Precision precision);
 
-// What the file's metadata says (the README's "The ONNX file").
+// What the file's metadata says (docs/internals.md, "The ONNX file").
 struct ModelInfo {
   std::vector<double> betas;                // float64, length T
   std::string parameterization, variance;   // eps | x0 | v;  fixed_small | fixed_large | learned_range
@@ -79,7 +79,7 @@ struct PlanOptions {
   double snr = 0.16;             // the corrector's signal-to-noise ratio r > 0
 };
 
-struct Step {  // float64 coefficients of one row (the README's "Building the plan")
+struct Step {  // float64 coefficients of one row (docs/internals.md, "Building the plan")
   int64_t t;
   double x0_x, x0_o, mean_x0, mean_xt, sigma, log_var_min, log_var_max;
   bool add_noise, learned;
