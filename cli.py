@@ -32,15 +32,14 @@ from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, Train
 from .ddpm import config_field as _field  # a config field with its option's help and range
 from .export import onnx_sampler
 from .plan import DEFAULT_GUIDANCE, Plan, PlanOptions, slerp
-from .fd import digits_features, frechet_distance
+from .fd import (FD_TABLE_ETAS, FD_TABLE_STEPS, GUIDANCE_TABLE, NFE_COLUMNS, NFE_ROWS, digits_features,
+                 fd_table_markdown, frechet_distance)
 from .precision import AtPrecision, Int8Error, Precision, SamplePrecision, compile_for_sampling, resolve_precision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
 Opt = typer.Option
 Provider = typing.Literal[("auto", *onnx_sampler.PROVIDERS)]  # onnxruntime providers by name
-FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
-GUIDANCE_TABLE = (0.0, 1.0, 1.5, 2.0, 3.0)  # the classifier-free scales of fd --guidance-table
 
 
 def _finite(value):
@@ -657,16 +656,6 @@ def bench_train_cmd(preset: Preset = Opt("digits", help="U-Net preset (see `ddpm
                               device)], json_)
 
 
-# The NFE table of BENCHMARKS.md: rows (name, sampler options, steps for each NFE column).
-NFE_COLUMNS = (5, 10, 20, 50, 100, 1000)
-NFE_ROWS = (("ancestral", {"sampler": "ancestral"}, NFE_COLUMNS),
-            ("DDIM, eta = 0", {"sampler": "ddim"}, NFE_COLUMNS[:-1]),
-            ("DPM-Solver++(2M)", {"sampler": "dpmpp2m"}, NFE_COLUMNS[:-1]),
-            ("DPM-Solver++(2M), logsnr spacing", {"sampler": "dpmpp2m", "spacing": "logsnr"}, NFE_COLUMNS[:-1]),
-            ("DPM-Solver++(2M) SDE", {"sampler": "dpmpp2m-sde"}, NFE_COLUMNS[:-1]),
-            ("DPM-Solver++(3M)", {"sampler": "dpmpp3m"}, NFE_COLUMNS[:-1]),
-            ("UniPC (order 3, bh2)", {"sampler": "unipc"}, NFE_COLUMNS[:-1]),
-            ("PC: ancestral + 1 Langevin step", {"sampler": "ancestral", "corrector_steps": 1}, (3, 5, 10, 25, 50)))
 SAMPLING_OPTIONS = [f.name for c in (SampleOptions, GuidanceOptions) for f in dataclasses.fields(c)]
 
 
@@ -785,18 +774,6 @@ def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int
     typer.echo(json.dumps({"columns": columns, "label": label, "rows": rows, "floor": floor, "num_samples": n,
                            "precision": note})
                if json_ else fd_table_markdown(rows, columns, label, floor, n) + f"; network in {note}")
-
-
-def fd_table_markdown(rows: dict, columns, label: str, floor: float, n: int) -> str:
-    """rows: name -> [(fd, network calls)] filling the first columns (the last, for a row of one cell)."""
-    lines = ["| sampler | " + " | ".join(f"{label} = {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, cells in rows.items():
-        cells = cells if len(cells) > 1 else [None] * (len(columns) - 1) + cells
-        text = ["" if c is None else f"{c[0]:.3f}" + ("" if c[1] == col or label == "S" else f" ({c[1]})")
-                for c, col in zip(cells + [None] * (len(columns) - len(cells)), columns)]
-        lines.append(f"| {name} | " + " | ".join(text) + " |")
-    return "\n".join(lines) + (f"\n\nreal-vs-real floor (360 held-out vs training): {floor:.3f}; {n} samples per cell"
-                               + ("; (k): the cell's network calls where they differ from its column" if label == "NFE" else ""))
 
 
 def _pixels(path: str) -> np.ndarray:

@@ -54,3 +54,29 @@ def fd_of_samples():
     ref = features(load_digits_data()[0])
     return lambda samples: frechet_distance(features(to_uint8(samples)), ref)
 
+
+# The tables of `ddpm fd` (BENCHMARKS.md): the DDIM table's steps and etas, the guidance table's classifier-free
+# scales, and the NFE table's rows (name, sampler options, steps for each NFE column).
+FD_TABLE_STEPS, FD_TABLE_ETAS = (10, 20, 50, 100, 1000), (0.0, 0.5, 1.0)
+GUIDANCE_TABLE = (0.0, 1.0, 1.5, 2.0, 3.0)
+NFE_COLUMNS = (5, 10, 20, 50, 100, 1000)
+NFE_ROWS = (("ancestral", {"sampler": "ancestral"}, NFE_COLUMNS),
+            ("DDIM, eta = 0", {"sampler": "ddim"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M)", {"sampler": "dpmpp2m"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M), logsnr spacing", {"sampler": "dpmpp2m", "spacing": "logsnr"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(2M) SDE", {"sampler": "dpmpp2m-sde"}, NFE_COLUMNS[:-1]),
+            ("DPM-Solver++(3M)", {"sampler": "dpmpp3m"}, NFE_COLUMNS[:-1]),
+            ("UniPC (order 3, bh2)", {"sampler": "unipc"}, NFE_COLUMNS[:-1]),
+            ("PC: ancestral + 1 Langevin step", {"sampler": "ancestral", "corrector_steps": 1}, (3, 5, 10, 25, 50)))
+
+
+def fd_table_markdown(rows: dict, columns, label: str, floor: float, n: int) -> str:
+    """rows: name -> [(fd, network calls)] filling the first columns (the last, for a row of one cell)."""
+    lines = ["| sampler | " + " | ".join(f"{label} = {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, cells in rows.items():
+        cells = cells if len(cells) > 1 else [None] * (len(columns) - 1) + cells
+        text = ["" if c is None else f"{c[0]:.3f}" + ("" if c[1] == col or label == "S" else f" ({c[1]})")
+                for c, col in zip(cells + [None] * (len(columns) - len(cells)), columns)]
+        lines.append(f"| {name} | " + " | ".join(text) + " |")
+    return "\n".join(lines) + (f"\n\nreal-vs-real floor (360 held-out vs training): {floor:.3f}; {n} samples per cell"
+                               + ("; (k): the cell's network calls where they differ from its column" if label == "NFE" else ""))
