@@ -59,6 +59,7 @@ SAMPLERS, SPACINGS, PARAMETERIZATIONS, VARIANCES = plans.SAMPLERS, plans.SPACING
 MULTISTEP, DEFAULT_GUIDANCE, default_spacing, balanced_labels = (plans.MULTISTEP, plans.DEFAULT_GUIDANCE,
                                                                   plans.default_spacing, plans.balanced_labels)
 slerp, save_images, to_uint8, write_atomically = plans.slerp, images.save_images, images.to_uint8, images.write_atomically
+image_grid = images.image_grid
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ENGINES = ("onnxruntime", "openvino")  # what runs the network (openvino: openvino_engine.py, the openvino package)

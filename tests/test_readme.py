@@ -3,6 +3,7 @@ README's first, then each page's in DOCS order), `make demo` runs twice in a row
 docs/commands.md is what the commands and the C++ runner accept."""
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -90,7 +91,11 @@ def walk(tmp_path_factory):
 
 def test_the_shell_blocks_run_and_the_python_blocks_run_after_them(walk, monkeypatch):
     monkeypatch.chdir(walk)
-    monkeypatch.syspath_prepend(str(ROOT / "export"))  # `from onnx_sampler import ...`, the file an app copies
+    app = walk / "app"  # `from onnx_sampler import ...`: the files the README tells an app to copy, alone in a folder
+    app.mkdir(exist_ok=True)
+    for file in ("export/onnx_sampler.py", "plan.py", "images.py", "export/openvino_engine.py"):
+        shutil.copy(ROOT / file, app)
+    monkeypatch.syspath_prepend(str(app))
     for lang, code, where in every_block():
         if lang == "python":
             scope = {}
