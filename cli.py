@@ -23,18 +23,17 @@ from typer._click.core import ParameterSource
 from . import unet
 from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench_train
 from .classifier import load_classifier, train_classifier
-from .data import calibration_images, load_data, load_dataset, load_digits_data, load_npz
+from .data import calibration_images, load_data, load_npz
 from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, TrainConfig, UserError, Variance,
                    __version__, balanced_labels, bits_per_dim, check_resumable, classifier_free_guidance,
-                   classifier_guidance, classifier_mean_shift, ddim_inversion_plan, load_checkpoint, load_model,
-                   make_plan, numpy_noise, option_flag, resolve_device, run_plan, sample, save_images,
-                   to_model_range, to_uint8, torch_noise, train)
+                   load_checkpoint, load_model, make_plan, numpy_noise, option_flag, resolve_device, save_images,
+                   to_model_range, torch_noise, train)
 from .ddpm import config_field as _field  # a config field with its option's help and range
 from .export import onnx_sampler
-from .plan import DEFAULT_GUIDANCE, Plan, PlanOptions, slerp
-from .fd import (FD_TABLE_ETAS, FD_TABLE_STEPS, GUIDANCE_TABLE, NFE_COLUMNS, NFE_ROWS, digits_features,
-                 fd_table_markdown, frechet_distance)
-from .precision import AtPrecision, Int8Error, Precision, SamplePrecision, compile_for_sampling, resolve_precision
+from .fd import FD_TABLE_STEPS, NFE_COLUMNS, DigitsFd, fd_table_markdown
+from .plan import DEFAULT_GUIDANCE, PlanOptions, slerp
+from .precision import Int8Error, Precision, SamplePrecision
+from .sampling import Encoder, SampledFd, TorchRun, as_user_error, at_precision
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
@@ -104,16 +103,6 @@ def _train_progress():
         bar.stop()
 
 
-@contextlib.contextmanager
-def _as_user_error():
-    """ValueErrors of the library's own option checks (a plan the schedule cannot give, a config that does not
-    fit together) become one-line user errors here, at the boundary; elsewhere a ValueError is a bug."""
-    try:
-        yield
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def _given(ctx: typer.Context) -> set[str]:
     """The parameters given on the command line (not defaults)."""
     return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
@@ -124,24 +113,6 @@ def _refuse(ctx: typer.Context, names, why: str) -> None:
     given = sorted(_given(ctx) & set(names))
     if given:
         raise UserError(f"--{given[0].replace('_', '-').rstrip('-')} {why}")
-
-
-def _at_precision(model, precision: str, device: torch.device, compile: bool = False, cfg=None, diffusion=None):
-    """(the model in the asked precision (AtPrecision), compiled if asked; "bf16 (auto: why)", which the
-    command prints with its result: printed before, it would make a later user error two lines). int8 is
-    calibrated on noisy training images of the run (`cfg`) at uniform t, and always compiled (its int8
-    kernels exist only compiled)."""
-    try:
-        chosen, why = resolve_precision(precision, device)
-        calibration = None
-        if chosen == "int8":
-            from .export.onnx_export import noisy_inputs
-            calibration = noisy_inputs(calibration_images(cfg), diffusion.betas, len(model.class_names))
-        net = AtPrecision(model, chosen, calibration)
-    except Int8Error as e:
-        raise UserError(str(e)) from None
-    compile = compile or chosen == "int8"
-    return (compile_for_sampling(net) if compile else net), f"{chosen} ({why}{', compiled' if chosen == 'int8' else ''})"
 
 
 def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
@@ -239,7 +210,7 @@ def _plan_options(options: dict, ctx: typer.Context | None = None) -> PlanOption
     command's ctx) for --snr without a corrector, which cannot apply."""
     if ctx is not None and options["corrector_steps"] == 0:
         _refuse(ctx, ["snr"], "needs --corrector-steps K > 0 (it sets the corrector's step size)")
-    with _as_user_error():
+    with as_user_error():
         return PlanOptions(**{f.name: options[f.name] for f in dataclasses.fields(SampleOptions)})
 
 
@@ -267,41 +238,8 @@ def _row_per_class(labels) -> int | None:
     return None if labels is None else -(-len(labels) // len(set(labels.tolist())))
 
 
-@dataclasses.dataclass
-class TorchRun:
-    """A torch sampling run of `sample` and `fd`: the model (at its precision) and its diffusion, the plan, the
-    labels of the run's images with their classifier-free guidance, classifier guidance (classifier = the
-    `load_classifier` triple, with its scale g), and one noise stream for the whole run."""
-    model: typing.Any
-    diffusion: Diffusion
-    plan: Plan
-    shape: tuple
-    noise: typing.Callable
-    device: torch.device
-    labels: np.ndarray | None = None
-    guidance: float | None = None  # None: DEFAULT_GUIDANCE
-    classifier: tuple | None = None
-    scale: float = 1.0
-
-    def images(self, start: int, stop: int, tick=None) -> torch.Tensor:
-        """Images start..stop of the run: classifier-free guidance for a conditional model; with a classifier,
-        Dhariwal & Nichol's mean shift for ancestral rows, their eps shift for the other samplers."""
-        y = None if self.labels is None else torch.as_tensor(self.labels[start:stop], device=self.device)
-        net, shape = self.model, (stop - start, *self.shape)
-        if y is not None and self.model.class_names:
-            scale = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
-            net = classifier_free_guidance(net, y, scale, len(self.model.class_names))
-        if self.classifier is None:
-            return sample(net, self.plan, shape, self.noise, tick).cpu()
-        clf = self.classifier[0]
-        if self.plan.sampler == "ancestral":
-            return sample(net, self.plan, shape, self.noise, tick, classifier_mean_shift(clf, y, self.scale)).cpu()
-        return sample(classifier_guidance(net, self.diffusion, clf, y, self.scale), self.plan, shape, self.noise,
-                      tick).cpu()
-
-
 def _torch_plan(diffusion: Diffusion, options: PlanOptions):
-    with _as_user_error():
+    with as_user_error():
         return make_plan(diffusion, options)
 
 
@@ -336,7 +274,7 @@ def train_cmd(ctx: typer.Context, *, resume: bool = Opt(False, help="continue OU
         changes = [f"{option_flag(f)} {saved.get(f.name)} -> {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
                    if f.name in given and f.name in RESUMABLE and f.name not in ("steps", "out")
                    and saved.get(f.name) != getattr(cfg, f.name)]
-    with _as_user_error():
+    with as_user_error():
         cfg.validate()
     with _train_progress() as callback:
         result = train(cfg, load_data(cfg.data, cfg.image_size), resume, callback, overwrite)
@@ -356,7 +294,7 @@ def train_classifier_cmd(**options):
     """Train a noisy classifier p_phi(y | x_t, t) on the data's labels, for `ddpm sample --classifier` (classifier
     guidance). Its schedule (--schedule, --diffusion-steps) must be the model's."""
     cfg = TrainConfig(**options)
-    with _as_user_error():
+    with as_user_error():
         cfg.validate()
     with _train_progress() as callback:
         result = train_classifier(cfg, load_data(cfg.data, cfg.image_size), callback)
@@ -387,7 +325,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     plan_options = _plan_options(options, ctx)
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
-    model, precision_note = _at_precision(model, precision, dev, compile, cfg, diffusion)
+    model, precision_note = at_precision(model, precision, dev, compile, cfg, diffusion)
     clf = load_classifier(classifier, dev) if classifier else None
     labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], num_samples)
     if clf and options["classes"] is None:
@@ -417,7 +355,7 @@ def nll_cmd(checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm tr
     """Bits/dim of held-out data: the full variational bound (Eq. 5) and its terms."""
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
-    net, precision_note = _at_precision(model, precision, dev)
+    net, precision_note = at_precision(model, precision, dev)
     dataset = load_data(data or cfg.data, cfg.image_size)
     held_out = dataset.held_out
     if tuple(held_out.shape[1:]) != shape:
@@ -483,10 +421,10 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
                     out: str = Opt("samples.png", help=OUT_IMAGES), **options):
     """Sample from an exported .onnx file with onnxruntime or OpenVINO (no torch in the loop)."""
     _check_out(out)
-    with _as_user_error():
+    with as_user_error():
         ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads, engine=engine, precision=precision)
     labels = _labels(ort_sampler.class_names, options["classes"], options["guidance"], num_samples)
-    with _as_user_error():
+    with as_user_error():
         plan = ort_sampler.plan(_plan_options(options, ctx))
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
         x, timing = ort_sampler.run(plan, num_samples, seed, batch_size, progress=tick, return_timing=True,
@@ -496,41 +434,6 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
                f"{timing['precision']} ({timing['precision_why']}), {num_samples / timing['total_s']:.1f} images/s, "
                f"loop/network time "
                f"{timing['total_s'] / timing['network_s']:.3f}")
-
-
-class _Encoder:
-    """DDIM encoding and decoding with a checkpoint (torch) or an .onnx file (onnxruntime; the device names its
-    provider), the same plans."""
-
-    def __init__(self, model: str, device: str, data: str | None):
-        if model.endswith(".onnx"):
-            self.onnx = onnx_sampler.OnnxSampler(model, device)
-            self.diffusion, shape, default_data = None, self.onnx.image_shape, "digits"
-        else:
-            self.onnx, dev = None, resolve_device(device)
-            self.net, self.diffusion, cfg, shape = load_model(model, True, dev)
-            default_data = cfg.data
-        _, held_out = load_dataset(data or default_data)
-        if tuple(held_out.shape[1:]) != tuple(shape):
-            raise UserError(f"data images are {held_out.shape[1:]}, the model's are {tuple(shape)} (pass --data)")
-        self.held_out, self.shape = held_out, tuple(shape)
-
-    def images(self, idx) -> np.ndarray:
-        return to_model_range(torch.from_numpy(self.held_out[idx])).numpy()
-
-    def encode(self, x: np.ndarray, steps: int) -> np.ndarray:
-        with _as_user_error():
-            if self.onnx:
-                return self.onnx.run(self.onnx.inversion_plan(steps), x)
-            dev = next(self.net.parameters()).device
-            return run_plan(self.net, ddim_inversion_plan(self.diffusion, steps), torch.from_numpy(x).to(dev)).cpu().numpy()
-
-    def decode(self, latents: np.ndarray, steps: int) -> np.ndarray:
-        if self.onnx:
-            return self.onnx.run(self.onnx.plan("ddim", steps, clip=False), latents)
-        dev = next(self.net.parameters()).device
-        plan = make_plan(self.diffusion, "ddim", steps, clip=False)
-        return run_plan(self.net, plan, torch.from_numpy(latents).float().to(dev)).cpu().numpy()
 
 
 MODEL_ARG = typer.Argument(..., help="a checkpoint or an exported .onnx file")
@@ -545,7 +448,7 @@ def reconstruct_cmd(model: str = MODEL_ARG,
     """Encode held-out images with DDIM inversion, decode them, and print the per-dimension MSE in [0, 1]
     units for each S (the shape of Table 2 of Song et al.)."""
     counts = _int_list(step_counts, "--step-counts", lo=2)
-    enc = _Encoder(model, device, data)
+    enc = Encoder(model, device, data)
     x = enc.images(slice(0, num_images))
     rows = []
     for S in counts:
@@ -575,7 +478,7 @@ def interpolate_cmd(ctx: typer.Context, model: str = MODEL_ARG,
     pair = _int_list(seeds or images, "--seeds" if seeds else "--images")
     if len(pair) != 2:
         raise UserError(f"{'--seeds' if seeds else '--images'} {seeds or images}: expected two numbers A,B")
-    enc = _Encoder(model, device, data)
+    enc = Encoder(model, device, data)
     if seeds:
         latents = np.stack([np.random.RandomState(s).standard_normal(enc.shape) for s in pair]).astype(np.float32)
     else:
@@ -696,78 +599,62 @@ def fd_cmd(ctx: typer.Context,
     if seeds:
         _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
     seed_list = _int_list(seeds, "--seeds") if seeds else [seed]
-    features = digits_features()
-    train_split, held = load_digits_data()
-    ref = features(train_split)
-    floor = frechet_distance(features(held), ref)
     if source.endswith(".npz"):
-        arr, _ = load_npz(source)
-        if arr.shape[1:] != (1, 8, 8):
-            raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
-        res = {"fd": frechet_distance(features(arr), ref), "floor": floor, "num_samples": len(arr), "n_floor": len(held)}
-        typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({len(arr)} samples vs the training split); "
-                   f"real-vs-real floor {floor:.3f} ({len(held)} held-out images)")
+        _fd_of_file(source, json_)
         return
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(source, True, dev)
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
-    model, note = _at_precision(model, precision, dev, compile, cfg, diffusion)
-
-    def fd_of(variance=None, clf=None, scale=1.0, seed=seed, **changes):
-        d = Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion
-        opts = {**options, **changes}
-        plan = _torch_plan(d, _plan_options(opts))
-        labels = _labels(model.class_names or (clf[2] if clf else []), opts["classes"], opts["guidance"], num_samples)
-        noise = torch_noise(torch.Generator(dev).manual_seed(seed), dev)
-        with _progress("sampling", len(plan)) as tick:
-            x = TorchRun(model, d, plan, shape, noise, dev, labels, opts["guidance"], clf, scale).images(0, num_samples, tick)
-        pixels = to_uint8(x)
-        accuracy = float((features.classify(pixels) == labels).mean()) if labels is not None else None
-        return frechet_distance(features(pixels), ref), len(plan), accuracy
-
+    model, note = at_precision(model, precision, dev, compile, cfg, diffusion)
+    if not (table or nfe_table):  # a plan the schedule cannot give is the user's error, before anything is drawn
+        _torch_plan(Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion,
+                    _plan_options(options))
+    runs = SampledFd(model, diffusion, shape, dev, num_samples, options, _labels,
+                     lambda total: _progress("sampling", total), variance, seed)
     if guidance_table:
         if not model.class_names and not classifier:
             raise UserError("--guidance-table needs a class-conditional model (or --classifier)")
-        def row(**kwargs):  # (FD, its spread, network calls, class accuracy) over the seeds
-            runs = np.array([fd_of(variance, seed=s, **kwargs) for s in seed_list], dtype=np.float64)
-            return runs[:, 0].mean(), runs[:, 0].std(), int(runs[0, 1]), runs[:, 2].mean()
-
-        rows = {f"classifier-free, s = {g:g}": row(guidance=g) for g in (GUIDANCE_TABLE if model.class_names else ())}
-        if classifier:
-            clf = load_classifier(classifier, dev)
-            every_class = ",".join(map(str, range(len(clf[2]))))
-            rows.update({f"classifier guidance of the unconditional model, g = {g:g}":  # the null label: s = 0
-                         row(clf=clf, scale=g, classes=every_class, guidance=0.0)
-                         for g in _float_list(classifier_scales, "--classifier-scales")})
-        if json_:
-            typer.echo(json.dumps({"rows": rows, "floor": floor, "num_samples": num_samples, "seeds": seed_list,
-                                   "precision": note}))
-            return
-        typer.echo("| guidance | class accuracy | FD |\n|---|---|---|")
-        for name, (fd, spread, _, accuracy) in rows.items():
-            typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f}" + (f" +- {spread:.3f}" if seeds else "") + " |")
-        typer.echo(f"\nreal-vs-real floor {floor:.3f}; {num_samples} samples per row, an equal share of each class"
-                   + (f", mean and standard deviation over seeds {seeds}" if seeds else "") + f"; network in {note}")
+        clf = load_classifier(classifier, dev) if classifier else None
+        rows = runs.guidance_table(seed_list, clf, _float_list(classifier_scales, "--classifier-scales"))
+        _print_guidance_table(rows, runs.metric.floor, num_samples, seeds, seed_list, json_, note)
         return
-    if nfe_table:
-        rows = {name: [fd_of(**{**opts, "steps": s})[:2] for s in steps] for name, opts, steps in NFE_ROWS}
-        _print_fd_table(rows, NFE_COLUMNS, "NFE", floor, num_samples, json_, note)
-    elif table:
-        rows = {f"DDIM eta = {e:g}": [fd_of(sampler="ddim", steps=s, eta=e)[:2] for s in FD_TABLE_STEPS] for e in FD_TABLE_ETAS}
-        rows.update({f"ancestral, {v}": [fd_of(v, sampler="ancestral", steps=diffusion.T)[:2]]
-                     for v in ("fixed_small", "fixed_large")})
-        _print_fd_table(rows, FD_TABLE_STEPS, "S", floor, num_samples, json_, note)
-    else:
-        runs = np.array([fd_of(variance, seed=s) for s in seed_list], dtype=np.float64)  # fd, calls, accuracy
-        fd, spread, accuracy = runs[:, 0].mean(), runs[:, 0].std(), runs[:, 2].mean()
-        res = {"fd": fd, "floor": floor, "num_samples": num_samples, "n_floor": len(held),
-               **({"fd_std": spread, "seeds": seed_list} if seeds else {}),
-               **({"class_accuracy": accuracy} if not np.isnan(accuracy) else {}), "precision": note}
-        over = f" +- {spread:.3f} (mean and standard deviation over seeds {seeds})" if seeds else ""
-        typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f}{over} ({num_samples} samples vs the training split, "
-                   f"network in {note}); real-vs-real floor {floor:.3f} ({len(held)} held-out images)"
-                   + (f"; class agreement {100 * accuracy:.1f}%" if "class_accuracy" in res else ""))
+    if nfe_table or table:
+        rows = runs.nfe_table() if nfe_table else runs.ddim_table()
+        columns, label = (NFE_COLUMNS, "NFE") if nfe_table else (FD_TABLE_STEPS, "S")
+        _print_fd_table(rows, columns, label, runs.metric.floor, num_samples, json_, note)
+        return
+    fd, spread, _, accuracy = runs.over_seeds(seed_list)
+    res = {"fd": fd, "floor": runs.metric.floor, "num_samples": num_samples, "n_floor": runs.metric.n_floor,
+           **({"fd_std": spread, "seeds": seed_list} if seeds else {}),
+           **({"class_accuracy": accuracy} if not np.isnan(accuracy) else {}), "precision": note}
+    over = f" +- {spread:.3f} (mean and standard deviation over seeds {seeds})" if seeds else ""
+    typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f}{over} ({num_samples} samples vs the training split, "
+               f"network in {note}); real-vs-real floor {res['floor']:.3f} ({res['n_floor']} held-out images)"
+               + (f"; class agreement {100 * accuracy:.1f}%" if "class_accuracy" in res else ""))
+
+
+def _fd_of_file(source: str, json_: bool) -> None:
+    """`ddpm fd SAMPLES.npz`: the FD of samples drawn elsewhere."""
+    arr, _ = load_npz(source)
+    if arr.shape[1:] != (1, 8, 8):
+        raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
+    metric = DigitsFd()
+    res = {"fd": metric(arr)[0], "floor": metric.floor, "num_samples": len(arr), "n_floor": metric.n_floor}
+    typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({len(arr)} samples vs the training split); "
+               f"real-vs-real floor {metric.floor:.3f} ({metric.n_floor} held-out images)")
+
+
+def _print_guidance_table(rows: dict, floor: float, n: int, seeds: str | None, seed_list: list, json_: bool,
+                          note: str) -> None:
+    if json_:
+        typer.echo(json.dumps({"rows": rows, "floor": floor, "num_samples": n, "seeds": seed_list, "precision": note}))
+        return
+    typer.echo("| guidance | class accuracy | FD |\n|---|---|---|")
+    for name, (fd, spread, _, accuracy) in rows.items():
+        typer.echo(f"| {name} | {100 * accuracy:.1f}% | {fd:.3f}" + (f" +- {spread:.3f}" if seeds else "") + " |")
+    typer.echo(f"\nreal-vs-real floor {floor:.3f}; {n} samples per row, an equal share of each class"
+               + (f", mean and standard deviation over seeds {seeds}" if seeds else "") + f"; network in {note}")
 
 
 def _print_fd_table(rows: dict, columns: tuple, label: str, floor: float, n: int, json_: bool, note: str) -> None:
@@ -864,7 +751,7 @@ def main(argv=None) -> None:
             sys.exit(0)
         print(f"ddpm: error: {' '.join(e.format_message().split())}", file=sys.stderr)
         sys.exit(2)
-    except (UserError, onnx_sampler.ModelError) as e:
+    except (UserError, onnx_sampler.ModelError, Int8Error) as e:
         print(f"ddpm: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 

@@ -48,11 +48,26 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
 
+
+class DigitsFd:
+    """The digits FD of uint8 [N, 1, 8, 8] images against the training split, with its real-vs-real floor (the
+    held-out split's FD) and, given labels, the share of images the features' classifier assigns to them."""
+
+    def __init__(self):
+        self.features = digits_features()
+        train, held = load_digits_data()
+        self.ref, self.n_floor = self.features(train), len(held)
+        self.floor = frechet_distance(self.features(held), self.ref)
+
+    def __call__(self, pixels: np.ndarray, labels=None) -> tuple[float, float | None]:
+        accuracy = None if labels is None else float((self.features.classify(pixels) == labels).mean())
+        return frechet_distance(self.features(pixels), self.ref), accuracy
+
+
 def fd_of_samples():
     """samples (float in [-1, 1] or uint8, [N, 1, 8, 8]) -> their FD to the digits training split (`ddpm fd`)."""
-    features = digits_features()
-    ref = features(load_digits_data()[0])
-    return lambda samples: frechet_distance(features(to_uint8(samples)), ref)
+    metric = DigitsFd()
+    return lambda samples: metric(to_uint8(samples))[0]
 
 
 # The tables of `ddpm fd` (BENCHMARKS.md): the DDIM table's steps and etas, the guidance table's classifier-free
