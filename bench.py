@@ -154,89 +154,112 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     and for 8x8 digits each row also gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no
     speed without its quality. Each row is appended to `rows` (a new list if None) as it is measured, so that a
     caller keeps the rows finished before an error; what the backends need is checked before any is timed."""
-    import tempfile
     dev = resolve_device(device)
     check_backends(backends, precisions, dev)
+    bench = _SampleBench(*_bench_model(checkpoint, preset), dev, batch, repeats, runs, threads)
+    rows = [] if rows is None else rows
+    for backend in backends:
+        for precision in _backend_precisions(backend, precisions, dev):
+            timed = bench.torch_rows if backend in ("torch", "compile") else \
+                bench.onnx_rows if backend in ("ort", "openvino") else bench.cpp_rows
+            for row in timed(backend, precision):
+                rows.append(row)
+    return rows
+
+
+def _bench_model(checkpoint: str | None, preset: str) -> tuple:
+    """(model, diffusion, image shape, calibration images (a function), whether rows get an FD) that bench sample
+    times: a checkpoint's EMA weights, or the preset's initialisation with small random weights in its
+    zero-initialised layers (OpenVINO cannot compile an int8 convolution of zeros; speed does not depend on them)."""
     if checkpoint:
         model, diffusion, cfg, image_shape = load_model(checkpoint, True)
         if model.class_names:
             raise UserError(f"{checkpoint} is class-conditional: bench sample times unconditional models")
         calibration = lambda: calibration_images(cfg)  # noqa: E731 (int8 only: imported weights name no data)
-    else:
-        model = unet.build_unet(preset)
-        with torch.no_grad():  # the zero-initialised layers (each residual branch's last convolution, attention's
-            for weight in model.parameters():  # output, conv_out), as no trained model has them; OpenVINO cannot
-                if weight.dim() > 1 and not weight.any():  # compile an int8 convolution of zeros
-                    torch.nn.init.normal_(weight, std=0.01)
-        diffusion = Diffusion(beta_schedule("linear", 1000))
-        image_shape = (model.config["in_channels"], model.config["image_size"], model.config["image_size"])
-        calibration = lambda: np.random.default_rng(0).uniform(-1, 1, (256, *image_shape)).astype(np.float32)  # noqa: E731
-    model = model.to(dev).eval()
-    shape = (batch, *image_shape)
-    quality = fd_of_samples() if checkpoint and tuple(image_shape) == (1, 8, 8) else None
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows, tmp = [] if rows is None else rows, tempfile.mkdtemp()
-    flops = unet.flops_per_forward(model)  # per image and network call
-    x = torch.randn(shape, device=dev)
-    t = torch.full((batch,), 500, device=dev, dtype=torch.long)
-    provider = "cuda" if dev.type == "cuda" else "cpu"
-    onnx_files, out = {}, os.path.join(tmp, "x.npy")
+        return model, diffusion, image_shape, calibration, tuple(image_shape) == (1, 8, 8)
+    model = unet.build_unet(preset)
+    with torch.no_grad():  # each residual branch's last convolution, attention's output, conv_out
+        for weight in model.parameters():
+            if weight.dim() > 1 and not weight.any():
+                torch.nn.init.normal_(weight, std=0.01)
+    image_shape = (model.config["in_channels"], model.config["image_size"], model.config["image_size"])
+    calibration = lambda: np.random.default_rng(0).uniform(-1, 1, (256, *image_shape)).astype(np.float32)  # noqa: E731
+    return model, Diffusion(beta_schedule("linear", 1000)), image_shape, calibration, False
 
-    def onnx_file(precision):
-        if precision not in onnx_files:
+
+class _SampleBench:
+    """The rows of bench sample for one model: each backend's timings of every (sampler, steps) run, at a precision."""
+
+    def __init__(self, model, diffusion, image_shape, calibration, with_fd: bool, dev, batch, repeats, runs, threads):
+        import tempfile
+        self.model, self.diffusion, self.image_shape, self.calibration = model.to(dev).eval(), diffusion, image_shape, \
+            calibration
+        self.dev, self.batch, self.repeats, self.runs, self.threads = dev, batch, repeats, runs, threads
+        self.quality = fd_of_samples() if with_fd else None
+        self.flops = unet.flops_per_forward(model)  # per image and network call
+        self.provider = "cuda" if dev.type == "cuda" else "cpu"
+        self.tmp, self.onnx_files = tempfile.mkdtemp(), {}
+        self.out = os.path.join(self.tmp, "x.npy")
+
+    def onnx_file(self, precision: str) -> str:
+        """The model exported at `precision`, once."""
+        if precision not in self.onnx_files:
             from .export.onnx_export import export_onnx
-            onnx_files[precision] = os.path.join(tmp, f"model-{precision}.onnx")
-            export_onnx(model.cpu(), diffusion, image_shape, onnx_files[precision], precision=precision,
-                        calibration_images=calibration() if precision == "int8" else None, check=False)
-            model.to(dev)
-        return onnx_files[precision]
+            self.onnx_files[precision] = os.path.join(self.tmp, f"model-{precision}.onnx")
+            export_onnx(self.model.cpu(), self.diffusion, self.image_shape, self.onnx_files[precision],
+                        precision=precision, calibration_images=self.calibration() if precision == "int8" else None,
+                        check=False)
+            self.model.to(self.dev)
+        return self.onnx_files[precision]
 
-    def row(backend, precision, sampler, steps, times, bare, where, peak, samples):
-        r = _bench_row(backend, precision, sampler, steps, batch, times, bare, where, (flops, peak))
-        return {**r, "fd": quality(samples)} if quality else r
+    def row(self, backend, precision, sampler, steps, times, bare, where, peak, samples) -> dict:
+        r = _bench_row(backend, precision, sampler, steps, self.batch, times, bare, where, (self.flops, peak))
+        return {**r, "fd": self.quality(samples)} if self.quality else r
 
-    for backend in backends:
-        for precision in _backend_precisions(backend, precisions, dev):
-            if backend in ("torch", "compile"):
-                inputs = noisy_inputs(calibration(), diffusion.betas, 0) if precision == "int8" else None
-                net = AtPrecision(model, precision, inputs)
-                net = compile_for_sampling(net) if backend == "compile" else net
-                peak, last = matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev), []
-                for sampler, steps in runs:
-                    plan = make_plan(diffusion, sampler, steps)
-                    gen = torch.Generator(dev).manual_seed(0)
-                    times, bare = _timed(lambda: last.append(sample(net, plan, shape, torch_noise(gen, dev))), repeats,
-                                         sync, bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
-                    rows.append(row(backend, precision, sampler, steps, times, bare, str(dev), peak, last[-1]))
-            elif backend in ("ort", "openvino"):
-                # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning
-                # in this process and slow onnxruntime's (by 25% on 2 cores), which is not the sampler's cost.
-                probe = ("import json, sys; from ddpm_reference import bench; "
-                         "print(json.dumps(bench._ort_bench(*json.loads(sys.argv[1]))))")
-                engine = "openvino" if backend == "openvino" else "onnxruntime"
-                file, engine_precision = _file_and_engine_precision(backend, precision)
-                for sampler, steps in runs:  # the network's time inside the same loop (as the C++ runner reports it)
-                    args = [onnx_file(file), provider, threads, batch, sampler, steps, repeats, engine_precision, out,
-                            engine, precision]
-                    res = _child_json([sys.executable, "-c", probe, json.dumps(args)], backend)
-                    times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
-                    rows.append(row(backend, precision, sampler, steps, times, bare, res["timings"][0]["provider"],
-                                    res["peak"], np.load(out)))
-            else:
-                openvino = backend == "cpp-openvino"
-                peak = onnx_matmul_peak(precision, threads=threads, engine="openvino" if openvino else "onnxruntime")
-                file, engine_precision = _file_and_engine_precision(backend, precision)
-                for sampler, steps in runs:
-                    cmd = [RUNNER, "--model", onnx_file(file), "--num-samples", str(batch), "--batch-size",
-                           str(batch), "--sampler", sampler, "--steps", str(steps), "--json", "--out", out]
-                    cmd += ["--engine", "openvino", "--precision", engine_precision] if openvino else ["--provider",
-                                                                                                     provider]
-                    cmd += ["--threads", str(threads)] if threads else []
-                    runs_json = [_child_json(cmd, backend) for _ in range(repeats + 1)][1:]
-                    times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
-                    rows.append(row(backend, precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
-                                    np.load(out)))
-    return rows
+    def torch_rows(self, backend: str, precision: str):
+        inputs = noisy_inputs(self.calibration(), self.diffusion.betas, 0) if precision == "int8" else None
+        net = AtPrecision(self.model, precision, inputs)
+        net = compile_for_sampling(net) if backend == "compile" else net
+        dev, shape = self.dev, (self.batch, *self.image_shape)
+        x, t = torch.randn(shape, device=dev), torch.full((self.batch,), 500, device=dev, dtype=torch.long)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        peak, last = matmul_peak(AUTOCAST_DTYPE.get(precision, torch.float32), dev), []
+        for sampler, steps in self.runs:
+            plan = make_plan(self.diffusion, sampler, steps)
+            gen = torch.Generator(dev).manual_seed(0)
+            times, bare = _timed(lambda: last.append(sample(net, plan, shape, torch_noise(gen, dev))), self.repeats,
+                                 sync, bare=torch.no_grad()(lambda: [net(x, t) for _ in range(steps)]))
+            yield self.row(backend, precision, sampler, steps, times, bare, str(dev), peak, last[-1])
+
+    def onnx_rows(self, backend: str, precision: str):
+        # In a process of its own, as the C++ runner: after torch has run, its OpenMP threads keep spinning in this
+        # process and slow onnxruntime's, which is not the sampler's cost.
+        probe = ("import json, sys; from ddpm_reference import bench; "
+                 "print(json.dumps(bench._ort_bench(*json.loads(sys.argv[1]))))")
+        engine = "openvino" if backend == "openvino" else "onnxruntime"
+        file, engine_precision = _file_and_engine_precision(backend, precision)
+        for sampler, steps in self.runs:  # the network's time inside the same loop (as the C++ runner reports it)
+            args = [self.onnx_file(file), self.provider, self.threads, self.batch, sampler, steps, self.repeats,
+                    engine_precision, self.out, engine, precision]
+            res = _child_json([sys.executable, "-c", probe, json.dumps(args)], backend)
+            times, bare = [r["total_s"] for r in res["timings"]], [r["network_s"] for r in res["timings"]]
+            yield self.row(backend, precision, sampler, steps, times, bare, res["timings"][0]["provider"], res["peak"],
+                           np.load(self.out))
+
+    def cpp_rows(self, backend: str, precision: str):
+        openvino = backend == "cpp-openvino"
+        peak = onnx_matmul_peak(precision, threads=self.threads, engine="openvino" if openvino else "onnxruntime")
+        file, engine_precision = _file_and_engine_precision(backend, precision)
+        for sampler, steps in self.runs:
+            cmd = [RUNNER, "--model", self.onnx_file(file), "--num-samples", str(self.batch), "--batch-size",
+                   str(self.batch), "--sampler", sampler, "--steps", str(steps), "--json", "--out", self.out]
+            cmd += ["--engine", "openvino", "--precision", engine_precision] if openvino else ["--provider",
+                                                                                             self.provider]
+            cmd += ["--threads", str(self.threads)] if self.threads else []
+            runs_json = [_child_json(cmd, backend) for _ in range(self.repeats + 1)][1:]
+            times, bare = [r["total_s"] for r in runs_json], [r["network_s"] for r in runs_json]
+            yield self.row(backend, precision, sampler, steps, times, bare, runs_json[0]["provider"], peak,
+                           np.load(self.out))
 
 
 def check_backends(backends, precisions, device: torch.device) -> None:

@@ -275,35 +275,11 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise ExportError(f"cannot write {path}: " + ("it is a folder" if os.path.isdir(path)
-                                                    else "no writable folder " + folder))
+    path = _writable(os.fspath(path))
     image_shape = tuple(int(s) for s in image_shape)
-    net = copy.deepcopy(model).float().cpu().eval()
-    c_out = 2 * image_shape[0] if diffusion.variance == "learned_range" else image_shape[0]
-    labels = (torch.full((2,), len(classes), dtype=torch.int64),) if classes else ()
-    with torch.no_grad():
-        shape = tuple(net(torch.zeros(2, *image_shape), torch.zeros(2, dtype=torch.int64), *labels).shape)
-    if shape != (2, c_out, *image_shape[1:]):
-        raise ExportError(f"the model maps [2, {', '.join(map(str, image_shape))}] to {list(shape)}, but variance "
-                          f"{diffusion.variance} needs {c_out} output channels of the input's size")
-    graph = _trace(net, image_shape, opset, bool(classes))
-    held_out = []
-    if precision == "fp16":
-        graph = to_fp16(graph)
-    elif precision == "int8":
-        images = np.asarray(calibration_images, dtype=np.float32)
-        if images.ndim != 4 or tuple(images.shape[1:]) != image_shape or len(images) < 8:
-            raise ExportError(f"int8 needs calibration images of shape [N >= 8, {', '.join(map(str, image_shape))}] "
-                              f"in [-1, 1], got {list(images.shape)}")
-        cut = len(images) * 3 // 4  # calibrate on the first three quarters, check on the rest
-        held_out = noisy_batches(images[cut:], diffusion.betas, len(classes), seed=1)
-        with tempfile.TemporaryDirectory() as tmp:
-            quantize_int8(graph, os.path.join(tmp, "int8.onnx"),
-                          noisy_batches(images[:cut], diffusion.betas, len(classes), seed=0))
-            graph = onnx.load(os.path.join(tmp, "int8.onnx"))
+    net, c_out = _checked_net(model, diffusion, image_shape, classes)
+    graph, held_out = _at_precision(_trace(net, image_shape, opset, bool(classes)), precision, calibration_images,
+                                    diffusion, image_shape, classes)
     for key, value in metadata(diffusion, image_shape, clip_denoised, classes, precision).items():
         graph.metadata_props.add(key=key, value=value)
     graph.producer_name, graph.producer_version = "ddpm-reference", version()
@@ -320,3 +296,43 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
     report["max_abs_diff"] = max((c["max_abs_diff"] for c in report["checks"]), default=None)
     report["size_bytes"] = os.path.getsize(path)
     return report
+
+
+def _writable(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ExportError(f"cannot write {path}: " + ("it is a folder" if os.path.isdir(path)
+                                                    else "no writable folder " + folder))
+    return path
+
+
+def _checked_net(model, diffusion: Schedule, image_shape: tuple, classes) -> tuple:
+    """(a float32 CPU copy of the model in eval mode, its output channels), or an ExportError when its output is not
+    the variance's channels at the input's size."""
+    net = copy.deepcopy(model).float().cpu().eval()
+    c_out = 2 * image_shape[0] if diffusion.variance == "learned_range" else image_shape[0]
+    labels = (torch.full((2,), len(classes), dtype=torch.int64),) if classes else ()
+    with torch.no_grad():
+        shape = tuple(net(torch.zeros(2, *image_shape), torch.zeros(2, dtype=torch.int64), *labels).shape)
+    if shape != (2, c_out, *image_shape[1:]):
+        raise ExportError(f"the model maps [2, {', '.join(map(str, image_shape))}] to {list(shape)}, but variance "
+                          f"{diffusion.variance} needs {c_out} output channels of the input's size")
+    return net, c_out
+
+
+def _at_precision(graph, precision: str, calibration_images, diffusion: Schedule, image_shape: tuple, classes):
+    """(the float32 graph at `precision`, the noisy inputs an int8 file is checked on: none for fp32 and fp16)."""
+    if precision == "fp16":
+        return to_fp16(graph), []
+    if precision != "int8":
+        return graph, []
+    images = np.asarray(calibration_images, dtype=np.float32)
+    if images.ndim != 4 or tuple(images.shape[1:]) != image_shape or len(images) < 8:
+        raise ExportError(f"int8 needs calibration images of shape [N >= 8, {', '.join(map(str, image_shape))}] "
+                          f"in [-1, 1], got {list(images.shape)}")
+    cut = len(images) * 3 // 4  # calibrate on the first three quarters, check on the rest
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_int8(graph, os.path.join(tmp, "int8.onnx"),
+                      noisy_batches(images[:cut], diffusion.betas, len(classes), seed=0))
+        graph = onnx.load(os.path.join(tmp, "int8.onnx"))
+    return graph, noisy_batches(images[cut:], diffusion.betas, len(classes), seed=1)

@@ -495,59 +495,70 @@ class OnnxSampler:
         """One batch of the plan from x_first: x and the last M x0 predictions stay in OrtValues on the
         provider's device; returns (x, network seconds). Guided (labels y, guidance not 0 or 1): the network
         runs on [x; x] with labels [y; null], and the update combines the two halves and writes the next [x; x]."""
-        C, H, W = self.image_shape
-        shape, M = x_first.shape, plan.memory
-        guided = y is not None and guidance not in (0.0, 1.0)
-        net_shape = (2 * shape[0], *shape[1:]) if guided else shape
-        new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._device,  # noqa: E731
-                                                                       self._device_id)
-        x, x_next, z, out = new(shape), new(shape), new(shape), new((net_shape[0], self.out_channels, H, W))
-        x.update_inplace(x_first)  # a copy: ortvalue_from_numpy would alias x_first, which the loop then overwrites
-        pair, pair_next = (new(net_shape), new(net_shape)) if guided else (x, None)
-        if guided:
-            pair.update_inplace(np.concatenate([x_first, x_first]))
-            y = np.concatenate([y, np.full(len(y), self.null_label, dtype=np.int64)])
-        zeros = self._ortvalue(np.zeros(shape, dtype=np.float32))
-        x0s = [self._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(M + 1 if M else 0)]  # a ring: zeros first
-        timesteps = [self._ortvalue(np.full(net_shape[0], t, dtype=np.int64)) for t in plan.t]
-        net = self.session.io_binding()
-        net.bind_ortvalue_output("model_output", out)
-        labels = None if y is None else self._ortvalue(np.ascontiguousarray(y, dtype=np.int64))  # held: bound below
-        if labels is not None:
-            net.bind_ortvalue_input("y", labels)
+        b = _DeviceBatch(self, plan.memory, x_first, y, guided=y is not None and guidance not in (0.0, 1.0))
+        timesteps = [self._ortvalue(np.full(b.net_batch, t, dtype=np.int64)) for t in plan.t]
         scale = self._ortvalue(np.array([guidance], dtype=np.float32))
-        updates = {}
-        network_s = 0.0
+        updates, network_s, M = {}, 0.0, plan.memory
         for k in range(len(timesteps)):
-            net.bind_ortvalue_input("x", pair if guided else x)
-            net.bind_ortvalue_input("t", timesteps[k])
+            b.net.bind_ortvalue_input("x", b.pair if b.guided else b.x)
+            b.net.bind_ortvalue_input("t", timesteps[k])
             t0 = time.perf_counter()
-            self.session.run_with_iobinding(net)
+            self.session.run_with_iobinding(b.net)
             network_s += time.perf_counter() - t0
             if plan.add_noise[k]:
-                z.update_inplace(rng.standard_normal(shape).astype(np.float32))
-            step = self._step_session(bool(plan.learned[k]), M, guided)
+                b.z.update_inplace(rng.standard_normal(x_first.shape).astype(np.float32))
+            step = self._step_session(bool(plan.learned[k]), M, b.guided)
             if step not in updates:
                 updates[step] = step.io_binding()
-                updates[step].bind_ortvalue_input("out", out)
-                if guided:
+                updates[step].bind_ortvalue_input("out", b.out)
+                if b.guided:
                     updates[step].bind_ortvalue_input("scale", scale)
             update = updates[step]
-            update.bind_ortvalue_input("x", x)
-            update.bind_ortvalue_input("z", z if plan.add_noise[k] else zeros)
+            update.bind_ortvalue_input("x", b.x)
+            update.bind_ortvalue_input("z", b.z if plan.add_noise[k] else b.zeros)
             update.bind_ortvalue_input("c", coefficients[k])
             for j in range(1, M + 1):
-                update.bind_ortvalue_input(f"x0_{j}", x0s[(k - j) % (M + 1)])
+                update.bind_ortvalue_input(f"x0_{j}", b.x0s[(k - j) % (M + 1)])
             if M:
-                update.bind_ortvalue_output("x0", x0s[k % (M + 1)])
-            update.bind_ortvalue_output("x_next", x_next)
-            if guided:
-                update.bind_ortvalue_output("x_pair", pair_next)
+                update.bind_ortvalue_output("x0", b.x0s[k % (M + 1)])
+            update.bind_ortvalue_output("x_next", b.x_next)
+            if b.guided:
+                update.bind_ortvalue_output("x_pair", b.pair_next)
             step.run_with_iobinding(update)
-            x, x_next = x_next, x
-            if guided:
-                pair, pair_next = pair_next, pair
+            b.swap()
             if tick:
                 tick(k + 1)
-        return x.numpy(), network_s
+        return b.x.numpy(), network_s
 
+
+class _DeviceBatch:
+    """The OrtValues of one batch on the sampler's device: x and the next x (swapped after each row), the noise z
+    and zeros, the network's output, the ring of the last M x0 predictions (zeros first), and, guided, [x; x] and
+    the next one; the network's IO binding with its output and labels bound."""
+
+    def __init__(self, sampler: OnnxSampler, memory: int, x_first: np.ndarray, y, guided: bool):
+        shape = x_first.shape
+        self.guided, self.net_batch = guided, 2 * shape[0] if guided else shape[0]
+        net_shape, (_, H, W) = (self.net_batch, *shape[1:]), sampler.image_shape
+        new = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, sampler._device,  # noqa: E731
+                                                                       sampler._device_id)
+        self.x, self.x_next, self.z = new(shape), new(shape), new(shape)
+        self.out = new((self.net_batch, sampler.out_channels, H, W))
+        self.x.update_inplace(x_first)  # a copy: ortvalue_from_numpy would alias x_first, which the loop overwrites
+        self.pair, self.pair_next = (new(net_shape), new(net_shape)) if guided else (self.x, None)
+        if guided:
+            self.pair.update_inplace(np.concatenate([x_first, x_first]))
+            y = np.concatenate([y, np.full(len(y), sampler.null_label, dtype=np.int64)])
+        self.zeros = sampler._ortvalue(np.zeros(shape, dtype=np.float32))
+        self.x0s = [sampler._ortvalue(np.zeros(shape, dtype=np.float32)) for _ in range(memory + 1 if memory else 0)]
+        self.net = sampler.session.io_binding()
+        self.net.bind_ortvalue_output("model_output", self.out)
+        self.labels = None if y is None else sampler._ortvalue(np.ascontiguousarray(y, dtype=np.int64))  # held: bound
+        if self.labels is not None:
+            self.net.bind_ortvalue_input("y", self.labels)
+
+    def swap(self) -> None:
+        """After a row: its x_next (and [x; x]) become the next row's input."""
+        self.x, self.x_next = self.x_next, self.x
+        if self.guided:
+            self.pair, self.pair_next = self.pair_next, self.pair
