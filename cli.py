@@ -28,7 +28,6 @@ from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, Train
                    __version__, balanced_labels, bits_per_dim, check_resumable, classifier_free_guidance,
                    load_checkpoint, load_model, make_plan, numpy_noise, option_flag, resolve_device, save_images,
                    to_model_range, torch_noise, train)
-from .ddpm import config_field as _field  # a config field with its option's help and range
 from .export import onnx_sampler
 from .fd import FD_TABLE_STEPS, NFE_COLUMNS, DigitsFd, fd_table_markdown
 from .plan import DEFAULT_GUIDANCE, PlanOptions, slerp
@@ -180,38 +179,32 @@ def _with_options(*configs, only=None, help=None):
     return wrap
 
 
-@dataclasses.dataclass
-class SampleOptions:
-    """The options of a sampling plan (plan.PlanOptions) as `sample`, `onnx-sample`, `fd` and the C++ runner
-    take them."""
-    sampler: Sampler = _field("ancestral", "the sampler")
-    steps: int | None = _field(None, "network calls of the sampler (default: T for ancestral, 50 for the others)",
-                               min=1)
-    eta: float = _field(0.0, "DDIM's eta (ddim only)", min=0.0, max=1.0)
-    spacing: Spacing | None = _field(None, "which timesteps are kept when --steps < T (default: trailing for a "
-                                           "zero-terminal-SNR schedule, else uniform)")
-    clip: bool | None = _field(None, "clip the predicted x0 to [-1, 1] (default: on; for an .onnx file, the file's)")
-    corrector_steps: int = _field(0, "Langevin corrector steps per timestep (predictor-corrector; ancestral, ddim)",
-                                  min=0, max=1000)
-    snr: float = _field(0.16, "the corrector's signal-to-noise ratio r (with --corrector-steps)", min=1e-6, max=10.0)
+# The options of a sampling plan (plan.PlanOptions) and of a class-conditional model, the same in `sample`,
+# `onnx-sample`, `fd` and the C++ runner; each of those commands lists them in its signature.
+SAMPLER = Opt("ancestral", help="the sampler")
+STEPS = Opt(None, min=1, help="network calls of the sampler (default: T for ancestral, 50 for the others)")
+ETA = Number(0.0, "DDIM's eta (ddim only)", min=0.0, max=1.0)
+SPACING = Opt(None, help="which timesteps are kept when --steps < T (default: trailing for a zero-terminal-SNR "
+                         "schedule, else uniform)")
+CLIP = Opt(None, "--clip/--no-clip", help="clip the predicted x0 to [-1, 1] (default: on; for an .onnx file, the "
+                                          "file's)")
+CORRECTOR_STEPS = Opt(0, min=0, max=1000, help="Langevin corrector steps per timestep (predictor-corrector; ancestral, "
+                                               "ddim)")
+SNR = Number(0.16, "the corrector's signal-to-noise ratio r (with --corrector-steps)", min=1e-6, max=10.0)
+CLASSES = Opt(None, "--classes", "--class", help="a class or comma-separated classes (indices or names); default: "
+                                                 "every class, a row each")
+GUIDANCE = Number(None, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, 0 unconditional; "
+                        f"default {DEFAULT_GUIDANCE:g}")
+SAMPLING_OPTIONS = ("sampler", "steps", "eta", "spacing", "clip", "corrector_steps", "snr", "classes", "guidance")
 
 
-@dataclasses.dataclass
-class GuidanceOptions:
-    """The classes and guidance of a class-conditional model (sample, onnx-sample, fd, the C++ runner)."""
-    classes: str | None = _field(None, "a class or comma-separated classes (indices or names); default: every class, "
-                                       "a row each", aliases=("--class",))
-    guidance: float | None = _field(None, "classifier-free guidance s: out_u + s (out_c - out_u); 1 conditional, "
-                                          f"0 unconditional; default {DEFAULT_GUIDANCE:g}")
-
-
-def _plan_options(options: dict, ctx: typer.Context | None = None) -> PlanOptions:
-    """The PlanOptions of the sampling options; a user error for options that do not fit together, and (with the
-    command's ctx) for --snr without a corrector, which cannot apply."""
-    if ctx is not None and options["corrector_steps"] == 0:
+def _plan_options(ctx: typer.Context, sampler, steps, eta, spacing, clip, corrector_steps, snr) -> PlanOptions:
+    """The PlanOptions of a command's sampling options; a user error for options that do not fit together, and for
+    --snr without a corrector, which cannot apply."""
+    if corrector_steps == 0:
         _refuse(ctx, ["snr"], "needs --corrector-steps K > 0 (it sets the corrector's step size)")
     with as_user_error():
-        return PlanOptions(**{f.name: options[f.name] for f in dataclasses.fields(SampleOptions)})
+        return PlanOptions(sampler, steps, eta, spacing, clip, corrector_steps, snr)
 
 
 def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> np.ndarray | None:
@@ -303,7 +296,6 @@ def train_classifier_cmd(**options):
 
 
 @app.command("sample")
-@_with_options(SampleOptions, GuidanceOptions)
 def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm train`"),
                num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED,
                classifier: str = Opt(None, help="classifier guidance with this `ddpm train-classifier` file (torch only)"),
@@ -313,7 +305,10 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                ema: bool = EMA, batch_size: int = BATCH, device: Device = DEVICE,
                precision: SamplePrecision = Opt("auto", help="network precision (auto: bf16 where the device runs it "
                                                 "fast; int8: the CPU, compiled, needs torchao)"),
-               compile: bool = COMPILE, out: str = Opt("samples.png", help=OUT_IMAGES), **options):
+               compile: bool = COMPILE, out: str = Opt("samples.png", help=OUT_IMAGES),
+               sampler: Sampler = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+               spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
+               snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
     """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE) and (3M), UniPC, with a corrector
     or not; a class-conditional model samples the requested classes, with classifier-free guidance."""
     _check_out(out)
@@ -322,26 +317,26 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                         "which needs gradients, runs on checkpoints only)")
     if classifier is None:
         _refuse(ctx, ["classifier_scale"], "needs --classifier")
-    plan_options = _plan_options(options, ctx)
+    plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
     model, precision_note = at_precision(model, precision, dev, compile, cfg, diffusion)
     clf = load_classifier(classifier, dev) if classifier else None
-    labels = _labels(model.class_names or (clf[2] if clf else []), options["classes"], options["guidance"], num_samples)
-    if clf and options["classes"] is None:
+    labels = _labels(model.class_names or (clf[2] if clf else []), classes, guidance, num_samples)
+    if clf and classes is None:
         raise UserError("--classifier guides to the classes of --class/--classes: give them")
     if clf and (clf[1].schedule, clf[1].T, clf[1].zero_terminal_snr) != (cfg.schedule, cfg.T, cfg.zero_terminal_snr):
         raise UserError(f"{classifier} was trained on the {clf[1].schedule} schedule with T = {clf[1].T}, the model "
                         f"on {cfg.schedule} with T = {cfg.T}: the noise levels must match")
-    if clf and not model.class_names and options["guidance"] not in (None, 0.0, 1.0):
+    if clf and not model.class_names and guidance not in (None, 0.0, 1.0):
         raise UserError("--guidance (classifier-free) needs a class-conditional model; --classifier-scale sets g")
     plan = _torch_plan(diffusion, plan_options)
     noise = numpy_noise(seed, dev) if numpy_noise_ else torch_noise(torch.Generator(dev).manual_seed(seed), dev)
-    run = TorchRun(model, diffusion, plan, shape, noise, dev, labels, options["guidance"], clf, classifier_scale)
+    run = TorchRun(model, diffusion, plan, shape, noise, dev, labels, guidance, clf, classifier_scale)
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
         xs = [run.images(i, min(num_samples, i + batch_size), tick) for i in range(0, num_samples, batch_size)]
     _samples_to_file(torch.cat(xs).numpy(), out, _row_per_class(labels), labels)
-    typer.echo(f"wrote {num_samples} samples ({options['sampler']}, {len(plan)} network calls, {precision_note}) to {out}")
+    typer.echo(f"wrote {num_samples} samples ({sampler}, {len(plan)} network calls, {precision_note}) to {out}")
 
 
 @app.command("nll")
@@ -408,7 +403,6 @@ def export_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
 
 
 @app.command("onnx-sample")
-@_with_options(SampleOptions, GuidanceOptions)
 def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="an .onnx file of `ddpm export`"),
                     num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED,
                     batch_size: int = BATCH, provider: Provider = PROVIDER, threads: int = THREADS,
@@ -418,17 +412,21 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
                     precision: typing.Literal["auto", "fp32", "bf16", "fp16", "int8"] = Opt(
                         "auto", help="how the network computes: onnxruntime, the file's own (auto); openvino, fp32 or "
                                      "bf16 (auto: bf16 where the CPU has AVX512-BF16 or AMX)"),
-                    out: str = Opt("samples.png", help=OUT_IMAGES), **options):
+                    out: str = Opt("samples.png", help=OUT_IMAGES),
+                    sampler: Sampler = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+                    spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
+                    snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
     """Sample from an exported .onnx file with onnxruntime or OpenVINO (no torch in the loop)."""
     _check_out(out)
     with as_user_error():
         ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads, engine=engine, precision=precision)
-    labels = _labels(ort_sampler.class_names, options["classes"], options["guidance"], num_samples)
+    labels = _labels(ort_sampler.class_names, classes, guidance, num_samples)
+    plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
     with as_user_error():
-        plan = ort_sampler.plan(_plan_options(options, ctx))
+        plan = ort_sampler.plan(plan_options)
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
         x, timing = ort_sampler.run(plan, num_samples, seed, batch_size, progress=tick, return_timing=True,
-                                    labels=labels, guidance=options["guidance"])
+                                    labels=labels, guidance=guidance)
     _samples_to_file(x, out, _row_per_class(labels), labels)
     typer.echo(f"wrote {num_samples} samples to {out}: {timing['steps']} network calls on {timing['provider']} in "
                f"{timing['precision']} ({timing['precision_why']}), {num_samples / timing['total_s']:.1f} images/s, "
@@ -559,11 +557,7 @@ def bench_train_cmd(preset: Preset = Opt("digits", help="U-Net preset (see `ddpm
                               device)], json_)
 
 
-SAMPLING_OPTIONS = [f.name for c in (SampleOptions, GuidanceOptions) for f in dataclasses.fields(c)]
-
-
 @app.command("fd")
-@_with_options(SampleOptions, GuidanceOptions)
 def fd_cmd(ctx: typer.Context,
            source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
            num_samples: int = Opt(360, min=2, help="images to draw from a checkpoint"),
@@ -580,7 +574,10 @@ def fd_cmd(ctx: typer.Context,
                                                                 "mean FD and its standard deviation over them"),
            device: Device = DEVICE,
            precision: SamplePrecision = Opt("fp32", help="network precision (fp32: the published figures)"),
-           compile: bool = COMPILE, json_: bool = JSON, **options):
+           compile: bool = COMPILE, json_: bool = JSON,
+           sampler: Sampler = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+           spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
+           snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by; for a class-conditional model (samples
     over all classes by default) also the share of samples that classifier assigns to the requested class."""
@@ -593,9 +590,9 @@ def fd_cmd(ctx: typer.Context,
     if guidance_table:
         _refuse(ctx, ["classes", "guidance"], "is set by the table's rows")
     if source.endswith(".npz"):
-        _refuse(ctx, SAMPLING_OPTIONS + ["num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
+        _refuse(ctx, [*SAMPLING_OPTIONS, "num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
                                          "seeds", "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
-    _plan_options(options, ctx)
+    plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
     if seeds:
         _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
     seed_list = _int_list(seeds, "--seeds") if seeds else [seed]
@@ -609,7 +606,8 @@ def fd_cmd(ctx: typer.Context,
     model, note = at_precision(model, precision, dev, compile, cfg, diffusion)
     if not (table or nfe_table):  # a plan the schedule cannot give is the user's error, before anything is drawn
         _torch_plan(Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion,
-                    _plan_options(options))
+                    plan_options)
+    options = {**dataclasses.asdict(plan_options), "classes": classes, "guidance": guidance}
     runs = SampledFd(model, diffusion, shape, dev, num_samples, options, _labels,
                      lambda total: _progress("sampling", total), variance, seed)
     if guidance_table:
