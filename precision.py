@@ -73,7 +73,7 @@ def quantize_int8(model: torch.nn.Module, calibration: list[tuple[torch.Tensor, 
     with torch.no_grad():
         graph = torch.export.export(model.eval(), calibration[0], dynamic_shapes=[{0: batch}] * len(calibration[0]))
         config = xiq.get_default_x86_inductor_quantization_config()  # its global default also quantizes the adds:
-        quantizer = xiq.X86InductorQuantizer()  # 3x the error of these two alone on the digits model
+        quantizer = xiq.X86InductorQuantizer()  # more error than these two alone (BENCHMARKS.md)
         quantizer.set_module_type_qconfig(torch.nn.Conv2d, config).set_module_type_qconfig(torch.nn.Linear, config)
         for name in concat_readers(graph.graph):
             quantizer.set_module_name_qconfig(name, None)

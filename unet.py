@@ -236,7 +236,7 @@ PRESETS: dict[str, dict] = {
     "lsun256": dict(in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
                     attn_resolutions=(16,), dropout=0.0, image_size=256),
     # 8x8 greyscale scikit-learn digits, small enough to train on a 2-core CPU in minutes:
-    # ch=32 is the least GroupNorm(32) allows, and doubling it makes a train step ~3x slower.
+    # ch=32 is the least GroupNorm(32) allows; more makes a train step much slower (BENCHMARKS.md).
     "digits": dict(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
                    dropout=0.1, image_size=8),
 }

@@ -26,11 +26,12 @@ from ..images import write_atomically
 from .onnx_sampler import FORMAT, PRECISIONS
 
 FP32_TOLERANCE = 1e-4
-# Measured on the digits U-Net (outputs of magnitude ~1.4): float16 convolutions and products differ from
-# float32 PyTorch by 0.5e-3 to 1.5e-3; 1e-2 leaves a margin without hiding a broken conversion.
+# float16 convolutions and products stay well inside 1e-2 of float32 PyTorch on the digits U-Net (BENCHMARKS.md,
+# "Measurements behind design choices"); 1e-2 leaves a margin without hiding a broken conversion.
 FP16_TOLERANCE = 1e-2
 # int8 is checked on what it will see (noisy training images at random t), as the RMS of its error over the
-# RMS of the float32 output: measured 0.047-0.052 on the default digits U-Net; 0.1 refuses a quantization that broke.
+# RMS of the float32 output; 0.1 passes the default digits U-Net with a margin (BENCHMARKS.md, "Measurements behind
+# design choices") and refuses a quantization that broke.
 INT8_TOLERANCE = 0.1
 HALF_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -73,7 +74,7 @@ def _trace(net: torch.nn.Module, image_shape, opset: int, conditional: bool = Fa
 
     The TorchScript exporter (dynamo=False) is pinned: in torch 2.13 it emits the requested opset directly
     (the dynamo exporter builds opset 18 and down-converts, a step it warns may fail), it exports the U-Net
-    (GroupNorm, attention, nearest upsampling) in ~0.4 s where dynamo takes 6-8 s (2-core CPU), and its
+    (GroupNorm, attention, nearest upsampling) faster than dynamo (BENCHMARKS.md), and its
     dynamic_axes give a symbolic batch with no shape constraints to satisfy. Both give outputs within
     1e-5 of PyTorch. It is deprecated, not removed; when it goes, switch to dynamo=True with
     dynamic_shapes={"x": {0: Dim("batch")}, "t": {0: Dim("batch")}}.
@@ -169,11 +170,10 @@ def quantize_int8(fp32: onnx.ModelProto, out_path: str, calibration: list[dict])
     the `calibration` batches) for Conv, MatMul and Gemm; normalisation, attention softmax and the elementwise
     ops stay float32, as do the inputs and the output (the file is read by the same samplers). Quantizing those
     too made it less exact and slower.
-    Unsigned activations, x86's native u8 x s8 product: OpenVINO ran signed ones 15% off float32 (RMS) on
-    the digits model, where onnxruntime ran them 2.3% off. The convolutions that read a concatenation (the
-    decoder's 1x1 shortcuts over [h, skip]) stay float32, as in PyTorch's int8 (precision.concat_readers): on
-    the digits model the three at 8x8, each quantized alone, moved the output by 18%, 14% and 6% (relative
-    RMS), against 27% for every layer quantized and 5% with these left out."""
+    Unsigned activations, x86's native u8 x s8 product: signed ones ran much further from float32 on OpenVINO.
+    The convolutions that read a concatenation (the decoder's 1x1 shortcuts over [h, skip]) stay float32, as in
+    PyTorch's int8 (precision.concat_readers): they carried most of the error (BENCHMARKS.md, "Measurements
+    behind design choices")."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):

@@ -8,8 +8,7 @@ oneDNN kernels and fusions, where onnxruntime's CPU provider has float32 kernels
 an onnxruntime.InferenceSession that OnnxSampler uses (get_inputs, get_outputs, get_modelmeta, io_binding,
 run_with_iobinding), so the sampler runs the same plan, the same numpy noise and the same per-row update graphs
 (onnxruntime's CPU provider, reading the network's output where OpenVINO wrote it): only the network's engine differs.
-The network is compiled for a static batch (faster than a dynamic one: 13% for bf16 on the cifar10 preset) once per
-batch size, and kept.
+The network is compiled for a static batch (faster than a dynamic one, BENCHMARKS.md) once per batch size, and kept.
 
 onnx_sampler imports this file only when the engine is asked for; an application copies it beside onnx_sampler.py.
 """
