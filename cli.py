@@ -581,20 +581,8 @@ def fd_cmd(ctx: typer.Context,
     """Frechet distance to the digits training split in the features of a small digits classifier, with
     the real-vs-real floor (held-out vs training) to judge it by; for a class-conditional model (samples
     over all classes by default) also the share of samples that classifier assigns to the requested class."""
-    if sum((table, nfe_table, guidance_table)) > 1:
-        raise UserError("--table, --nfe-table and --guidance-table are separate tables: give one")
-    if not guidance_table:
-        _refuse(ctx, ["classifier", "classifier_scales"], "applies to --guidance-table only")
-    if table or nfe_table:
-        _refuse(ctx, ["variance", "sampler", "steps", "eta", "seeds"], "is set by the table's rows")
-    if guidance_table:
-        _refuse(ctx, ["classes", "guidance"], "is set by the table's rows")
-    if source.endswith(".npz"):
-        _refuse(ctx, [*SAMPLING_OPTIONS, "num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
-                                         "seeds", "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
+    _check_fd_options(ctx, source, table, nfe_table, guidance_table, seeds)
     plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
-    if seeds:
-        _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
     seed_list = _int_list(seeds, "--seeds") if seeds else [seed]
     if source.endswith(".npz"):
         _fd_of_file(source, json_)
@@ -622,14 +610,37 @@ def fd_cmd(ctx: typer.Context,
         columns, label = (NFE_COLUMNS, "NFE") if nfe_table else (FD_TABLE_STEPS, "S")
         _print_fd_table(rows, columns, label, runs.metric.floor, num_samples, json_, note)
         return
-    fd, spread, _, accuracy = runs.over_seeds(seed_list)
-    res = {"fd": fd, "floor": runs.metric.floor, "num_samples": num_samples, "n_floor": runs.metric.n_floor,
+    _print_fd(runs.over_seeds(seed_list), runs.metric, num_samples, seeds, seed_list, json_, note)
+
+
+def _print_fd(result: tuple, metric, n: int, seeds: str | None, seed_list: list, json_: bool, note: str) -> None:
+    """fd's one line (or JSON): the mean FD over the seeds, its spread, the floor and the class agreement."""
+    fd, spread, _, accuracy = result
+    res = {"fd": fd, "floor": metric.floor, "num_samples": n, "n_floor": metric.n_floor,
            **({"fd_std": spread, "seeds": seed_list} if seeds else {}),
            **({"class_accuracy": accuracy} if not np.isnan(accuracy) else {}), "precision": note}
     over = f" +- {spread:.3f} (mean and standard deviation over seeds {seeds})" if seeds else ""
-    typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f}{over} ({num_samples} samples vs the training split, "
+    typer.echo(json.dumps(res) if json_ else f"FD {fd:.3f}{over} ({n} samples vs the training split, "
                f"network in {note}); real-vs-real floor {res['floor']:.3f} ({res['n_floor']} held-out images)"
                + (f"; class agreement {100 * accuracy:.1f}%" if "class_accuracy" in res else ""))
+
+
+def _check_fd_options(ctx: typer.Context, source: str, table: bool, nfe_table: bool, guidance_table: bool,
+                      seeds: str | None) -> None:
+    """fd's options that cannot apply together, or to a table or a file of samples: user errors."""
+    if sum((table, nfe_table, guidance_table)) > 1:
+        raise UserError("--table, --nfe-table and --guidance-table are separate tables: give one")
+    if not guidance_table:
+        _refuse(ctx, ["classifier", "classifier_scales"], "applies to --guidance-table only")
+    if table or nfe_table:
+        _refuse(ctx, ["variance", "sampler", "steps", "eta", "seeds"], "is set by the table's rows")
+    if guidance_table:
+        _refuse(ctx, ["classes", "guidance"], "is set by the table's rows")
+    if source.endswith(".npz"):
+        _refuse(ctx, [*SAMPLING_OPTIONS, "num_samples", "variance", "table", "nfe_table", "guidance_table", "seed",
+                      "seeds", "device", "precision", "compile"], "applies to a checkpoint, not to a .npz")
+    if seeds:
+        _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
 
 
 def _fd_of_file(source: str, json_: bool) -> None:
