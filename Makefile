@@ -1,7 +1,7 @@
 # The two commands: `make demo` (train on digits, score, export, sample the same images in torch, ONNX and C++)
 # and `make test` (the whole test suite, as CI runs it). Both create .venv and install what they need.
-# `make check` is the edit loop: the tests not marked slow (nothing that trains, builds the C++ runner or runs
-# `make demo`), a few minutes on two cores.
+# `make check` is the edit loop: the tests not marked slow (nothing that trains, compiles, builds the C++ runner
+# or runs `make demo`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -23,13 +23,14 @@ settings.load_profile("ddpm")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_DIR = ROOT / "cpp_runner"
-# Tests that use these fixtures build the C++ runner, train, or walk the README: `make check` leaves them out.
+# Tests that use these fixtures build the C++ runner or walk the README; tests that train, compile or run `make demo`
+# carry @pytest.mark.slow themselves. `make check` leaves both out.
 SLOW_FIXTURES = {"runner", "walk", "asan", "prefix", "example_app", "trained"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains, builds the C++ runner or runs `make demo` (`make check` skips "
-                                       "these; `make test` runs everything)")
+    config.addinivalue_line("markers", "slow: trains, compiles, builds the C++ runner or runs `make demo` (`make "
+                                       "check` skips these; `make test` runs everything)")
 
 
 def pytest_collection_modifyitems(items):

@@ -64,6 +64,7 @@ def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it
         visit(name, [])
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_one_unambiguous_top_level_package(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
                          capture_output=True, text=True, timeout=600)
@@ -119,6 +120,7 @@ def test_train_options_are_the_fields_of_train_config():
     assert (ctx.params["batch_size"], ctx.params["T"], ctx.params["flip"], ctx.params["image_size"]) == (8, 50, True, 16)
 
 
+@pytest.mark.slow
 def test_bench_train_times_the_step_that_train_runs(monkeypatch):
     calls = []
     step = ddpm.Trainer.train_step

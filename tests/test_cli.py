@@ -91,6 +91,7 @@ def test_train_classifier_shows_exactly_the_options_it_reads(monkeypatch, tmp_pa
     assert not unread, f"train-classifier shows options it never reads: {unread}"
 
 
+@pytest.mark.slow
 def test_resume_applies_and_says_what_may_change_and_refuses_the_rest(capsys, tmp_path):
     base = ["train", "--train-steps", 3, "--batch-size", 4, "--diffusion-steps", 10, "--device", "cpu", "--out", tmp_path,
             "--precision", "fp32"]

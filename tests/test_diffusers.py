@@ -427,6 +427,7 @@ def test_export_diffusers_refuses_and_leaves_nothing(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["cond.pt", "native.pt", "taken"]
 
 
+@pytest.mark.slow
 def test_imported_weights_cannot_be_resumed(tiny, tmp_path):
     _, folder = tiny
     run_dir = tmp_path / "run"

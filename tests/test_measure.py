@@ -56,6 +56,7 @@ def test_fd_cli_on_npz(tmp_path):
 FLOPS_PER_DIGIT = unet.flops_per_forward(unet.build_unet("digits"))
 
 
+@pytest.mark.slow
 def test_bench_sample_report():
     backends = ("torch", "ort") + (("cpp",) if os.path.exists(os.path.join(ROOT, "cpp_runner/build/ddpm_runner")) else ())
     rows = bench.bench_sample("digits", batch=4, backends=backends, repeats=1, runs=(("ancestral", 3), ("ddim", 2)),
@@ -103,6 +104,7 @@ def test_bench_sample_checks_its_backends_first_and_keeps_the_rows_it_finished(t
     assert len(lines) == 2 and lines[0].split()[0] == "backend" and lines[1].split()[:2] == ["torch", "fp32"]
 
 
+@pytest.mark.slow
 def test_bench_sample_of_a_checkpoint_gives_each_rows_fd(tmp_path):
     res = cli("train", "--train-steps", 5, "--batch-size", 8, "--diffusion-steps", 20, "--device", "cpu", "--out", tmp_path)
     assert res.returncode == 0, res.stderr
@@ -122,6 +124,7 @@ def test_bench_sample_of_a_checkpoint_gives_each_rows_fd(tmp_path):
     assert_user_error(cli("fd", tmp_path / "checkpoint.pt", "--seed", 1, "--seeds", "3,4"), "give one")
 
 
+@pytest.mark.slow
 def test_bench_train_cli_json():
     res = cli("bench", "train", "--batch-size", 4, "--train-steps", 2, "--repeats", 1, "--device", "cpu", "--json")
     assert res.returncode == 0, res.stderr
@@ -132,6 +135,7 @@ def test_bench_train_cli_json():
     assert_user_error(cli("bench", "train", "--precision", "fp8"), "--precision", "is not one of")
 
 
+@pytest.mark.slow
 def test_guidance_table_rows_are_fd_runs_of_the_sampler_given(tmp_path):
     """fd --guidance-table: one row per classifier-free scale, each the mean over --seeds of what `fd --guidance s`
     gives with the same sampler and seed (its FD and class agreement)."""

@@ -35,6 +35,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch, machine, device, want)
     assert prec.resolve_precision("fp32", torch.device(device)) == ("fp32", "as asked")
 
 
+@pytest.mark.slow
 def test_training_default_is_auto_and_fp32_without_bf16(monkeypatch):
     assert ddpm.TrainConfig().precision == "auto"
     cfg = ddpm.TrainConfig(steps=1, batch_size=4, T=T)
@@ -149,6 +150,7 @@ def test_bf16_unet_is_close_to_fp32_and_really_bf16():
     assert prec.AtPrecision(net, "fp32").model is net
 
 
+@pytest.mark.slow
 def test_int8_torch_network_is_int8_close_to_fp32_and_compiles_to_the_same_function():
     """--precision int8 in PyTorch: every convolution and linear layer reads int8 weights (per output channel) and
     uint8 activations, calibrated on noisy images at uniform t, and differs from float32 by the quantization's error
@@ -255,6 +257,7 @@ def test_int8_keeps_a_convolution_over_a_concatenation_in_float32(tmp_path, monk
     assert ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item() < 0.1
 
 
+@pytest.mark.slow
 def test_compiled_sampling_network_matches_eager():
     """compile_for_sampling (inductor, frozen weights) computes what the eager module does, in a sampler."""
     torch.manual_seed(0)

@@ -105,6 +105,7 @@ def test_the_shell_blocks_run_and_the_python_blocks_run_after_them(walk, monkeyp
                 assert ((scope["recon"] - scope["x0"]) ** 2).mean() < 0.01
 
 
+@pytest.mark.slow
 def test_make_demo_runs_twice(tmp_path):
     """The quick start's demo runs again after a first run (it trains afresh), and says that the three
     executors made the same images; with a small training budget."""

@@ -104,6 +104,7 @@ def test_cifar_folder_and_npz(tmp_path):
 
 # ---- training
 
+@pytest.mark.slow
 def test_loss_falls_and_checkpoint_round_trips(tmp_path):
     cfg = ddpm.TrainConfig(**{**FAST, "steps": 60}, out=str(tmp_path))
     res = fit(cfg)
@@ -117,6 +118,7 @@ def test_loss_falls_and_checkpoint_round_trips(tmp_path):
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_losses(tmp_path):
     full = fit(ddpm.TrainConfig(**FAST, out=str(tmp_path / "a")))
     fit(ddpm.TrainConfig(**{**FAST, "steps": 20}, out=str(tmp_path / "b")))
@@ -126,6 +128,7 @@ def test_resume_gives_identical_losses(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_exactly(tmp_path):
     args = ["train", "--train-steps", 400, "--batch-size", 16, "--diffusion-steps", 100, "--checkpoint-every", 20, "--log-every", 10,
             "--sample-every", 100_000, "--device", "cpu", "--warmup", 5]
@@ -149,6 +152,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
     real = ddpm.training_losses
@@ -165,6 +169,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert kept["step"] == 20 and all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
+@pytest.mark.slow
 def test_sample_grids_do_not_change_training(tmp_path):
     for name, every in (("a", 10_000), ("b", 5)):
         fit(ddpm.TrainConfig(**{**FAST, "steps": 20, "sample_every": every}, out=str(tmp_path / name)))
@@ -173,12 +178,14 @@ def test_sample_grids_do_not_change_training(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten(tmp_path):
     fit(ddpm.TrainConfig(**{**FAST, "steps": 10, "checkpoint_every": 10}, out=str(tmp_path)))
     with pytest.raises(ddpm.UserError, match="pass --resume"):
         fit(ddpm.TrainConfig(**FAST, out=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -224,6 +231,7 @@ def test_foreign_and_truncated_files_are_user_errors(tmp_path):
             ddpm.load_checkpoint(tmp_path / "junk.pt")
 
 
+@pytest.mark.slow
 def test_cli_few_step_samplers_reconstruct_and_interpolate(tmp_path):
     res = cli("train", "--train-steps", 10, "--batch-size", 16, "--diffusion-steps", 50, "--device", "cpu", "--out", tmp_path)
     assert res.returncode == 0, res.stderr
@@ -256,6 +264,7 @@ def test_cli_few_step_samplers_reconstruct_and_interpolate(tmp_path):
     assert_user_error(cli("onnx-sample", onnx_file, "--guidance", 2), "class-conditional model")
 
 
+@pytest.mark.slow
 def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
     cfg = dict(FAST, steps=40, class_cond=True, p_uncond=0.2)
     res = fit(ddpm.TrainConfig(**cfg, out=str(tmp_path / "a")))
@@ -288,6 +297,7 @@ def test_class_conditional_training_learns_and_resumes_exactly(tmp_path):
         fit(ddpm.TrainConfig(**{**cfg, "data": str(tmp_path / "unlabelled.npz")}, out=str(tmp_path / "c")))
 
 
+@pytest.mark.slow
 def test_cli_classifier_guidance(tmp_path):
     assert cli("train", "--train-steps", 10, "--diffusion-steps", 50, "--batch-size", 16, "--out", tmp_path, "--device", "cpu").returncode == 0
     res = cli("train-classifier", "--train-steps", 30, "--diffusion-steps", 50, "--batch-size", 32, "--out", tmp_path, "--device", "cpu")
@@ -308,6 +318,7 @@ def test_cli_classifier_guidance(tmp_path):
                       "noise levels must match")
 
 
+@pytest.mark.slow
 def test_cli_train_sample_nll(tmp_path):
     res = cli("train", "--train-steps", 20, "--batch-size", 16, "--diffusion-steps", 20, "--device", "cpu", "--out", tmp_path,
               "--sample-every", 20)
@@ -325,6 +336,7 @@ def test_cli_train_sample_nll(tmp_path):
     assert out["num_images"] == 8 and out["total"] > 0 and abs(out["total"] - out["prior"] - out["vb"] - out["decoder"]) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decay, updates, cap_step", [(0.999, 50, None), (0.9, 200, 80)])
 def test_ema_forgets_the_first_weights_as_its_warm_up_says(decay, updates, cap_step):
     """The EMA's weight on the weights after step 0, after `updates` more steps: the closed form of the warm-up
