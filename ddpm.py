@@ -591,7 +591,7 @@ Device = Literal["auto", "cpu", "cuda"]
 CHECKPOINT_FORMAT = "ddpm-reference-checkpoint-1"
 
 
-def config_field(default, help: str, **cli):
+def _option(default, help: str, **cli):
     """A TrainConfig field: its default, and the help and range of its `ddpm train` option (cli: min, max, and
     flag where the option's name is not the field's; the CLI is built from these)."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
@@ -605,46 +605,46 @@ LRDecay = Literal["constant", "cosine"]
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint so that a run can be resumed or rebuilt.
     Each field is also an option of `ddpm train` (--batch-size for batch_size), with this default."""
-    data: str = config_field("digits", "'digits', an image folder, a cifar-10-batches-py folder, or a .npz")
-    preset: Preset = config_field("digits", "U-Net preset (see `ddpm info`)")
-    image_size: int | None = config_field(None, "resize and centre-crop folder images to this size", min=1)
-    dropout: float | None = config_field(None, "dropout of the U-Net's residual blocks (default: the preset's)", min=0.0,
+    data: str = _option("digits", "'digits', an image folder, a cifar-10-batches-py folder, or a .npz")
+    preset: Preset = _option("digits", "U-Net preset (see `ddpm info`)")
+    image_size: int | None = _option(None, "resize and centre-crop folder images to this size", min=1)
+    dropout: float | None = _option(None, "dropout of the U-Net's residual blocks (default: the preset's)", min=0.0,
                                     max=0.99)
-    steps: int = config_field(800, "optimizer steps in total (with --resume: the new total)", flag="--train-steps", min=1)
-    batch_size: int = config_field(128, "images per optimizer step (per process under torchrun)", min=1)
-    lr: float = config_field(2e-3, "AdamW learning rate after warm-up", min=1e-12)
-    warmup: int = config_field(100, "linear learning-rate warm-up steps", min=0)
-    lr_decay: LRDecay = config_field("constant", "the learning rate after warm-up: constant, or cosine decay to 0")
-    weight_decay: float = config_field(0.0, "AdamW weight decay", min=0.0)
-    grad_clip: float = config_field(1.0, "clip the gradient norm to this", min=1e-12)
-    accum: int = config_field(1, "gradient accumulation: micro-batches per optimizer step", min=1)
-    ema_decay: float = config_field(0.998, "decay of the exponential moving average of the weights", min=0.0, max=0.999999)
-    ema_warmup: bool = config_field(True, "warm the EMA's decay up as (1 + step) / (10 + step), capped at --ema-decay")
-    schedule: Schedule = config_field("cosine", "beta schedule (the paper: linear)")
-    T: int = config_field(1000, "diffusion steps T", flag="--diffusion-steps", min=1, max=100_000)
-    zero_terminal_snr: bool = config_field(True, "rescale the schedule to alpha_bar_T = 0 (needs v or x0; the paper: no)")
-    parameterization: Parameterization = config_field("v", "what the network predicts (the paper: eps)")
-    variance: Variance = config_field("fixed_small", "Sigma_theta of the reverse process")
-    loss: LossType = config_field("simple", "L_simple (Eq. 14), the bound, or L_hybrid")
-    weighting: Weighting = config_field("constant", "the MSE's weight over t: 1 (L_simple), lambda(t) of the bound, "
+    steps: int = _option(800, "optimizer steps in total (with --resume: the new total)", flag="--train-steps", min=1)
+    batch_size: int = _option(128, "images per optimizer step (per process under torchrun)", min=1)
+    lr: float = _option(2e-3, "AdamW learning rate after warm-up", min=1e-12)
+    warmup: int = _option(100, "linear learning-rate warm-up steps", min=0)
+    lr_decay: LRDecay = _option("constant", "the learning rate after warm-up: constant, or cosine decay to 0")
+    weight_decay: float = _option(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = _option(1.0, "clip the gradient norm to this", min=1e-12)
+    accum: int = _option(1, "gradient accumulation: micro-batches per optimizer step", min=1)
+    ema_decay: float = _option(0.998, "decay of the exponential moving average of the weights", min=0.0, max=0.999999)
+    ema_warmup: bool = _option(True, "warm the EMA's decay up as (1 + step) / (10 + step), capped at --ema-decay")
+    schedule: Schedule = _option("cosine", "beta schedule (the paper: linear)")
+    T: int = _option(1000, "diffusion steps T", flag="--diffusion-steps", min=1, max=100_000)
+    zero_terminal_snr: bool = _option(True, "rescale the schedule to alpha_bar_T = 0 (needs v or x0; the paper: no)")
+    parameterization: Parameterization = _option("v", "what the network predicts (the paper: eps)")
+    variance: Variance = _option("fixed_small", "Sigma_theta of the reverse process")
+    loss: LossType = _option("simple", "L_simple (Eq. 14), the bound, or L_hybrid")
+    weighting: Weighting = _option("constant", "the MSE's weight over t: 1 (L_simple), lambda(t) of the bound, "
                                    "or Min-SNR-gamma")
-    snr_gamma: float = config_field(5.0, "with --weighting min-snr: gamma, where the weight min(SNR, gamma) saturates",
+    snr_gamma: float = _option(5.0, "with --weighting min-snr: gamma, where the weight min(SNR, gamma) saturates",
                                min=1e-6)
-    dequantize: bool = config_field(False, "add uniform noise one grey level of the data wide to its training images")
-    class_cond: bool = config_field(False, "class-conditional eps_theta on the data's labels (for guidance)")
-    p_uncond: float = config_field(0.1, "with --class-cond: the probability of the null label (Ho & Salimans Alg. 1)",
+    dequantize: bool = _option(False, "add uniform noise one grey level of the data wide to its training images")
+    class_cond: bool = _option(False, "class-conditional eps_theta on the data's labels (for guidance)")
+    p_uncond: float = _option(0.1, "with --class-cond: the probability of the null label (Ho & Salimans Alg. 1)",
                               min=0.0, max=0.999999)
-    importance: bool = config_field(False, "importance-sample t by the loss second moment")
-    flip: bool = config_field(False, "random horizontal flips")
-    seed: int = config_field(0, "seed of the initial weights and of every random draw of training", min=0)
-    device: Device = config_field("auto", "auto: CUDA if available, else CPU")
-    precision: Precision = config_field("auto", "autocast precision (auto: bf16 where the device runs it fast)")
-    compile: bool = config_field(False, "torch.compile the network")
-    channels_last: bool = config_field(False, "channels-last memory format (faster convolutions on GPUs)")
-    checkpoint_every: int = config_field(500, "write OUT/checkpoint.pt every this many steps (and at the end)", min=1)
-    sample_every: int = config_field(1000, "write a grid of DDIM samples every this many steps", min=1)
-    log_every: int = config_field(25, "check the loss for NaN and report it every this many steps", min=1)
-    out: str = config_field("runs/digits", "run folder: checkpoint.pt and samples-STEP.png")
+    importance: bool = _option(False, "importance-sample t by the loss second moment")
+    flip: bool = _option(False, "random horizontal flips")
+    seed: int = _option(0, "seed of the initial weights and of every random draw of training", min=0)
+    device: Device = _option("auto", "auto: CUDA if available, else CPU")
+    precision: Precision = _option("auto", "autocast precision (auto: bf16 where the device runs it fast)")
+    compile: bool = _option(False, "torch.compile the network")
+    channels_last: bool = _option(False, "channels-last memory format (faster convolutions on GPUs)")
+    checkpoint_every: int = _option(500, "write OUT/checkpoint.pt every this many steps (and at the end)", min=1)
+    sample_every: int = _option(1000, "write a grid of DDIM samples every this many steps", min=1)
+    log_every: int = _option(25, "check the loss for NaN and report it every this many steps", min=1)
+    out: str = _option("runs/digits", "run folder: checkpoint.pt and samples-STEP.png")
 
     def validate(self) -> None:
         for name, kind in (("schedule", Schedule), ("parameterization", Parameterization), ("variance", Variance),
@@ -926,7 +926,7 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
         dist.destroy_process_group()
 
 
-def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int) -> tuple:
+def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int, world: int) -> tuple:
     """(the Trainer, a new run's or resumed from cfg.out/checkpoint.pt, and that path), or a UserError."""
     device = resolve_device(cfg.device)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -939,8 +939,7 @@ def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int) -> 
         raise UserError(f"{ckpt_path} holds imported weights (`ddpm import`), not a run: there is nothing to resume")
     if state is not None:
         check_resumable(state["config"], cfg)
-    trainer = Trainer(cfg, data.train.shape[1:], device, rank, int(os.environ.get("WORLD_SIZE", "1")) > 1,
-                      data.classes)
+    trainer = Trainer(cfg, data.train.shape[1:], device, rank, world > 1, data.classes)
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.step >= cfg.steps:
@@ -963,7 +962,7 @@ def _checkpoint(trainer: Trainer, path: str, rank: int, world: int) -> None:
 
 def _train(cfg: TrainConfig, dataset, resume: bool, callback, overwrite: bool, rank: int, world: int) -> dict:
     """train's loop on this process (rank of world)."""
-    trainer, ckpt_path = _start(cfg, dataset, resume, overwrite, rank)
+    trainer, ckpt_path = _start(cfg, dataset, resume, overwrite, rank, world)
     data = torch.from_numpy(dataset.train).to(trainer.device)  # all on the device: no loader in the hot loop
     labels = torch.from_numpy(dataset.train_labels).to(trainer.device) if trainer.classes else None
     losses, start_step, t0 = [], trainer.step, time.perf_counter()

@@ -31,6 +31,7 @@ def check_option(name: str, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"{name} must be one of {', '.join(map(str, valid))}, got {value!r}")
 
+
 @dataclass
 class Plan:
     """A sampler as plain data, in sampling order (row k calls the network at timestep t[k]). One row:

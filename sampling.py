@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from typing import Any, Callable
 
 import numpy as np
@@ -52,11 +51,11 @@ class TorchRun:
     """A torch sampling run of `sample` and `fd`: the model (at its precision) and its diffusion, the plan, the
     labels of the run's images with their classifier-free guidance, classifier guidance (classifier = the
     `load_classifier` triple, with its scale g), and one noise stream for the whole run."""
-    model: typing.Any
+    model: Any
     diffusion: Diffusion
     plan: Plan
     shape: tuple
-    noise: typing.Callable
+    noise: Callable
     device: torch.device
     labels: np.ndarray | None = None
     guidance: float | None = None  # None: DEFAULT_GUIDANCE
