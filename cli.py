@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 import typing
 
@@ -115,8 +116,13 @@ def _refuse(ctx: typer.Context, names, why: str) -> None:
 
 
 def _check_out(path: str, suffixes=(".png", ".npz")) -> str:
+    """The checks of --out that can be made before any work (as the C++ runner's): its format, and a folder to
+    write it into."""
     if not path.lower().endswith(suffixes):
         raise UserError(f"--out {path}: must end in {' or '.join(suffixes)}")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--out {path}: cannot write: {folder} is not a writable folder")
     return path
 
 

@@ -159,3 +159,11 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("command", [("sample", "missing.pt"), ("onnx-sample", "missing.onnx"),
+                                     ("interpolate", "missing.pt")])
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, command):
+    """--out in a folder that does not exist is the first error, before the model is even read."""
+    code, _, err = run_cli(*command, "--out", tmp_path / "no" / "such" / "x.png")
+    assert code == 2 and "--out" in err and "is not a writable folder" in err and "missing" not in err, err
