@@ -25,10 +25,10 @@ from . import unet
 from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench_train
 from .classifier import load_classifier, train_classifier
 from .data import calibration_images, load_data, load_npz
-from .ddpm import (RESUMABLE, Device, Preset, Diffusion, Sampler, Spacing, TrainConfig, UserError, Variance,
-                   __version__, balanced_labels, bits_per_dim, check_resumable, classifier_free_guidance,
-                   load_checkpoint, load_model, make_plan, numpy_noise, option_flag, resolve_device, save_images,
-                   to_model_range, torch_noise, train)
+from .ddpm import (Device, Preset, Diffusion, Sampler, Spacing, TrainConfig, UserError, Variance, __version__,
+                   balanced_labels, bits_per_dim, classifier_free_guidance, load_checkpoint, load_model, make_plan,
+                   numpy_noise, option_flag, resolve_device, resumed_config, save_images, to_model_range, torch_noise,
+                   train)
 from .export import onnx_sampler
 from .fd import FD_TABLE_STEPS, NFE_COLUMNS, DigitsFd, fd_table_markdown
 from .plan import DEFAULT_GUIDANCE, PlanOptions, slerp
@@ -266,13 +266,8 @@ def train_cmd(ctx: typer.Context, *, resume: bool = Opt(False, help="continue OU
         raise UserError("--resume continues OUT/checkpoint.pt and --overwrite replaces it: give one")
     cfg, changes = TrainConfig(**options), []
     if resume:
-        saved = load_checkpoint(f"{cfg.out}/checkpoint.pt")["config"]
         given = {name: options[name] for name in _given(ctx) & set(options)}
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in options}, **given})
-        check_resumable(saved, cfg)
-        changes = [f"{option_flag(f)} {saved.get(f.name)} -> {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                   if f.name in given and f.name in RESUMABLE and f.name not in ("steps", "out")
-                   and saved.get(f.name) != getattr(cfg, f.name)]
+        cfg, changes = resumed_config(load_checkpoint(f"{cfg.out}/checkpoint.pt")["config"], given)
     with as_user_error():
         cfg.validate()
     with _train_progress() as callback:

@@ -2,10 +2,8 @@
 
 Sections, in order: schedules -> Diffusion (forward process, posterior, parameterisations, variances)
 -> losses and bits/dim -> sampling plans and samplers (Algorithm 2, DDIM, DPM-Solver++, guidance) ->
-training (Algorithm 1). The sampling plan is built in plan.py (numpy, no torch), which every executor shares;
-this module executes it in torch. Its users live beside it: data.py (data sets),
-fd.py (the digits FD), classifier.py (the noisy classifier of classifier guidance), bench.py (speed) and
-cli.py (`ddpm ...`); this module imports none of them.
+training (Algorithm 1). The sampling plan is built in plan.py (numpy), which every executor shares; this module
+executes it in torch. Its users (data, fd, classifier, sampling, bench, cli) live beside it, never imported here.
 
 Conventions. Timesteps are stored 0..T-1: index 0 is the paper's t=1 and index T-1 its t=T. Every
 per-timestep table is numpy float64, computed once; it is cast to the working dtype only when it is
@@ -27,13 +25,11 @@ from typing import Callable, Literal, get_args
 import numpy as np
 import torch
 
-from . import unet
+from . import images, plan as plans, unet
 from .precision import AUTOCAST_DTYPE, Precision, resolve_precision
-from . import images, plan as plans
 from .images import save_images, write_atomically  # noqa: F401 (ddpm.save_images: the samples' file writer)
-from .plan import (DEFAULT_GUIDANCE, Plan, PlanOptions, balanced_labels, ddim_coefficients, ddim_sigma,  # noqa: F401
-                   dpmpp_2m_coefficients, langevin_coefficients, log_snr, posterior_coefficients, space_timesteps,
-                   x0_coefficients)
+from .plan import (Plan, PlanOptions, balanced_labels, ddim_coefficients, ddim_sigma, dpmpp_2m_coefficients,  # noqa: F401
+                   langevin_coefficients, log_snr, posterior_coefficients, space_timesteps, x0_coefficients)
 
 __version__ = importlib.metadata.version("ddpm-reference")
 
@@ -680,6 +676,16 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
             raise UserError(f"{option_flag(f)} {getattr(cfg, f.name)}: the run being resumed has {saved[f.name]!r}, and "
                             "a resumed run changes only how long and how it trains, not what (start a new run with "
                             "another --out)")
+
+
+def resumed_config(saved: dict, given: dict) -> tuple[TrainConfig, list[str]]:
+    """A resumed run's config: a checkpoint's `saved` one with the fields `given` by the user, checked
+    (check_resumable), and what they change of how it trains, as "--flag old -> new"."""
+    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}, **given})
+    check_resumable(saved, cfg)
+    return cfg, [f"{option_flag(f)} {saved.get(f.name)} -> {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                 if f.name in given and f.name in RESUMABLE and f.name not in ("steps", "out")
+                 and saved.get(f.name) != getattr(cfg, f.name)]
 
 
 def resolve_device(device: str) -> torch.device:
