@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -25,7 +24,8 @@ from . import unet
 from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench_train
 from .classifier import load_classifier, train_classifier
 from .data import calibration_images, load_data, load_npz
-from .ddpm import (Device, Preset, Diffusion, Sampler, Spacing, TrainConfig, UserError, Variance, __version__,
+from .ddpm import (Device, Diffusion, LossType, LRDecay, Parameterization, Preset, Sampler, Schedule, Spacing, TrainConfig,
+                   UserError, Variance, Weighting, __version__,
                    balanced_labels, bits_per_dim, classifier_free_guidance, load_checkpoint, load_model, make_plan,
                    numpy_noise, option_flag, resolve_device, resumed_config, save_images, to_model_range, torch_noise,
                    train)
@@ -155,34 +155,24 @@ def _float_list(text: str, flag: str) -> list[float]:
 
 # ----------------------------------------------------------------------------- options shared by commands
 
-def _config_options(config, only=None, help=None) -> list[inspect.Parameter]:
-    """A keyword-only typer option for the fields of the dataclass `config` (those in `only`, if given), with
-    the field's type, default, help (or help[name]) and range: the dataclass is the one place where an option
-    and its default are written."""
-    hints = typing.get_type_hints(config)
-    params = []
-    for f in dataclasses.fields(config):
-        if only is not None and f.name not in only:
-            continue
-        flag = option_flag(f)
-        decl = f"{flag}/--no-{flag[2:]}" if hints[f.name] in (bool, bool | None) else flag
-        kind = hints[f.name]
-        number = {"min": f.metadata.get("min"), "max": f.metadata.get("max")} if kind in (int, float, int | None,
-                                                                                          float | None) else {}
-        check = {"callback": _finite} if kind in (float, float | None) else {}
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=Opt(
-            f.default, decl, *f.metadata.get("aliases", ()), help=(help or {}).get(f.name, f.metadata["help"]),
-            **number, **check)))
-    return params
+def _config_option(f: dataclasses.Field, kind, help: str | None = None):
+    """The typer option of a TrainConfig field: its flag, default, help and range (finite, for a float) as the field
+    declares them, so that the dataclass is the one place where an option and its default are written."""
+    flag = option_flag(f)
+    decl = f"{flag}/--no-{flag[2:]}" if kind in (bool, bool | None) else flag
+    number = {"min": f.metadata.get("min"), "max": f.metadata.get("max")} if kind in (int, float, int | None,
+                                                                                      float | None) else {}
+    check = {"callback": _finite} if kind in (float, float | None) else {}
+    return Opt(f.default, decl, *f.metadata.get("aliases", ()), help=help or f.metadata["help"], **number, **check)
 
 
-def _with_options(*configs, only=None, help=None):
-    """Give a command `fn(..., **options)` the fields of the dataclasses `configs` as options."""
-    def wrap(fn):
-        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        fn.__signature__ = inspect.Signature(own + [p for c in configs for p in _config_options(c, only, help)])
-        return fn
-    return wrap
+_KINDS = typing.get_type_hints(TrainConfig)
+TRAIN = {f.name: _config_option(f, _KINDS[f.name]) for f in dataclasses.fields(TrainConfig)}  # by field name
+
+
+def _train_config(ctx: typer.Context) -> TrainConfig:
+    """The TrainConfig of a training command's options (its parameters named as the fields)."""
+    return TrainConfig(**{k: v for k, v in ctx.params.items() if k in TrainConfig.__dataclass_fields__})
 
 
 # The options of a sampling plan (plan.PlanOptions) and of a class-conditional model, the same in `sample`,
@@ -256,17 +246,32 @@ def _main(version: bool = Opt(False, "--version", callback=_version, is_eager=Tr
 
 
 @app.command("train")
-@_with_options(TrainConfig)
-def train_cmd(ctx: typer.Context, *, resume: bool = Opt(False, help="continue OUT/checkpoint.pt (changing only "
-                                                                   "how long and how it trains)"),
+def train_cmd(ctx: typer.Context, resume: bool = Opt(False, help="continue OUT/checkpoint.pt (changing only how long "
+                                                                "and how it trains)"),
               overwrite: bool = Opt(False, help="start afresh, replacing OUT/checkpoint.pt at the first checkpoint"),
-              **options):
+              # TrainConfig's fields, with their defaults, help and ranges (ddpm.TrainConfig):
+              data: str = TRAIN["data"], preset: Preset = TRAIN["preset"], image_size: int | None = TRAIN["image_size"],
+              dropout: float | None = TRAIN["dropout"], steps: int = TRAIN["steps"],
+              batch_size: int = TRAIN["batch_size"], lr: float = TRAIN["lr"], warmup: int = TRAIN["warmup"],
+              lr_decay: LRDecay = TRAIN["lr_decay"], weight_decay: float = TRAIN["weight_decay"],
+              grad_clip: float = TRAIN["grad_clip"], accum: int = TRAIN["accum"], ema_decay: float = TRAIN["ema_decay"],
+              ema_warmup: bool = TRAIN["ema_warmup"], schedule: Schedule = TRAIN["schedule"], T: int = TRAIN["T"],
+              zero_terminal_snr: bool = TRAIN["zero_terminal_snr"],
+              parameterization: Parameterization = TRAIN["parameterization"], variance: Variance = TRAIN["variance"],
+              loss: LossType = TRAIN["loss"], weighting: Weighting = TRAIN["weighting"],
+              snr_gamma: float = TRAIN["snr_gamma"], dequantize: bool = TRAIN["dequantize"],
+              class_cond: bool = TRAIN["class_cond"], p_uncond: float = TRAIN["p_uncond"],
+              importance: bool = TRAIN["importance"], flip: bool = TRAIN["flip"], seed: int = TRAIN["seed"],
+              device: Device = TRAIN["device"], precision: Precision = TRAIN["precision"],
+              compile: bool = TRAIN["compile"], channels_last: bool = TRAIN["channels_last"],
+              checkpoint_every: int = TRAIN["checkpoint_every"], sample_every: int = TRAIN["sample_every"],
+              log_every: int = TRAIN["log_every"], out: str = TRAIN["out"]):
     """Train eps_theta (Algorithm 1). Under torchrun it trains with DDP on every process."""
     if resume and overwrite:
         raise UserError("--resume continues OUT/checkpoint.pt and --overwrite replaces it: give one")
-    cfg, changes = TrainConfig(**options), []
+    cfg, changes = _train_config(ctx), []
     if resume:
-        given = {name: options[name] for name in _given(ctx) & set(options)}
+        given = {name: ctx.params[name] for name in _given(ctx) & set(TrainConfig.__dataclass_fields__)}
         cfg, changes = resumed_config(load_checkpoint(f"{cfg.out}/checkpoint.pt")["config"], given)
     with as_user_error():
         cfg.validate()
@@ -277,17 +282,27 @@ def train_cmd(ctx: typer.Context, *, resume: bool = Opt(False, help="continue OU
                f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}{said}")
 
 
+# The TrainConfig fields that train-classifier reads (tests/test_cli.py holds its options to them); the others keep
+# their defaults.
 CLASSIFIER_OPTIONS = ("data", "preset", "image_size", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
                       "schedule", "T", "zero_terminal_snr", "seed", "device", "log_every", "out")
 
 
 @app.command("train-classifier")
-@_with_options(TrainConfig, only=CLASSIFIER_OPTIONS, help={"out": "folder of the classifier file, OUT/classifier.pt",
-                                                              "log_every": "report the loss every this many steps"})
-def train_classifier_cmd(**options):
+def train_classifier_cmd(ctx: typer.Context, data: str = TRAIN["data"], preset: Preset = TRAIN["preset"],
+                         image_size: int | None = TRAIN["image_size"], steps: int = TRAIN["steps"],
+                         batch_size: int = TRAIN["batch_size"], lr: float = TRAIN["lr"], warmup: int = TRAIN["warmup"],
+                         weight_decay: float = TRAIN["weight_decay"], grad_clip: float = TRAIN["grad_clip"],
+                         schedule: Schedule = TRAIN["schedule"], T: int = TRAIN["T"],
+                         zero_terminal_snr: bool = TRAIN["zero_terminal_snr"], seed: int = TRAIN["seed"],
+                         device: Device = TRAIN["device"],
+                         log_every: int = _config_option(TrainConfig.__dataclass_fields__["log_every"], int,
+                                                         "report the loss every this many steps"),
+                         out: str = _config_option(TrainConfig.__dataclass_fields__["out"], str,
+                                                   "folder of the classifier file, OUT/classifier.pt")):
     """Train a noisy classifier p_phi(y | x_t, t) on the data's labels, for `ddpm sample --classifier` (classifier
     guidance). Its schedule (--schedule, --diffusion-steps) must be the model's."""
-    cfg = TrainConfig(**options)
+    cfg = _train_config(ctx)
     with as_user_error():
         cfg.validate()
     with _train_progress() as callback:
