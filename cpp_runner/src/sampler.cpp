@@ -95,9 +95,10 @@ struct Sampler::Impl {
     std::vector<int64_t> t;
   };
   struct DeviceBatch;
+  struct HostCall;
   Batch start_batch(int64_t b, float* x, bool draw_x_T, RandomState& rng, const Labels& labels) const;
   double run_network_on_host(Batch& B, const Step& s, float* x, std::vector<float>& pair, Labels& labels,
-                             std::vector<float>& out);
+                             std::vector<float>& out, HostCall& call);
   // Both run the plan on x (the batch's slice of the result), which holds the start (init) or is drawn as x_T.
   double run_batch_on_host(const Plan& p, int64_t b, float* x, bool draw_x_T, RandomState& rng, const Tick& tick,
                            Labels& labels);
@@ -277,30 +278,37 @@ Sampler::Impl::Batch Sampler::Impl::start_batch(int64_t b, float* x, bool draw_x
   return batch;
 }
 
-// One network call of row s on the host: x (or [x; x] in pair when guided) in, the output into out.
+// The network's tensors on the host path, made once per batch: views of its input (x, or [x; x] in `pair` when
+// guided), the timesteps, the labels and the output buffer.
+struct Sampler::Impl::HostCall {
+  HostCall(Batch& B, float* net_x, Labels& labels, std::vector<float>& out) {
+    const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    inputs.push_back(Ort::Value::CreateTensor<float>(mem, net_x, B.nb * B.chw, B.net_shape.data(), 4));
+    inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, B.t.data(), B.nb, &B.nb, 1));
+    inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, labels.y.data(), labels.y.size(), &B.nb, 1));
+    output = Ort::Value::CreateTensor<float>(mem, out.data(), out.size(), B.out_shape.data(), 4);
+  }
+  std::vector<Ort::Value> inputs;
+  Ort::Value output{nullptr};
+};
+
+// One network call of row s on the host: x (copied into [x; x] when guided) in, the output into out.
 double Sampler::Impl::run_network_on_host(Batch& B, const Step& s, float* x, std::vector<float>& pair, Labels& labels,
-                                          std::vector<float>& out) {
-  const auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  std::vector<int64_t>& t = B.t;
-  std::fill(t.begin(), t.end(), s.t);
+                                          std::vector<float>& out, HostCall& call) {
+  std::fill(B.t.begin(), B.t.end(), s.t);
   if (labels.guided) {  // [x; x]
     std::copy(x, x + B.b * B.chw, pair.begin());
     std::copy(x, x + B.b * B.chw, pair.begin() + B.b * B.chw);
   }
-  float* net_x = labels.guided ? pair.data() : x;
   const auto r0 = std::chrono::steady_clock::now();
   if (openvino_) {
-    openvino_->run(net_x, t.data(), info_.num_classes ? labels.y.data() : nullptr, B.net_shape.data(), out.data(),
-                   B.out_shape.data());
+    openvino_->run(labels.guided ? pair.data() : x, B.t.data(), info_.num_classes ? labels.y.data() : nullptr,
+                   B.net_shape.data(), out.data(), B.out_shape.data());
   } else {
-    const Ort::Value inputs[3] = {
-        Ort::Value::CreateTensor<float>(mem, net_x, B.nb * B.chw, B.net_shape.data(), 4),
-        Ort::Value::CreateTensor<int64_t>(mem, t.data(), B.nb, &B.nb, 1),
-        Ort::Value::CreateTensor<int64_t>(mem, labels.y.data(), labels.y.size(), &B.nb, 1)};
-    Ort::Value output = Ort::Value::CreateTensor<float>(mem, out.data(), out.size(), B.out_shape.data(), 4);
     const char* input_names[3] = {"x", "t", "y"};
     const char* output_name = "model_output";
-    session_.Run(Ort::RunOptions{nullptr}, input_names, inputs, info_.num_classes ? 3 : 2, &output_name, &output, 1);
+    session_.Run(Ort::RunOptions{nullptr}, input_names, call.inputs.data(), info_.num_classes ? 3 : 2, &output_name,
+                 &call.output, 1);
   }
   return seconds_since(r0);
 }
@@ -312,6 +320,7 @@ double Sampler::Impl::run_batch_on_host(const Plan& p, int64_t b, float* x, bool
   Batch B = start_batch(b, x, draw_x_T, rng, labels);
   std::vector<float> out(B.nb * B.out_chw), z(b * B.chw), pair(labels.guided ? B.nb * B.chw : 0);
   std::vector<float> guided_out(labels.guided ? b * B.out_chw : 0);
+  HostCall call(B, labels.guided ? pair.data() : x, labels, out);
   std::vector<std::vector<float>> x0s(p.memory ? p.memory + 1 : 0, std::vector<float>(b * B.chw, 0.0f));
   const int64_t ring = p.memory + 1;
   std::vector<const float*> earlier(p.memory);
@@ -319,7 +328,7 @@ double Sampler::Impl::run_batch_on_host(const Plan& p, int64_t b, float* x, bool
   for (size_t k = 0; k < p.steps.size(); ++k) {
     const Step& s = p.steps[k];
     std::future<void> drawn = s.add_noise ? draw_noise(rng, z.data(), b * B.chw, spare_core_) : std::future<void>();
-    network_s += run_network_on_host(B, s, x, pair, labels, out);
+    network_s += run_network_on_host(B, s, x, pair, labels, out, call);
     need_finite_output(all_finite(out.data(), out.size()), "row " + std::to_string(k) + ", t = " + std::to_string(s.t));
     const float* o = labels.guided ? guide(out.data(), b, B.chw, B.out_chw, labels.scale, guided_out.data()) : out.data();
     for (int64_t j = 1; j <= p.memory; ++j) earlier[j - 1] = x0s[(int64_t(k) - j + ring * j) % ring].data();
