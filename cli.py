@@ -611,8 +611,7 @@ def fd_cmd(ctx: typer.Context,
     if not (table or nfe_table):  # a plan the schedule cannot give is the user's error, before anything is drawn
         _torch_plan(Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion,
                     plan_options)
-    options = {**dataclasses.asdict(plan_options), "classes": classes, "guidance": guidance}
-    runs = SampledFd(model, diffusion, shape, dev, num_samples, options, _labels,
+    runs = SampledFd(model, diffusion, shape, dev, num_samples, plan_options, classes, guidance, _labels,
                      lambda total: _progress("sampling", total), variance, seed)
     if guidance_table:
         if not model.class_names and not classifier:

@@ -13,8 +13,8 @@ import torch
 
 from .data import calibration_images, load_dataset
 from .ddpm import (Diffusion, UserError, classifier_free_guidance, classifier_guidance, classifier_mean_shift,
-                   ddim_inversion_plan, load_model, make_plan, resolve_device, run_plan, sample, to_model_range, to_uint8,
-                   torch_noise)
+                   ddim_inversion_plan, load_model, make_plan, resolve_device, run_plan, sample, to_model_range,
+                   to_uint8, torch_noise)
 from .export import onnx_sampler
 from .fd import FD_TABLE_ETAS, FD_TABLE_STEPS, GUIDANCE_TABLE, NFE_ROWS, DigitsFd
 from .plan import DEFAULT_GUIDANCE, Plan, PlanOptions
@@ -116,16 +116,18 @@ class Encoder:
 
 @dataclasses.dataclass
 class SampledFd:
-    """The digits FD of num_samples images that a model samples (sampling.TorchRun, torch's noise of `seed`) with
-    `options` (PlanOptions' fields, classes and guidance) as changed by a table's row, with the model's variance or
-    `variance`, and `seed` unless the row gives one: (FD, network calls, class accuracy). labels(class_names, classes, guidance, n) gives a run's labels;
-    progress(total) is a context that yields a tick."""
+    """The digits FD of num_samples images that a model samples (TorchRun, torch's noise of `seed`) with `options`,
+    `classes` and `guidance` as a table's row changes them, with the model's variance or `variance`, and `seed`
+    unless the row gives one: (FD, network calls, class accuracy). labels(class_names, classes, guidance, n) gives a
+    run's labels; progress(total) is a context that yields a tick."""
     model: Any
     diffusion: Diffusion
     shape: tuple
     device: torch.device
     num_samples: int
-    options: dict
+    options: PlanOptions
+    classes: str | None
+    guidance: float | None
     labels: Callable
     progress: Callable
     variance: str | None = None
@@ -135,12 +137,11 @@ class SampledFd:
     def __call__(self, variance=None, clf=None, scale=1.0, seed=None, **changes) -> tuple[float, int, float | None]:
         variance, seed = variance or self.variance, self.seed if seed is None else seed
         d = Diffusion(self.diffusion.betas, self.diffusion.parameterization, variance) if variance else self.diffusion
-        opts = {**self.options, **changes}
-        plan = make_plan(d, PlanOptions(**{f.name: opts[f.name] for f in dataclasses.fields(PlanOptions)}))
-        labels = self.labels(self.model.class_names or (clf[2] if clf else []), opts["classes"], opts["guidance"],
-                             self.num_samples)
+        classes, guidance = changes.pop("classes", self.classes), changes.pop("guidance", self.guidance)
+        plan = make_plan(d, self.options.replace(**changes))
+        labels = self.labels(self.model.class_names or (clf[2] if clf else []), classes, guidance, self.num_samples)
         noise = torch_noise(torch.Generator(self.device).manual_seed(seed), self.device)
-        run = TorchRun(self.model, d, plan, self.shape, noise, self.device, labels, opts["guidance"], clf, scale)
+        run = TorchRun(self.model, d, plan, self.shape, noise, self.device, labels, guidance, clf, scale)
         with self.progress(len(plan)) as tick:
             pixels = to_uint8(run.images(0, self.num_samples, tick))
         fd, accuracy = self.metric(pixels, labels)

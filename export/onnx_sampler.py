@@ -54,12 +54,13 @@ else:  # this file copied into an application, with plan.py and images.py beside
     import plan as plans
 
 # The plan's and the image writer's names, importable from here as before they had modules of their own.
-Plan, PlanOptions, make_plan, ddim_inversion_plan = plans.Plan, plans.PlanOptions, plans.make_plan, plans.ddim_inversion_plan
-SAMPLERS, SPACINGS, PARAMETERIZATIONS, VARIANCES = plans.SAMPLERS, plans.SPACINGS, plans.PARAMETERIZATIONS, plans.VARIANCES
-MULTISTEP, DEFAULT_GUIDANCE, default_spacing, balanced_labels = (plans.MULTISTEP, plans.DEFAULT_GUIDANCE,
-                                                                  plans.default_spacing, plans.balanced_labels)
-slerp, save_images, to_uint8, write_atomically = plans.slerp, images.save_images, images.to_uint8, images.write_atomically
-image_grid = images.image_grid
+Plan, PlanOptions, make_plan, ddim_inversion_plan = (plans.Plan, plans.PlanOptions, plans.make_plan,
+                                                     plans.ddim_inversion_plan)
+SAMPLERS, SPACINGS, MULTISTEP = plans.SAMPLERS, plans.SPACINGS, plans.MULTISTEP
+PARAMETERIZATIONS, VARIANCES, DEFAULT_GUIDANCE = plans.PARAMETERIZATIONS, plans.VARIANCES, plans.DEFAULT_GUIDANCE
+default_spacing, balanced_labels, slerp = plans.default_spacing, plans.balanced_labels, plans.slerp
+save_images, image_grid, to_uint8, write_atomically = (images.save_images, images.image_grid, images.to_uint8,
+                                                       images.write_atomically)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ENGINES = ("onnxruntime", "openvino")  # what runs the network (openvino: openvino_engine.py, the openvino package)
@@ -422,11 +423,11 @@ class OnnxSampler:
     def sample(self, n: int, options: PlanOptions | str | None = None, steps: int | None = None, *, seed: int = 0,
                batch: int | None = None, progress: Callable[[int, int], None] | None = None,
                return_timing: bool = False, labels=None, guidance: float | None = None, **fields):
-        """n samples of the plan of the options (see plan), float32 [n, C, H, W], drawn in batches of `batch` (default: all at once) from one
-        RandomState(seed) stream: each batch in order draws x_T, then each noisy row's z. progress(k, K)
-        is called after every network call (K = rows x number of batches). With return_timing, returns
-        (x, {"total_s", "network_s", "steps", "provider", "precision", "precision_why"}); network_s is the time
-        inside the network's runs.
+        """n samples of the plan of the options (see plan), float32 [n, C, H, W], drawn in batches of `batch`
+        (default: all at once) from one RandomState(seed) stream: each batch in order draws x_T, then each noisy
+        row's z. progress(k, K) is called after every network call (K = rows x number of batches). With return_timing,
+        returns (x, {"total_s", "network_s", "steps", "provider", "precision", "precision_why"}); network_s is the
+        time inside the network's runs.
         labels (n ints, a class-conditional model) and guidance: see run."""
         return self.run(self.plan(options, steps, **fields), n, seed, batch, progress, return_timing, labels, guidance)
 
@@ -500,7 +501,7 @@ class OnnxSampler:
         scale = self._ortvalue(np.array([guidance], dtype=np.float32))
         updates, network_s, M = {}, 0.0, plan.memory
         for k in range(len(timesteps)):
-            b.net.bind_ortvalue_input("x", b.pair if b.guided else b.x)
+            b.net.bind_ortvalue_input("x", b.net_x)
             b.net.bind_ortvalue_input("t", timesteps[k])
             t0 = time.perf_counter()
             self.session.run_with_iobinding(b.net)
@@ -545,7 +546,7 @@ class _DeviceBatch:
         self.x, self.x_next, self.z = new(shape), new(shape), new(shape)
         self.out = new((self.net_batch, sampler.out_channels, H, W))
         self.x.update_inplace(x_first)  # a copy: ortvalue_from_numpy would alias x_first, which the loop overwrites
-        self.pair, self.pair_next = (new(net_shape), new(net_shape)) if guided else (self.x, None)
+        self.pair, self.pair_next = (new(net_shape), new(net_shape)) if guided else (None, None)
         if guided:
             self.pair.update_inplace(np.concatenate([x_first, x_first]))
             y = np.concatenate([y, np.full(len(y), sampler.null_label, dtype=np.int64)])
@@ -556,6 +557,11 @@ class _DeviceBatch:
         self.labels = None if y is None else sampler._ortvalue(np.ascontiguousarray(y, dtype=np.int64))  # held: bound
         if self.labels is not None:
             self.net.bind_ortvalue_input("y", self.labels)
+
+    @property
+    def net_x(self):
+        """The network's input: x, or [x; x] when guided."""
+        return self.pair if self.guided else self.x
 
     def swap(self) -> None:
         """After a row: its x_next (and [x; x]) become the next row's input."""

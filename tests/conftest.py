@@ -23,9 +23,9 @@ settings.load_profile("ddpm")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_DIR = ROOT / "cpp_runner"
-# Tests that use these fixtures build the C++ runner or walk the README; tests that train, compile or run `make demo`
-# carry @pytest.mark.slow themselves. `make check` leaves both out.
-SLOW_FIXTURES = {"runner", "walk", "asan", "prefix", "example_app", "trained"}
+# Tests that use these fixtures (directly or through another fixture) build the C++ runner or walk the README; tests
+# that train, compile or run `make demo` carry @pytest.mark.slow themselves. `make check` leaves both out.
+SLOW_FIXTURES = {"runner", "walk"}
 
 
 def pytest_configure(config):

@@ -33,7 +33,7 @@ SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=
                  "TSAN_OPTIONS": "halt_on_error=1:exitcode=66"}
 
 
-def build(runner: Path, name: str, sanitize: str) -> Path:  # noqa: F811
+def build(runner: Path, name: str, sanitize: str) -> Path:
     """cpp_runner built into cpp_runner/<name> with -fsanitize=<sanitize>, reusing the main build's headers."""
     env = {**os.environ, "PYTHON": sys.executable, "BUILD_DIR": str(RUNNER_DIR / name),
            "CMAKE_ARGS": f"-DDDPM_SANITIZE={sanitize} -DDDPM_RUNNER_TESTS=ON"}
@@ -46,7 +46,7 @@ def build(runner: Path, name: str, sanitize: str) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def asan(runner) -> Path:  # noqa: F811
+def asan(runner) -> Path:
     return build(runner, "build-asan", "address,undefined")
 
 
@@ -432,7 +432,7 @@ def test_hostile_files_through_the_command_are_one_line_and_status_2(asan, cases
 
 # ---------------------------------------------------------------- the noise thread under ThreadSanitizer
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the noise thread runs only when a core is free for it")
-def test_noise_thread_under_tsan_matches_python(runner, exports, tmp_path):  # noqa: F811
+def test_noise_thread_under_tsan_matches_python(runner, exports, tmp_path):
     """--threads 1 on two or more cores leaves one free, and 256 images of 8x8 are 2^14 floats: each row's z is
     drawn on the second thread while the network runs. ThreadSanitizer exits 66 on a race."""
     tsan = build(runner, "build-tsan", "thread")
@@ -450,7 +450,7 @@ def test_noise_thread_under_tsan_matches_python(runner, exports, tmp_path):  # n
 
 # ---------------------------------------------------------------- graphs the checks must not refuse
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
-def test_quantized_and_fp16_exports_run_unchanged(runner, tmp_path, precision):  # noqa: F811
+def test_quantized_and_fp16_exports_run_unchanged(runner, tmp_path, precision):
     """Only the graph's inputs and outputs are checked: an int8 QDQ or float16 export (other operators inside, the
     same float32/int64 interface) samples as the onnxruntime sampler does."""
     import torch

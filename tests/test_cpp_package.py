@@ -46,7 +46,7 @@ def build_machine_runtime() -> Path:
 
 
 @pytest.fixture(scope="module")
-def prefix(runner, tmp_path_factory) -> Path:  # noqa: F811
+def prefix(runner, tmp_path_factory) -> Path:
     """Installed into one folder, then moved to another: the prefix every test below uses."""
     installed = tmp_path_factory.mktemp("install") / "prefix"
     sh("cmake", "--install", RUNNER_DIR / "build", "--prefix", installed)
@@ -112,7 +112,7 @@ def assert_runs_from(prefix: Path, stderr: str) -> None:
         assert inside(path, prefix), f"{path} was loaded from outside the moved prefix {prefix}"
 
 
-def test_moved_command_loads_onnx_runtime_from_the_prefix_and_samples_right(prefix, models, tmp_path):  # noqa: F811
+def test_moved_command_loads_onnx_runtime_from_the_prefix_and_samples_right(prefix, models, tmp_path):
     args = ["--num-samples", 5, "--batch-size", 2, "--sampler", "ddim", "--steps", 4, "--seed", 7]
     proc = sh(prefix / "bin/ddpm_runner", "--model", models["eps_small"], *args, "--out", tmp_path / "x.npy",
               env=without_library_path(LD_DEBUG="libs"))
@@ -138,7 +138,7 @@ def example_app(prefix, tmp_path_factory) -> Path:
     return next(p for p in (app / "build").iterdir() if p.is_file() and os.access(p, os.X_OK))
 
 
-def test_readme_embedding_example_matches_the_command(example_app, prefix, models, tmp_path):  # noqa: F811
+def test_readme_embedding_example_matches_the_command(example_app, prefix, models, tmp_path):
     """The example writes samples.npz with ddpm::save_images; the installed command, the same arrays."""
     from ddpm_reference.export.onnx_sampler import to_uint8
     proc = sh(example_app, models["eps_small"], cwd=tmp_path, env=without_library_path(LD_DEBUG="libs"))
@@ -161,7 +161,7 @@ def test_readme_example_catches_a_bad_file_as_the_library_error(example_app, tmp
     assert proc.returncode == 2 and len(lines) == 1 and "cannot load" in lines[0], proc.stderr
 
 
-def test_moved_prefix_runs_with_the_build_machines_runtime_hidden(example_app, prefix, models, tmp_path):  # noqa: F811
+def test_moved_prefix_runs_with_the_build_machines_runtime_hidden(example_app, prefix, models, tmp_path):
     """In a mount namespace where empty folders lie over the onnxruntime wheel's capi/ (what the build linked) and
     the build tree's ort_lib/, the app and the command still run, from the prefix alone."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
@@ -270,7 +270,7 @@ API_EXPECTED = [("defaults", None), ("ddim eta 1", None)] + [("eta", "eta must b
     ("save labels", "one label per image"), ("save no folder", "cannot write no/such/x.npz")]
 
 
-def test_library_checks_its_options_and_makes_pythons_pixels(prefix, models, tmp_path):  # noqa: F811
+def test_library_checks_its_options_and_makes_pythons_pixels(prefix, models, tmp_path):
     """A library user has no command line in front of it: make_plan, the Sampler, sample and save_images refuse
     options out of range (NaN and inf too) with a ddpm::Error; to_uint8 gives export/onnx_sampler.to_uint8's
     pixels, half to even, with NaN as 0."""

@@ -181,7 +181,7 @@ def test_onnx_sample_errors_are_one_line(models, capsys, monkeypatch, tmp_path, 
 
 
 @needs_openvino
-def test_bench_sample_openvino_precisions(runner, models):  # noqa: F811
+def test_bench_sample_openvino_precisions(runner, models):
     """bench sample's OpenVINO rows, in Python and in the C++ runner: the float32 file at fp32, and the int8 file;
     each row says the engine and precision that ran it."""
     from ddpm_reference import bench
@@ -202,7 +202,7 @@ def test_bench_sample_without_openvino_is_a_one_line_error(capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- C++
-def openvino_runner(runner, path):  # noqa: F811
+def openvino_runner(runner, path):
     """The runner, if its build has the OpenVINO engine: it must where the openvino wheel is installed (build.sh
     builds it then); skipped elsewhere."""
     proc = run_runner(runner, "--model", path, "--engine", "openvino", "--dump-plan", check=False)
@@ -215,7 +215,7 @@ def openvino_runner(runner, path):  # noqa: F811
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ancestral"])
-def test_cpp_float32_samples_equal_onnxruntimes(runner, models, tmp_path, sampler):  # noqa: F811
+def test_cpp_float32_samples_equal_onnxruntimes(runner, models, tmp_path, sampler):
     path = models / "eps.onnx"
     openvino_runner(runner, path)
     args = ["--model", path, "--num-samples", 5, "--batch-size", 3, "--sampler", sampler, "--steps", 10, "--seed", 3]
@@ -227,7 +227,7 @@ def test_cpp_float32_samples_equal_onnxruntimes(runner, models, tmp_path, sample
 
 
 @pytest.mark.skipif(HAS_OPENVINO and not bf16_cpu(), reason="this CPU has neither AVX512-BF16 nor AMX")
-def test_cpp_bf16_is_pythons_bf16(runner, models, tmp_path):  # noqa: F811
+def test_cpp_bf16_is_pythons_bf16(runner, models, tmp_path):
     """The same engine at the same precision in both languages: the same network outputs, the same update."""
     path = models / "cond.onnx"
     openvino_runner(runner, path)
@@ -238,7 +238,7 @@ def test_cpp_bf16_is_pythons_bf16(runner, models, tmp_path):  # noqa: F811
     assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-4
 
 
-def test_cpp_int8_is_pythons_int8(runner, models, tmp_path):  # noqa: F811
+def test_cpp_int8_is_pythons_int8(runner, models, tmp_path):
     """The int8 file on OpenVINO in both languages: the same network outputs, the same update, and it says int8."""
     path = models / "int8.onnx"
     openvino_runner(runner, path)
@@ -249,7 +249,7 @@ def test_cpp_int8_is_pythons_int8(runner, models, tmp_path):  # noqa: F811
     assert np.abs(np.load(tmp_path / "x.npy") - want).max() <= 1e-4
 
 
-def test_cpp_engine_errors_are_one_line(runner, models):  # noqa: F811
+def test_cpp_engine_errors_are_one_line(runner, models):
     for args, says in [(("--precision", "bf16"), "ONNX Runtime computes in the file's own precision (fp32)"),
                        (("--engine", "openvino", "--provider", "cuda"), "engine openvino runs the network on the CPU"),
                        (("--engine", "vino"), "--engine: unknown engine 'vino' (onnxruntime or openvino)"),

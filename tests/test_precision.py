@@ -121,7 +121,7 @@ def test_reduced_precision_hits_the_exact_moments(oracle_files, executor):
     assert (diff < 1e-4) if executor == "torch fp32" else (1e-4 < diff < 0.1)
 
 
-def test_int8_file_runs_unchanged_in_the_cpp_runner(runner, oracle_files, tmp_path):  # noqa: F811
+def test_int8_file_runs_unchanged_in_the_cpp_runner(runner, oracle_files, tmp_path):
     """The C++ runner reads the quantized file as any other and gives the onnxruntime sampler's samples."""
     _, _, files = oracle_files
     want = OnnxSampler(files["int8"], provider="cpu", threads=1).sample(5, "ddim", 10, clip=False, seed=3, batch=2)
