@@ -24,6 +24,7 @@ from . import unet
 from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench_train
 from .classifier import load_classifier, train_classifier
 from .data import calibration_images, load_data, load_npz
+from .distill import DistillConfig, distill
 from .ddpm import (Device, Diffusion, LossType, LRDecay, Parameterization, Preset, Sampler, Schedule, Spacing, TrainConfig,
                    UserError, Variance, Weighting, __version__,
                    balanced_labels, bits_per_dim, classifier_free_guidance, load_checkpoint, load_model, make_plan,
@@ -31,7 +32,7 @@ from .ddpm import (Device, Diffusion, LossType, LRDecay, Parameterization, Prese
                    train)
 from .export import onnx_sampler
 from .fd import FD_TABLE_STEPS, NFE_COLUMNS, DigitsFd, fd_table_markdown
-from .plan import DEFAULT_GUIDANCE, PlanOptions, slerp
+from .plan import DEFAULT_GUIDANCE, PlanOptions, model_options, slerp
 from .precision import Int8Error, Precision, SamplePrecision
 from .sampling import Encoder, SampledFd, TorchRun, as_user_error, at_precision
 
@@ -82,7 +83,7 @@ def _progress(description: str, total: int):
 
 
 @contextlib.contextmanager
-def _train_progress():
+def _train_progress(name: str = "train"):
     """The training bar (it stays: it is the run's log), shown from the first report on; yields the callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -93,8 +94,8 @@ def _train_progress():
         nonlocal task
         if task is None:
             bar.start()
-            name = f"train {r['precision'].split()[0]}" if "precision" in r else "train"
-            task = bar.add_task(name, total=r["steps"], completed=r["step"], info="")
+            task = bar.add_task(f"{name} {r['precision'].split()[0]}" if "precision" in r else name,
+                                total=r["steps"], completed=r["step"], info="")
         info = "" if r["loss"] is None else f"loss {r['loss']:.4f}  {r['images_per_s']:.0f} img/s"
         bar.update(task, completed=r["step"], info=info)
     try:
@@ -177,13 +178,15 @@ def _train_config(ctx: typer.Context) -> TrainConfig:
 
 # The options of a sampling plan (plan.PlanOptions) and of a class-conditional model, the same in `sample`,
 # `onnx-sample`, `fd` and the C++ runner; each of those commands lists them in its signature.
-SAMPLER = Opt("ancestral", help="the sampler")
-STEPS = Opt(None, min=1, help="network calls of the sampler (default: T for ancestral, 50 for the others)")
+SAMPLER = Opt(None, help="the sampler (default: the model's own, with its steps and spacing: ancestral, or a "
+                         "distilled student's DDIM)")
+STEPS = Opt(None, min=1, help="network calls of the sampler (default: T for ancestral, 50 for the others; a student's "
+                              "own)")
 ETA = Number(0.0, "DDIM's eta (ddim only)", min=0.0, max=1.0)
 SPACING = Opt(None, help="which timesteps are kept when --steps < T (default: trailing for a zero-terminal-SNR "
                          "schedule, else uniform)")
-CLIP = Opt(None, "--clip/--no-clip", help="clip the predicted x0 to [-1, 1] (default: on; for an .onnx file, the "
-                                          "file's)")
+CLIP = Opt(None, "--clip/--no-clip", help="clip the predicted x0 to [-1, 1] (default: the model's: on, off for a "
+                                          "distilled student)")
 CORRECTOR_STEPS = Opt(0, min=0, max=1000, help="Langevin corrector steps per timestep (predictor-corrector; ancestral, "
                                                "ddim)")
 SNR = Number(0.16, "the corrector's signal-to-noise ratio r (with --corrector-steps)", min=1e-6, max=10.0)
@@ -194,13 +197,21 @@ GUIDANCE = Number(None, "classifier-free guidance s: out_u + s (out_c - out_u); 
 SAMPLING_OPTIONS = ("sampler", "steps", "eta", "spacing", "clip", "corrector_steps", "snr", "classes", "guidance")
 
 
-def _plan_options(ctx: typer.Context, sampler, steps, eta, spacing, clip, corrector_steps, snr) -> PlanOptions:
-    """The PlanOptions of a command's sampling options; a user error for options that do not fit together, and for
-    --snr without a corrector, which cannot apply."""
+def _plan_options(ctx: typer.Context, sampler, steps, eta, spacing, clip, corrector_steps, snr):
+    """What makes the PlanOptions of a command's sampling options from the model's own plan (plan.model_options:
+    the model's where the options give none), checked before any work as far as the model does not matter: a user
+    error for options that do not fit together, and for --snr without a corrector, which cannot apply."""
     if corrector_steps == 0:
         _refuse(ctx, ["snr"], "needs --corrector-steps K > 0 (it sets the corrector's step size)")
-    with as_user_error():
-        return PlanOptions(sampler, steps, eta, spacing, clip, corrector_steps, snr)
+    fields = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, clip=clip, corrector_steps=corrector_steps,
+                  snr=snr)
+
+    def options(default: PlanOptions) -> PlanOptions:
+        with as_user_error():
+            return model_options(default, **fields)
+    if sampler is not None:
+        options(PlanOptions())
+    return options
 
 
 def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> np.ndarray | None:
@@ -282,6 +293,34 @@ def train_cmd(ctx: typer.Context, resume: bool = Opt(False, help="continue OUT/c
                f"final loss {result['losses'][-1][1]:.4f}; checkpoint {result['checkpoint']}{said}")
 
 
+DISTILL = {f.name: _config_option(f, typing.get_type_hints(DistillConfig)[f.name])
+           for f in dataclasses.fields(DistillConfig)}
+
+
+@app.command("distill")
+def distill_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a checkpoint of `ddpm train`, the teacher"),
+                resume: bool = Opt(False, help="keep the finished students of OUT and continue the unfinished one"),
+                overwrite: bool = Opt(False, help="start afresh, replacing the students of OUT"),
+                # DistillConfig's fields, with their defaults, help and ranges (distill.DistillConfig):
+                steps: int = DISTILL["steps"], teacher_steps: int = DISTILL["teacher_steps"],
+                train_steps: int = DISTILL["train_steps"], lr: float = DISTILL["lr"], warmup: int = DISTILL["warmup"],
+                batch_size: int = DISTILL["batch_size"], seed: int = DISTILL["seed"], device: Device = DISTILL["device"],
+                precision: Precision = DISTILL["precision"], checkpoint_every: int = DISTILL["checkpoint_every"],
+                log_every: int = DISTILL["log_every"], out: str = DISTILL["out"]):
+    """Progressive distillation (Salimans & Ho 2022): students of the model that sample in --teacher-steps / 2,
+    ..., --steps network calls (DDIM), each a checkpoint OUT/steps-K/checkpoint.pt that samples its own plan."""
+    if resume and overwrite:
+        raise UserError("--resume continues OUT and --overwrite replaces it: give one")
+    cfg = DistillConfig(**{k: v for k, v in ctx.params.items() if k in DistillConfig.__dataclass_fields__})
+    _, _, teacher_cfg, _ = load_model(checkpoint)
+    with _train_progress("distill") as bar:
+        result = distill(checkpoint, cfg, load_data(teacher_cfg.data, teacher_cfg.image_size), resume, overwrite,
+                         lambda r: bar({**r, "step": r["done"] + r["step"], "steps": r["total"]}))
+    typer.echo(f"distilled {checkpoint} to {len(result['rounds'])} students in {result['seconds']:.0f} s: " + ", ".join(
+        f"{r['steps']} calls {r['checkpoint']}" + (f" (loss {r['loss']:.4f})" if "loss" in r else " (kept)")
+        for r in result["rounds"]))
+
+
 # The TrainConfig fields that train-classifier reads (tests/test_cli.py holds its options to them); the others keep
 # their defaults.
 CLASSIFIER_OPTIONS = ("data", "preset", "image_size", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
@@ -322,7 +361,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                precision: SamplePrecision = Opt("auto", help="network precision (auto: bf16 where the device runs it "
                                                 "fast; int8: the CPU, compiled, needs torchao)"),
                compile: bool = COMPILE, out: str = Opt("samples.png", help=OUT_IMAGES),
-               sampler: Sampler = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+               sampler: Sampler | None = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
                spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
                snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
     """Sample images from a checkpoint: Algorithm 2, DDIM, DPM-Solver++(2M) (+SDE) and (3M), UniPC, with a corrector
@@ -336,6 +375,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(checkpoint, ema, dev)
+    plan_options = plan_options(model.plan_options)
     model, precision_note = at_precision(model, precision, dev, compile, cfg, diffusion)
     clf = load_classifier(classifier, dev) if classifier else None
     labels = _labels(model.class_names or (clf[2] if clf else []), classes, guidance, num_samples)
@@ -352,7 +392,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
         xs = [run.images(i, min(num_samples, i + batch_size), tick) for i in range(0, num_samples, batch_size)]
     _samples_to_file(torch.cat(xs).numpy(), out, _row_per_class(labels), labels)
-    typer.echo(f"wrote {num_samples} samples ({sampler}, {len(plan)} network calls, {precision_note}) to {out}")
+    typer.echo(f"wrote {num_samples} samples ({plan_options.sampler}, {len(plan)} network calls, {precision_note}) to {out}")
 
 
 @app.command("nll")
@@ -398,7 +438,8 @@ def export_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
                    "fp32", help="how the file's network computes (int8: static QDQ quantization, calibrated on the "
                                 "checkpoint's training images); its inputs and output are float32 in all three"),
                calibration: int = Opt(512, min=1, help="with int8: training images to calibrate and check on"),
-               clip: bool = Opt(True, help="the file's default for clipping the predicted x0")):
+               clip: bool | None = Opt(None, "--clip/--no-clip", help="the file's default for clipping the predicted x0 "
+                                                                     "(default: the model's: on, off for a student)")):
     """Export eps_theta and its schedule to one self-describing ONNX file, checked against PyTorch."""
     from .export.onnx_export import ExportError, export_onnx
     if precision != "int8":
@@ -407,7 +448,8 @@ def export_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     images = calibration_images(cfg, calibration) if precision == "int8" else None
     try:
         report = export_onnx(model, diffusion, shape, out, opset=opset, precision=precision, calibration_images=images,
-                             clip_denoised=clip, classes=model.class_names)
+                             clip_denoised=model.plan_options.clip is not False if clip is None else clip,
+                             classes=model.class_names, plan=dataclasses.asdict(model.plan_options))
     except ExportError as e:
         raise UserError(str(e)) from None
     rms = [c["relative_rms"] for c in report["checks"] if "relative_rms" in c]
@@ -429,7 +471,7 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
                         "auto", help="how the network computes: onnxruntime, the file's own (auto); openvino, fp32 or "
                                      "bf16 (auto: bf16 where the CPU has AVX512-BF16 or AMX)"),
                     out: str = Opt("samples.png", help=OUT_IMAGES),
-                    sampler: Sampler = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+                    sampler: Sampler | None = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
                     spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
                     snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
     """Sample from an exported .onnx file with onnxruntime or OpenVINO (no torch in the loop)."""
@@ -437,7 +479,8 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
     with as_user_error():
         ort_sampler = onnx_sampler.OnnxSampler(model, provider, threads, engine=engine, precision=precision)
     labels = _labels(ort_sampler.class_names, classes, guidance, num_samples)
-    plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
+    plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)(
+        ort_sampler.default_options)
     with as_user_error():
         plan = ort_sampler.plan(plan_options)
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
@@ -591,7 +634,7 @@ def fd_cmd(ctx: typer.Context,
            device: Device = DEVICE,
            precision: SamplePrecision = Opt("fp32", help="network precision (fp32: the published figures)"),
            compile: bool = COMPILE, json_: bool = JSON,
-           sampler: Sampler = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+           sampler: Sampler | None = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
            spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
            snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
     """Frechet distance to the digits training split in the features of a small digits classifier, with
@@ -605,6 +648,7 @@ def fd_cmd(ctx: typer.Context,
         return
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(source, True, dev)
+    plan_options = plan_options(model.plan_options)
     if shape != (1, 8, 8):
         raise UserError(f"{source}: fd is defined for the 8x8 digits; this model makes {shape} images")
     model, note = at_precision(model, precision, dev, compile, cfg, diffusion)

@@ -416,20 +416,15 @@ Sampler = Literal[plans.SAMPLERS]  # ancestral | ddim | dpmpp2m | dpmpp2m-sde | 
 Spacing = Literal[plans.SPACINGS]  # uniform | linspace | trailing | quadratic | logsnr
 
 
-def make_plan(diffusion: Diffusion, options: PlanOptions | Sampler | None = None, steps: int | None = None,
-              **fields) -> Plan:
-    """The plan for `diffusion` of Algorithm 2 (ancestral, over all T steps or respaced, improved DDPM
-    Section 4), DDIM with eta (Song et al. Eq. 12, 16), DPM-Solver++(2M) (dpmpp2m, Lu et al. 2022) or its
-    SDE variant (dpmpp2m-sde), DPM-Solver++(3M) (dpmpp3m), UniPC (unipc, Zhao et al. 2023), optionally with K = corrector_steps Langevin rows per timestep (Song et al.
-    2021's predictor-corrector); the options as plan.plan_options takes them (a PlanOptions, a sampler's name and
-    steps, or PlanOptions' fields by name). See plan.make_plan."""
+def make_plan(diffusion: Diffusion, options: PlanOptions | Sampler | None = None, steps=None, **fields) -> Plan:
+    """The plan for `diffusion` of Algorithm 2 (ancestral), DDIM, DPM-Solver++(2M) (+SDE) and (3M) or UniPC, with
+    a Langevin corrector or not (plan.make_plan), for options as plan.plan_options takes them."""
     return plans.make_plan(diffusion.alphas_cumprod, diffusion.parameterization, diffusion.variance, options, steps,
                            **fields)
 
 
 def ddim_inversion_plan(diffusion: Diffusion, steps: int | None = None, spacing: Spacing | None = None) -> Plan:
-    """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3); decoding the result with the DDIM
-    plan of the same steps reconstructs the data."""
+    """Deterministic DDIM encoding x_0 -> x_T (Song et al., Section 4.3): plan.ddim_inversion_plan."""
     return plans.ddim_inversion_plan(diffusion.alphas_cumprod, diffusion.parameterization, steps, spacing)
 
 
@@ -439,11 +434,6 @@ def ddim_reconstruct(model, diffusion: Diffusion, x0: torch.Tensor, steps: int |
     timesteps (Song et al. Section 5.4, Table 2): the reconstruction, close to x0 for a good model."""
     latent = run_plan(model, ddim_inversion_plan(diffusion, steps, spacing), x0)
     return run_plan(model, make_plan(diffusion, "ddim", steps, spacing=spacing, clip=False), latent)
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
-    """Spherical interpolation between two latents, [len(alphas), *a.shape] (plan.slerp)."""
-    return torch.from_numpy(plans.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
 
 
 def guided_output(model, x, t, y, scale: float, null: int):
@@ -576,8 +566,7 @@ def level_width(images: torch.Tensor) -> float:
 
 
 def to_uint8(x):
-    """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch); the same
-    rounding as the onnxruntime sampler and the C++ runner."""
+    """[-1, 1] -> uint8 0..255 with clamping, the inverse of to_model_range (numpy or torch): images.to_uint8."""
     return images.to_uint8(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x)
 
 
@@ -722,7 +711,6 @@ def make_model(cfg: TrainConfig, image_shape, num_classes: int = 0, unet_kwargs:
     return unet.UNet(**kwargs)
 
 
-
 def save_checkpoint(path, state: dict) -> None:
     """torch.save, written atomically: a run killed while saving keeps its previous checkpoint."""
     write_atomically(path, lambda f: torch.save(state, f))
@@ -748,7 +736,8 @@ def load_checkpoint(path, map_location="cpu", expected: str = CHECKPOINT_FORMAT,
 
 def load_model(path, ema: bool = True, device="cpu"):
     """(model in eval mode, Diffusion, TrainConfig, image_shape) from a checkpoint, EMA weights by default.
-    A class-conditional model's class names are model.class_names (empty for an unconditional one)."""
+    A class-conditional model's class names are model.class_names (empty for an unconditional one); the plan it
+    samples with by default, model.plan_options (a student's: the plan it was distilled for)."""
     state = load_checkpoint(path)
     cfg = TrainConfig(**{f.name: state["config"][f.name] for f in dataclasses.fields(TrainConfig)
                          if f.name in state["config"]})
@@ -756,6 +745,7 @@ def load_model(path, ema: bool = True, device="cpu"):
     model = make_model(cfg, state["image_shape"], len(classes), state.get("unet"))
     model.load_state_dict(state["ema" if ema else "model"])
     model.class_names = classes
+    model.plan_options = PlanOptions(**state.get("plan", {}))
     return model.to(device).eval(), make_diffusion(cfg), cfg, tuple(state["image_shape"])
 
 
@@ -789,13 +779,13 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_grid(model, diffusion: Diffusion, image_shape, path, n: int = 64, seed: int = 0, steps: int = 50,
+def save_grid(model, diffusion: Diffusion, image_shape, path, options: PlanOptions, n: int = 64, seed: int = 0,
               classes: int = 0):
-    """A grid of n DDIM samples (eta = 0, `steps` steps) written as a PNG; for a model of `classes` classes,
-    one row per class (conditional, no guidance)."""
+    """A grid of n samples of the plan of `options` written as a PNG; for a model of `classes` classes, one row per
+    class (conditional, no guidance)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    plan = make_plan(diffusion, "ddim", min(steps, diffusion.T))
+    plan = make_plan(diffusion, options)
     if classes:
         per = -(-n // classes)
         y = torch.as_tensor(balanced_labels(list(range(classes)), per * classes), device=device)
@@ -807,7 +797,9 @@ def save_grid(model, diffusion: Diffusion, image_shape, path, n: int = 64, seed:
 class Trainer:
     """The state of a run (network, EMA, optimizer, timestep sampler, RNG, step) and its optimizer step:
     Algorithm 1 with AdamW, warm-up, gradient clipping and accumulation, EMA, autocast and optional
-    torch.compile / DDP. `ddpm train` and `ddpm bench train` both run Trainer.train_step."""
+    torch.compile / DDP. `ddpm train` and `ddpm bench train` both run Trainer.train_step; a subclass with another
+    `loss` trains something else (distill.Distiller). Its grids sample `grid_options`."""
+    grid_options = PlanOptions("ddim")  # min(50, T) steps
 
     def __init__(self, cfg: TrainConfig, image_shape, device: torch.device, rank: int = 0, ddp: bool = False,
                  classes: list | None = None):
@@ -858,9 +850,8 @@ class Trainer:
 
     def train_step(self, data: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """One optimizer step on cfg.accum batches drawn from `data` (uint8 NCHW on the device; with class_cond,
-        `labels` int64 on the device), without a host synchronisation: the loss is added to `running` and a
-        non-finite loss sets `bad`. A class-conditional step replaces each label by the null label with
-        probability p_uncond (Ho & Salimans 2022, Algorithm 1)."""
+        `labels` int64 on the device), without a host synchronisation: the loss (self.loss) is added to `running`
+        and a non-finite loss sets `bad`."""
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
@@ -873,18 +864,8 @@ class Trainer:
             if cfg.flip:
                 flip = torch.rand(cfg.batch_size, device=self.device, generator=self.gen) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            t, weights = self.timesteps.sample(cfg.batch_size, self.gen, self.device)
-            noise = torch.randn(x0.shape, device=self.device, generator=self.gen)
-            model = self.eps_theta
-            if self.classes:
-                drop = torch.rand(cfg.batch_size, device=self.device, generator=self.gen) < cfg.p_uncond
-                y = torch.where(drop, len(self.classes), labels[idx])
-                model = lambda x_t, t_, y=y: self.eps_theta(x_t, t_, y)  # noqa: E731
-            per_example = training_losses(self.diffusion, model, x0, t, noise, cfg.loss, cfg.weighting,
-                                          snr_gamma=cfg.snr_gamma)
-            loss = (per_example * weights).mean()
+            loss = self.loss(x0, labels[idx] if self.classes else None)
             self.scaler.scale(loss / cfg.accum).backward()
-            self.timesteps.update(t, per_example)
             self.running += loss.detach() / cfg.accum
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -894,6 +875,24 @@ class Trainer:
         self.opt.zero_grad(set_to_none=not self.ddp)
         self.ema.update_parameters(self.model)
         self.step += 1
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Algorithm 1's loss on a batch x0 (training_losses at t ~ the timestep sampler, weighted by it)."""
+        cfg = self.cfg
+        t, weights = self.timesteps.sample(cfg.batch_size, self.gen, self.device)
+        noise = torch.randn(x0.shape, device=self.device, generator=self.gen)
+        y = self.dropped(labels)
+        per_example = training_losses(self.diffusion, lambda x_t, t_: self.eps_theta(x_t, t_, y), x0, t, noise,
+                                      cfg.loss, cfg.weighting, snr_gamma=cfg.snr_gamma)
+        self.timesteps.update(t, per_example)
+        return (per_example * weights).mean()
+
+    def dropped(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels with each replaced by the null label with probability p_uncond (Ho & Salimans Alg. 1)."""
+        if labels is None:
+            return None
+        drop = torch.rand(len(labels), device=self.device, generator=self.gen) < self.cfg.p_uncond
+        return torch.where(drop, len(self.classes), labels)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "classes": self.classes, "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
@@ -910,29 +909,30 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict], None] | None = None,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, trainer=None) -> dict:
     """Algorithm 1: repeat { x0 ~ q(x0), t ~ U, eps ~ N(0, I), gradient step on the loss } (Trainer), on
     every process under torchrun (DDP), on `data` (data.Data: uint8 NCHW train images, and labels and class
     names for class_cond). Writes cfg.out/checkpoint.pt every checkpoint_every steps and at the end, and a
     sample grid every sample_every steps. resume continues cfg.out/checkpoint.pt with cfg (check_resumable);
     otherwise an existing checkpoint is an error unless overwrite (it is replaced at the first checkpoint).
     callback({"step", "steps", "loss", "images_per_s"}) is called on rank 0 once set up (loss None, and
-    "precision": the precision chosen and why) and at each log step. Returns a summary."""
+    "precision": the precision chosen and why) and at each log step. trainer: what makes the Trainer, called as
+    Trainer is (default Trainer). Returns a summary."""
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return _train(cfg, data, resume, callback, overwrite, 0, 1)
+        return _train(cfg, data, resume, callback, overwrite, 0, 1, trainer or Trainer)
     import torch.distributed as dist
     dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
     try:
         if torch.cuda.is_available() and cfg.device != "cpu":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return _train(cfg, data, resume, callback, overwrite, dist.get_rank(), world)
+        return _train(cfg, data, resume, callback, overwrite, dist.get_rank(), world, trainer or Trainer)
     finally:  # on success and on error alike: a group left to the interpreter's teardown can abort the process
         dist.destroy_process_group()
 
 
-def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int, world: int) -> tuple:
+def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int, world: int, make) -> tuple:
     """(the Trainer, a new run's or resumed from cfg.out/checkpoint.pt, and that path), or a UserError."""
     device = resolve_device(cfg.device)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -945,7 +945,7 @@ def _start(cfg: TrainConfig, data, resume: bool, overwrite: bool, rank: int, wor
         raise UserError(f"{ckpt_path} holds imported weights (`ddpm import`), not a run: there is nothing to resume")
     if state is not None:
         check_resumable(state["config"], cfg)
-    trainer = Trainer(cfg, data.train.shape[1:], device, rank, world > 1, data.classes)
+    trainer = make(cfg, data.train.shape[1:], device, rank, world > 1, data.classes)
     if state is not None:
         trainer.load_state_dict(state)
         if trainer.step >= cfg.steps:
@@ -966,9 +966,9 @@ def _checkpoint(trainer: Trainer, path: str, rank: int, world: int) -> None:
                                "image_shape": list(trainer.image_shape), **trainer.state_dict(), "rng": rngs})
 
 
-def _train(cfg: TrainConfig, dataset, resume: bool, callback, overwrite: bool, rank: int, world: int) -> dict:
+def _train(cfg: TrainConfig, dataset, resume: bool, callback, overwrite: bool, rank: int, world: int, make) -> dict:
     """train's loop on this process (rank of world)."""
-    trainer, ckpt_path = _start(cfg, dataset, resume, overwrite, rank, world)
+    trainer, ckpt_path = _start(cfg, dataset, resume, overwrite, rank, world, make)
     data = torch.from_numpy(dataset.train).to(trainer.device)  # all on the device: no loader in the hot loop
     labels = torch.from_numpy(dataset.train_labels).to(trainer.device) if trainer.classes else None
     losses, start_step, t0 = [], trainer.step, time.perf_counter()
@@ -992,7 +992,7 @@ def _train(cfg: TrainConfig, dataset, resume: bool, callback, overwrite: bool, r
             _checkpoint(trainer, ckpt_path, rank, world)
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             save_grid(trainer.ema.module, trainer.diffusion, trainer.image_shape,
-                      os.path.join(cfg.out, f"samples-{step}.png"), classes=len(trainer.classes))
+                      os.path.join(cfg.out, f"samples-{step}.png"), trainer.grid_options, classes=len(trainer.classes))
         t0 += time.perf_counter() - t_io  # throughput counts training steps only
     elapsed = time.perf_counter() - t0
     return {"steps": trainer.step, "losses": losses, "seconds": elapsed, "checkpoint": ckpt_path,

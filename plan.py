@@ -333,6 +333,19 @@ def plan_options(options: PlanOptions | str | None = None, steps: int | None = N
     return PlanOptions(**fields) if options is None else PlanOptions(options, **fields)
 
 
+def model_options(default: PlanOptions, options: PlanOptions | str | None = None, steps: int | None = None,
+                  **fields) -> PlanOptions:
+    """The options a model samples with, given its own plan `default` (ancestral, or a distilled student's: the
+    plan it was trained for, distill.student_options): options as plan_options takes them, fields given as None
+    taken as not given. Where no sampler is named the default's sampler, steps and spacing apply; where no clip
+    is given, the default's clip."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if options is None and "sampler" not in fields:
+        return plan_options(default, steps, **fields)
+    o = plan_options(options, steps, **fields)
+    return o.replace(clip=default.clip) if o.clip is None else o
+
+
 def make_plan(alphas_cumprod, parameterization: str = "eps", variance: str = "fixed_small",
               options: PlanOptions | str | None = None, steps: int | None = None, **fields) -> Plan:
     """The plan (float64) for the schedule alpha_bar_1..T and the options (plan_options) of:

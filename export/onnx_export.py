@@ -54,14 +54,16 @@ class ExportError(ValueError):
 
 
 def metadata(diffusion: Schedule, image_shape, clip_denoised: bool = True, classes=(),
-             precision: str = "fp32") -> dict[str, str]:
+             precision: str = "fp32", plan: dict | None = None) -> dict[str, str]:
     """The ddpm.* metadata docs/internals.md specifies; betas as Python reprs of float64, which round-trip exactly.
     A class-conditional model (classes: its class names) adds ddpm.num_classes K, ddpm.null_label K and
     ddpm.class_names, a JSON list. ddpm.precision says how the network computes (informative: every
-    file has the same float32 inputs and output)."""
+    file has the same float32 inputs and output). plan: the sampler, steps and spacing the model samples with when
+    none is named (a distilled student's), as ddpm.sampler, ddpm.steps and ddpm.spacing."""
+    own = {f"ddpm.{k}": str(plan[k]) for k in ("sampler", "steps", "spacing") if plan.get(k) is not None} if plan else {}
     conditional = {"ddpm.num_classes": str(len(classes)), "ddpm.null_label": str(len(classes)),
                    "ddpm.class_names": json.dumps(list(classes))} if classes else {}
-    return {**conditional, "ddpm.format": FORMAT, "ddpm.betas": ",".join(repr(float(b)) for b in diffusion.betas),
+    return {**conditional, **own, "ddpm.format": FORMAT, "ddpm.betas": ",".join(repr(float(b)) for b in diffusion.betas),
             "ddpm.num_timesteps": str(diffusion.T), "ddpm.parameterization": diffusion.parameterization,
             "ddpm.variance": diffusion.variance, "ddpm.image_shape": ",".join(str(int(s)) for s in image_shape),
             "ddpm.data_range": "-1,1", "ddpm.clip_denoised": "true" if clip_denoised else "false",
@@ -260,7 +262,7 @@ def _check_int8(session, net: torch.nn.Module, inputs: dict) -> dict:
 
 def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, *, opset: int = 17,
                 precision: str = "fp32", calibration_images=None, clip_denoised: bool = True, check: bool = True,
-                classes=()) -> dict:
+                classes=(), plan: dict | None = None) -> dict:
     """Write eps_theta `model` (called as model(x, t), or model(x, t, y) when `classes`, the class names of
     a class-conditional model, are given) and `diffusion`'s schedule to one .onnx file at `path`.
 
@@ -269,7 +271,8 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
     quantization (see quantize_int8) calibrated on `calibration_images` (float32 NCHW in [-1, 1], e.g. training
     images: the first three quarters calibrate, the rest check), refused past INT8_TOLERANCE. Inputs and
     output are float32 (and int64) in all three, so every sampler reads every file.
-    check: validate the file and compare it with PyTorch before it replaces `path` (see _verify).
+    check: validate the file and compare it with PyTorch before it replaces `path` (see _verify). plan: the model's
+    own sampler, steps and spacing (see metadata).
     Returns a report: path, opset, exporter, precision, size_bytes, tolerance, max_abs_diff and the
     per-(batch, t) checks. Raises ExportError when the file cannot be written or fails a check.
     """
@@ -280,7 +283,7 @@ def export_onnx(model: torch.nn.Module, diffusion: Schedule, image_shape, path, 
     net, c_out = _checked_net(model, diffusion, image_shape, classes)
     graph, held_out = _at_precision(_trace(net, image_shape, opset, bool(classes)), precision, calibration_images,
                                     diffusion, image_shape, classes)
-    for key, value in metadata(diffusion, image_shape, clip_denoised, classes, precision).items():
+    for key, value in metadata(diffusion, image_shape, clip_denoised, classes, precision, plan).items():
         graph.metadata_props.add(key=key, value=value)
     graph.producer_name, graph.producer_version = "ddpm-reference", version()
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))

@@ -264,7 +264,9 @@ class OnnxSampler:
     "fp32" or "bf16" ask OpenVINO for that (a ModelError where the CPU cannot); OpenVINO runs an int8 file's
     quantized operations in int8 and reports precision "int8", the others at the precision asked. Attributes:
     provider (the one in use), precision and why (the reason for it), betas and alphas_cumprod (float64), T,
-    parameterization, variance, image_shape (C, H, W), clip_denoised, metadata.
+    parameterization, variance, image_shape (C, H, W), clip_denoised, metadata, and default_options: the plan
+    the file samples with when no sampler is named (ddpm.sampler, ddpm.steps, ddpm.spacing: a distilled student's;
+    ancestral otherwise) and its clip (ddpm.clip_denoised).
     """
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None, *, providers=None,
@@ -380,9 +382,22 @@ class OnnxSampler:
             if not ok:
                 raise ModelError(f"{self.path}: bad DDPM metadata: {problem}")
         self.clip_denoised = clip == "true"
+        self.default_options = self._default_options()
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
         if self.parameterization == "eps" and self.alphas_cumprod[-1] == 0.0:
             raise ModelError(f"{self.path}: zero terminal SNR needs the v or x0 parameterization, not eps")
+
+    def _default_options(self) -> PlanOptions:
+        """The file's own plan (see the class): ddpm.sampler, ddpm.steps and ddpm.spacing, each checked."""
+        sampler, steps = self.metadata.get("ddpm.sampler", "ancestral"), self.metadata.get("ddpm.steps")
+        spacing = self.metadata.get("ddpm.spacing")
+        for ok, problem in ((sampler in plans.SAMPLERS, f"ddpm.sampler {sampler!r} is unknown"),
+                            (steps is None or steps.isdigit() and 1 <= int(steps) <= self.T,
+                             f"ddpm.steps must be a whole number in 1..{self.T}, got {steps!r}"),
+                            (spacing in (None, *plans.SPACINGS), f"ddpm.spacing {spacing!r} is unknown")):
+            if not ok:
+                raise ModelError(f"{self.path}: bad DDPM metadata: {problem}")
+        return PlanOptions(sampler, int(steps) if steps else None, spacing=spacing, clip=self.clip_denoised)
 
     def _check_signature(self) -> None:
         """The graph must be eps_theta as docs/internals.md specifies: x float32 [B,C,H,W], t int64 [B] (and y int64 [B]
@@ -411,10 +426,9 @@ class OnnxSampler:
 
     def plan(self, options: PlanOptions | str | None = None, steps: int | None = None, **fields) -> Plan:
         """This model's plan for the options (plan.plan_options: a PlanOptions, or a sampler's name and steps, or
-        the fields by name); clip None is the file's ddpm.clip_denoised."""
-        o = plans.plan_options(options, steps, **fields)
+        the fields by name), with the file's own where none are given (plan.model_options, default_options)."""
         return make_plan(self.alphas_cumprod, self.parameterization, self.variance,
-                         o.replace(clip=self.clip_denoised) if o.clip is None else o)
+                         plans.model_options(self.default_options, options, steps, **fields))
 
     def inversion_plan(self, steps: int | None = None, spacing: str | None = None) -> Plan:
         """DDIM encoding x_0 -> x_T (see ddim_inversion_plan); decode with plan("ddim", steps, clip=False)."""

@@ -66,12 +66,14 @@ def make_models(d: Path) -> dict[str, Path]:
         "x0_small": with_metadata(d / "net1.onnx", d / "x0_small.onnx", metadata("x0", "fixed_small")),
         "eps_learned": with_metadata(d / "net2.onnx", d / "eps_learned.onnx", metadata("eps", "learned_range")),
         "v_zero_snr": with_metadata(d / "net1.onnx", d / "v_zero_snr.onnx", metadata("v", "fixed_small", zero_snr=True)),
+        "v_student": with_metadata(d / "net1.onnx", d / "v_student.onnx", {  # a distilled student's own plan
+            **metadata("v", "fixed_small", clip=False, zero_snr=True), "ddpm.sampler": "ddim", "ddpm.steps": "4",
+            "ddpm.spacing": "trailing"}),
         "no_meta": d / "net1.onnx",
     }
 
 
-
-def python_reference(model: Path, *, n: int, batch: int, sampler: str, steps: int | None = None, eta: float = 0.0,
+def python_reference(model: Path, *, n: int, batch: int, sampler: str | None, steps: int | None = None, eta: float = 0.0,
                      spacing: str | None = None, clip: bool | None = None, seed: int = 0,
                      corrector_steps: int = 0) -> tuple[list[int], np.ndarray]:
     """(timesteps in sampling order, samples [n, C, H, W]) from the Python side: the project's onnxruntime

@@ -37,7 +37,8 @@ def reference_plan(meta: dict[str, str], sampler: str, steps: int | None, eta: f
 
 
 def plan_args(sampler, steps, eta, spacing, clip, corrector_steps=0):
-    args = ["--sampler", sampler, "--corrector-steps", corrector_steps] + (["--spacing", spacing] if spacing else [])
+    args = (["--sampler", sampler] if sampler else []) + ["--corrector-steps", corrector_steps]
+    args += ["--spacing", spacing] if spacing else []
     args += ["--steps", steps] if steps else []
     args += ["--eta", eta] if sampler == "ddim" else []
     args += [] if clip is None else ["--clip" if clip else "--no-clip"]
@@ -115,6 +116,33 @@ def test_default_spacing_is_trailing_at_zero_terminal_snr(runner, models, model_
     assert (got[0] == last - 1) == (spacing == "trailing")
 
 
+def test_a_files_own_plan_is_the_default_of_both_executors(runner, models):
+    """A distilled student's file (ddpm.sampler, ddpm.steps, ddpm.spacing, clip off): with no --sampler the runner and
+    the Python sampler build the plan the student was trained for; a sampler named gets its own defaults (the
+    steps and spacing of the file are not its), and the file's clip."""
+    from ddpm_reference import distill, plan as plans
+    from ddpm_reference.export.onnx_sampler import OnnxSampler
+
+    python = OnnxSampler(models["v_student"], provider="cpu", threads=1)
+    want = plans.make_plan(python.alphas_cumprod, "v", "fixed_small", distill.student_options(4))
+    got = json.loads(run(runner, "--model", models["v_student"], "--dump-plan").stdout)
+    assert got["t"] == python.plan().t.tolist() == want.t.tolist() and len(want) == 4 and got["t"][0] == T - 1
+    np.testing.assert_allclose(got["mean_x0"], want.mean_x0, rtol=1e-10)
+    assert not got["clip"] and not python.plan().clip
+    named = json.loads(run(runner, "--model", models["v_student"], "--dump-plan", "--sampler", "ancestral").stdout)
+    assert len(named["t"]) == T and not named["clip"] and len(python.plan("ancestral")) == T
+    steps_only = json.loads(run(runner, "--model", models["v_student"], "--dump-plan", "--steps", 2).stdout)
+    assert steps_only["t"] == python.plan(steps=2).t.tolist() == [T - 1, T // 2 - 1]  # still ddim, trailing
+    for key, value, words in (("ddpm.sampler", "heun", "ddpm.sampler"), ("ddpm.steps", "0", "ddpm.steps"),
+                              ("ddpm.spacing", "even", "ddpm.spacing")):
+        meta = {p.key: p.value for p in onnx.load(str(models["v_student"])).metadata_props}
+        bad = with_metadata(models["v_student"], models["v_student"].with_name("bad.onnx"), {**meta, key: value})
+        proc = run(runner, "--model", bad, "--dump-plan", check=False)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        with pytest.raises(Exception, match=key):
+            OnnxSampler(bad, provider="cpu")
+
+
 def test_spacing_that_cannot_give_distinct_steps_is_an_error(runner, models):
     from ddpm_reference import ddpm
 
@@ -135,6 +163,7 @@ SAMPLE_CASES = [(*case, 0) for case in [
     ("v_zero_snr", "ancestral", 10, 0.0, "trailing", None),
     ("v_zero_snr", "ddim", 10, 0.5, "trailing", None),
     ("v_zero_snr", "ddim", 10, 0.0, None, None), ("eps_small", "ddim", 10, 0.0, None, None),  # the default spacing
+    ("v_student", None, None, 0.0, None, None), ("v_student", "ddim", 8, 0.0, None, True),  # a file's own plan
 ] + [("eps_small", "ddim", 10, eta, sp, None) for eta in (0.0, 0.5)
      for sp in ("uniform", "linspace", "trailing", "quadratic")] + [("eps_learned", "ddim", 10, 0.5, "uniform", True)]
 ] + [(m, s, 8, 0.0, sp, None, 0) for s in ("dpmpp2m", "dpmpp2m-sde")  # multistep rows keep the previous x0

@@ -25,10 +25,11 @@ RUNNER = ROOT / "cpp_runner" / "build" / "ddpm_runner"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 QUICK_START = "make demo", "make test"  # the quick start: test_make_demo_runs_twice, and CI's own `make test`
 BUDGET = '''#!{python}
-"""`ddpm` with a small training budget: optimizer steps / 40, batches of at most 32, T = 100 for a new run."""
+"""`ddpm` with a small training budget: optimizer steps / 40 (of each round for distill), batches of at most 32,
+T = 100 for a new run."""
 import os, sys
 args = sys.argv[1:]
-if args and args[0] in ("train", "train-classifier"):
+if args and args[0] in ("train", "train-classifier", "distill"):
     def scale(flag, default, f):
         if flag in args:
             i = args.index(flag) + 1
@@ -37,7 +38,7 @@ if args and args[0] in ("train", "train-classifier"):
             args.extend([flag, str(default)])
     scale("--train-steps", 20, lambda n: max(2, n // 40))
     scale("--batch-size", 32, lambda b: min(b, 32))
-    if "--resume" not in args and "--diffusion-steps" not in args:
+    if args[0] != "distill" and "--resume" not in args and "--diffusion-steps" not in args:
         args += ["--diffusion-steps", "100"]
 os.execv({ddpm!r}, [{ddpm!r}, *args])
 '''

@@ -29,8 +29,9 @@ const char* kUsage =
     "                               arr_1 int64 labels [N]; .npy: float32 [N, C, H, W] (samples.png)\n"
     "  --num-samples N              images to sample, 1..16777216 (64)\n"
     "  --batch-size B               images per network call, 1..16777216 (256)\n"
-    "  --sampler NAME               ancestral|ddim|dpmpp2m|dpmpp2m-sde|dpmpp3m|unipc (ancestral)\n"
-    "  --steps S                    network calls, 1..T (T for ancestral, min(50, T) for the others)\n"
+    "  --sampler NAME               ancestral|ddim|dpmpp2m|dpmpp2m-sde|dpmpp3m|unipc (the model's own, with its\n"
+    "                               steps and spacing: ancestral, or a distilled student's ddim)\n"
+    "  --steps S                    network calls, 1..T (T for ancestral, min(50, T) for the others; a student's own)\n"
     "  --eta E                      DDIM's eta in [0, 1], ddim only (0)\n"
     "  --spacing NAME               uniform|linspace|trailing|quadratic|logsnr: the kept timesteps (trailing\n"
     "                               for a zero-terminal-SNR schedule, else uniform)\n"
@@ -296,7 +297,7 @@ int run(int argc, char** argv) {
   if (a.json)
     std::printf("{\"provider\": \"%s\", \"num_samples\": %lld, \"batch_size\": %lld, \"sampler\": \"%s\", \"steps\": %zu, "
                 "\"load_s\": %.6f, \"total_s\": %.6f, \"network_s\": %.6f, \"overhead_s\": %.6f, \"images_per_s\": %.4f}\n",
-                sampler.provider().c_str(), (long long)n, (long long)batch, ddpm::to_string(a.plan.sampler).c_str(),
+                sampler.provider().c_str(), (long long)n, (long long)batch, ddpm::to_string(*ddpm::model_options(sampler.info(), a.plan).sampler).c_str(),
                 plan.steps.size(), load_s, st.total_s, st.network_s, overhead, ips);
   return 0;
 }

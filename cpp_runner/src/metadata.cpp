@@ -180,6 +180,21 @@ ModelInfo read_metadata(const std::map<std::string, std::string>& props, const s
          in + "ddpm.num_classes K (at most " + std::to_string(kMaxClasses) + ") and ddpm.null_label K must agree");
   }
   if (has("class_names")) m.class_names = parse_class_names(get("class_names"), m.num_classes, in);
+  m.default_options.sampler = SamplerKind::Ancestral, m.default_options.clip = m.clip_denoised;
+  // The file's own plan (a distilled student's), each key checked as its option would be.
+  const auto own = [&](const std::string& key, auto parse) {
+    try {
+      return parse(get(key));
+    } catch (const Error& e) {
+      throw Error(in + "bad ddpm." + key + ": " + e.what());
+    }
+  };
+  if (has("sampler")) m.default_options.sampler = own("sampler", parse_sampler);
+  if (has("spacing")) m.default_options.spacing = own("spacing", parse_spacing);
+  if (has("steps")) {
+    m.default_options.steps = parse_int(get("steps"), in + "ddpm.steps");
+    need(*m.default_options.steps >= 1 && *m.default_options.steps <= T, in + "ddpm.steps must be in 1..T");
+  }
   return m;  // other keys (ddpm.version, ddpm.data_range, ...) are not needed here and are ignored
 }
 

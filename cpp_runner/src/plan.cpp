@@ -263,14 +263,14 @@ bool is_multistep(SamplerKind sampler) { return sampler != SamplerKind::Ddim && 
 
 // PlanOptions out of range (NaN and inf too) or that do not go together: an Error.
 void check_options(const PlanOptions& opt) {
-  to_string(opt.sampler);  // an Error for a value outside the enum (kept_timesteps checks the spacing)
+  to_string(*opt.sampler);  // an Error for a value outside the enum (kept_timesteps checks the spacing)
   need(opt.eta >= 0.0 && opt.eta <= 1.0, "eta must be in [0, 1], got " + str(opt.eta));  // NaN fails, too
-  need(opt.eta == 0.0 || opt.sampler == SamplerKind::Ddim, "eta applies to the ddim sampler only");
+  need(opt.eta == 0.0 || *opt.sampler == SamplerKind::Ddim, "eta applies to the ddim sampler only");
   need(opt.corrector_steps >= 0 && opt.corrector_steps <= kMaxCorrectorSteps,
        "corrector steps must be in 0.." + std::to_string(kMaxCorrectorSteps) + ", got " + std::to_string(opt.corrector_steps));
   need(opt.snr > 0 && std::isfinite(opt.snr), "snr must be a finite number > 0, got " + str(opt.snr));
-  need(!(is_multistep(opt.sampler) && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers "
-       "(ancestral, ddim): a corrector row would replace the x0s that " + to_string(opt.sampler) +
+  need(!(is_multistep(*opt.sampler) && opt.corrector_steps), "the Langevin corrector runs with the one-step samplers "
+       "(ancestral, ddim): a corrector row would replace the x0s that " + to_string(*opt.sampler) +
        " keeps from its previous steps");
 }
 
@@ -278,7 +278,7 @@ void check_options(const PlanOptions& opt) {
 // adds no noise): Algorithm 2 on the respaced process or DDIM, or, for the multistep samplers, their `row`.
 Step predictor_step(const ModelInfo& info, const PlanOptions& opt, int64_t t, double ab, double ap, bool first,
                     double log_var_min, const Row* row) {
-  const bool ddim = opt.sampler == SamplerKind::Ddim, ancestral = opt.sampler == SamplerKind::Ancestral;
+  const bool ddim = *opt.sampler == SamplerKind::Ddim, ancestral = *opt.sampler == SamplerKind::Ancestral;
   const double beta = 1.0 - ab / ap;
   const Pair x0 = x0_coefficients(ab, info.parameterization);
   Step step{t, x0.a, x0.b, 0, 0, 0, log_var_min, std::log(beta), !first && (!ddim || opt.eta > 0.0),
@@ -286,7 +286,7 @@ Step predictor_step(const ModelInfo& info, const PlanOptions& opt, int64_t t, do
   if (row) {
     step.mean_xt = row->mean_xt, step.mean_x0 = row->mean_x0, step.sigma = row->sigma;
     step.mean_x0_prev = row->prev;
-    step.add_noise = step.add_noise && opt.sampler == SamplerKind::DpmPP2MSde;
+    step.add_noise = step.add_noise && *opt.sampler == SamplerKind::DpmPP2MSde;
     return step;
   }
   step.sigma = ddim ? ddim_sigma(ab, ap, opt.eta) : std::sqrt(info.variance == "fixed_large" ? beta : posterior_variance(ab, ap));
@@ -297,13 +297,25 @@ Step predictor_step(const ModelInfo& info, const PlanOptions& opt, int64_t t, do
 
 }  // namespace
 
-Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
+PlanOptions model_options(const ModelInfo& info, const PlanOptions& options) {
+  PlanOptions opt = options;
+  if (!opt.sampler) {
+    opt.sampler = info.default_options.sampler.value_or(SamplerKind::Ancestral);
+    if (!opt.steps) opt.steps = info.default_options.steps;
+    if (!opt.spacing) opt.spacing = info.default_options.spacing;
+  }
+  if (!opt.clip) opt.clip = info.clip_denoised;
+  return opt;
+}
+
+Plan make_plan(const ModelInfo& info, const PlanOptions& options) {
+  const PlanOptions opt = model_options(info, options);
   check_options(opt);
-  const bool multistep = is_multistep(opt.sampler);
+  const bool multistep = is_multistep(*opt.sampler);
   const std::vector<double> abar = alphas_cumprod(info);
   const auto finite_lambda = [](double ab) { return log_snr(ab) >= kLambdaMin; };
   const int64_t T = multistep ? std::count_if(abar.begin(), abar.end(), finite_lambda) : int64_t(abar.size());
-  const int64_t S = opt.steps ? *opt.steps : opt.sampler == SamplerKind::Ancestral ? T : std::min<int64_t>(50, T);
+  const int64_t S = opt.steps ? *opt.steps : *opt.sampler == SamplerKind::Ancestral ? T : std::min<int64_t>(50, T);
   const Spacing spacing = opt.spacing ? *opt.spacing : default_spacing(info);
   const std::vector<int64_t> ts = kept_timesteps(T, S, spacing, abar);
   const auto ab_prev = [&](int64_t k) { return k ? abar[ts[k - 1]] : 1.0; };
@@ -315,11 +327,11 @@ Plan make_plan(const ModelInfo& info, const PlanOptions& opt) {
          std::to_string(S) + " steps): DPM-Solver's step h would be 0; use fewer steps or another spacing");
   }
   const std::vector<Row> rows = !multistep ? std::vector<Row>()
-                                : opt.sampler == SamplerKind::UniPC ? unipc_rows(ab_sampling)
-                                : dpmpp_rows(ab_sampling, opt.sampler == SamplerKind::DpmPP2MSde,
-                                             opt.sampler == SamplerKind::DpmPP3M);
+                                : *opt.sampler == SamplerKind::UniPC ? unipc_rows(ab_sampling)
+                                : dpmpp_rows(ab_sampling, *opt.sampler == SamplerKind::DpmPP2MSde,
+                                             *opt.sampler == SamplerKind::DpmPP3M);
   Plan p;
-  p.clip = opt.clip.value_or(info.clip_denoised);
+  p.clip = *opt.clip;
   p.channels = info.C;
   p.memory = multistep ? int64_t(rows[0].prev.size()) : 0;
   for (int64_t i = S - 1; i >= 0; --i) {  // kept timestep i, sampling row S-1-i

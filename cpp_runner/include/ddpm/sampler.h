@@ -57,6 +57,17 @@ DDPM_API std::string to_string(Provider provider);
 DDPM_API std::string to_string(Engine engine);
 DDPM_API std::string to_string(Precision precision);
 
+// What a plan is asked for (plan.PlanOptions in Python). A field left none is the model's (model_options).
+struct PlanOptions {
+  std::optional<SamplerKind> sampler;  // none: the model's own, with its steps and spacing (ModelInfo::default_options)
+  std::optional<int64_t> steps;  // network calls, 1..T; none: T for ancestral, min(50, T) for the others
+  double eta = 0.0;              // in [0, 1], ddim only
+  std::optional<Spacing> spacing;  // none: default_spacing of the model's schedule
+  std::optional<bool> clip;      // clip the predicted x0 to [-1, 1]; none: the model's ddpm.clip_denoised
+  int64_t corrector_steps = 0;   // Langevin rows per timestep, 0..1000 (ancestral, ddim)
+  double snr = 0.16;             // the corrector's signal-to-noise ratio r > 0
+};
+
 // What the file's metadata says (docs/internals.md, "The ONNX file").
 struct ModelInfo {
   std::vector<double> betas;                // float64, length T
@@ -65,18 +76,11 @@ struct ModelInfo {
   bool clip_denoised = true;
   int64_t num_classes = 0;  // K > 0: class-conditional, with a label input y in 0..K (K: the null label)
   std::vector<std::string> class_names;  // ddpm.class_names: the K classes' names (empty when the file has none)
+  // The plan the file samples with when none is named: ddpm.sampler (ancestral when absent), ddpm.steps and
+  // ddpm.spacing (a distilled student's), its clip ddpm.clip_denoised.
+  PlanOptions default_options;
   int64_t out_channels() const { return variance == "learned_range" ? 2 * C : C; }
   size_t image_floats() const { return size_t(C * H * W); }
-};
-
-struct PlanOptions {
-  SamplerKind sampler = SamplerKind::Ancestral;
-  std::optional<int64_t> steps;  // network calls, 1..T; none: T for ancestral, min(50, T) for the others
-  double eta = 0.0;              // in [0, 1], ddim only
-  std::optional<Spacing> spacing;  // none: default_spacing of the model's schedule
-  std::optional<bool> clip;      // clip the predicted x0 to [-1, 1]; none: the model's ddpm.clip_denoised
-  int64_t corrector_steps = 0;   // Langevin rows per timestep, 0..1000 (ancestral, ddim)
-  double snr = 0.16;             // the corrector's signal-to-noise ratio r > 0
 };
 
 struct Step {  // float64 coefficients of one row (docs/internals.md, "Building the plan")
@@ -96,7 +100,11 @@ struct Plan {
 DDPM_API Spacing default_spacing(const ModelInfo& info);
 // The kept timesteps, ascending; abar (alpha_bar, length >= T) is read by the logsnr spacing only.
 DDPM_API std::vector<int64_t> kept_timesteps(int64_t T, int64_t S, Spacing spacing, const std::vector<double>& abar);
-// An Error for options out of range (steps, eta, corrector_steps, snr: NaN and inf too) or that do not go together.
+// The options with the model's own where they give none (plan.model_options in Python): where no sampler is named,
+// the default's sampler, steps and spacing; where no clip is given, the default's clip.
+DDPM_API PlanOptions model_options(const ModelInfo& info, const PlanOptions& options);
+// The plan of model_options(info, options). An Error for options out of range (steps, eta, corrector_steps, snr: NaN
+// and inf too) or that do not go together.
 DDPM_API Plan make_plan(const ModelInfo& info, const PlanOptions& options);
 // DDIM encoding x_0 -> x_T (Song et al. Section 4.3): rows t_0..t_{S-2}, each Eq. (12) with eta = 0 from t_k up
 // to t_{k+1}; run it from the data (SampleOptions::init). steps none: min(50, T); spacing none: default_spacing.
