@@ -33,8 +33,12 @@ check: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # The demo trains afresh each time (--overwrite), so it runs again after any change; it samples the same 64 images
-# (ancestral, seed 0, numpy's noise, float32) in PyTorch, onnxruntime and C++ and checks that they agree.
+# (ancestral, seed 0, numpy's noise, float32) in PyTorch, onnxruntime and C++ and checks that they agree; then it
+# distils the model into a student of 4 network calls (three rounds: 16, 8, 4), samples it the same way (its own
+# plan) and writes the chain's grid and the student's side by side.
 SAMPLE := --num-samples 64 --sampler ancestral --seed 0
+STUDENT := --num-samples 64 --seed 0
+DISTILL_FLAGS ?=
 demo: $(STAMP) cpp
 	$(DDPM) train --out $(RUN) --overwrite $(TRAIN_FLAGS)
 	$(DDPM) nll $(RUN)/checkpoint.pt
@@ -43,8 +47,17 @@ demo: $(STAMP) cpp
 	$(DDPM) onnx-sample $(RUN)/model.onnx $(SAMPLE) --out $(RUN)/onnxruntime.png
 	cpp_runner/build/ddpm_runner --model $(RUN)/model.onnx $(SAMPLE) --out $(RUN)/cpp.png
 	$(DDPM) compare $(RUN)/torch.png $(RUN)/onnxruntime.png $(RUN)/cpp.png
+	$(DDPM) distill $(RUN)/checkpoint.pt --steps 4 --out $(RUN)/distill --overwrite $(DISTILL_FLAGS)
+	$(DDPM) export $(RUN)/distill/steps-4/checkpoint.pt --out $(RUN)/student.onnx
+	$(DDPM) sample $(RUN)/distill/steps-4/checkpoint.pt $(STUDENT) --numpy-noise --precision fp32 --out $(RUN)/student-torch.png
+	$(DDPM) onnx-sample $(RUN)/student.onnx $(STUDENT) --out $(RUN)/student-onnxruntime.png
+	cpp_runner/build/ddpm_runner --model $(RUN)/student.onnx $(STUDENT) --out $(RUN)/student-cpp.png
+	$(DDPM) compare $(RUN)/student-torch.png $(RUN)/student-onnxruntime.png $(RUN)/student-cpp.png
+	$(DDPM) side-by-side $(RUN)/cpp.png $(RUN)/student-cpp.png --out $(RUN)/chain-and-student.png
 	@echo "demo: made $(RUN)/checkpoint.pt and model.onnx; the same 64 samples from PyTorch, onnxruntime and C++ in" \
-	      "$(RUN)/torch.png, onnxruntime.png and cpp.png; training's own grid in $(RUN)/samples-*.png"
+	      "$(RUN)/torch.png, onnxruntime.png and cpp.png; training's own grid in $(RUN)/samples-*.png; a student" \
+	      "that samples in 4 network calls, $(RUN)/distill/steps-4/checkpoint.pt and student.onnx, the same in the" \
+	      "three executors; the 1000-step chain and the 4-call student side by side in $(RUN)/chain-and-student.png"
 
 clean:
 	rm -rf $(VENV) cpp_runner/build runs/demo

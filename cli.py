@@ -25,6 +25,7 @@ from .bench import BACKENDS, PRECISIONS as BENCH_PRECISIONS, bench_sample, bench
 from .classifier import load_classifier, train_classifier
 from .data import calibration_images, load_data, load_npz
 from .distill import DistillConfig, distill
+from .images import image_grid, png, side_by_side, write_atomically
 from .ddpm import (Device, Diffusion, LossType, LRDecay, Parameterization, Preset, Sampler, Schedule, Spacing, TrainConfig,
                    UserError, Variance, Weighting, __version__,
                    balanced_labels, bits_per_dim, classifier_free_guidance, load_checkpoint, load_model, make_plan,
@@ -760,6 +761,21 @@ def compare_cmd(files: list[str] = typer.Argument(..., help="two or more .png gr
     same = "the same images" if worst <= tolerance else "DIFFERENT images"
     typer.echo(f"{', '.join(files)}: {same} (largest difference {worst} grey levels, tolerance {tolerance})")
     raise typer.Exit(0 if worst <= tolerance else 1)
+
+
+@app.command("side-by-side")
+def side_by_side_cmd(files: list[str] = typer.Argument(..., help="two or more .png grids or .npz files of samples"),
+                     out: str = Opt("side-by-side.png", help="the .png to write")):
+    """Sample grids in one row, left to right in the order given (a .npz as the grid `sample` would write)."""
+    _check_out(out, (".png",))
+    if len(files) < 2:
+        raise UserError("side-by-side needs two or more files")
+    grids = [image_grid(p) if p.ndim == 4 else p for p in map(_pixels, files)]
+    try:
+        write_atomically(out, png(side_by_side(grids)))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    typer.echo(f"wrote {out}: {', '.join(files)} side by side")
 
 
 @app.command("import")

@@ -20,7 +20,7 @@ def to_uint8(x) -> np.ndarray:
     return np.rint((np.clip(np.asarray(x, dtype=np.float32), -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
 
 
-def _png(image: np.ndarray) -> bytes:
+def png(image: np.ndarray) -> bytes:
     """A PNG (8-bit grey or RGB, no filtering) of a uint8 [H, W] or [H, W, 3] array."""
     h, w = image.shape[:2]
     chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
@@ -45,6 +45,20 @@ def image_grid(pixels: np.ndarray, pad: int = 2, columns: int | None = None) -> 
         grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = \
             pixels[i].transpose(1, 2, 0)
     return grid[:, :, 0] if C == 1 else grid
+
+
+def side_by_side(images: list[np.ndarray], gap: int = 8) -> np.ndarray:
+    """uint8 images ([H, W] grey or [H, W, 3]) in one row, top-aligned on black, with `gap` white columns between
+    them (grey ones made RGB when any is RGB)."""
+    rgb = any(im.ndim == 3 for im in images)
+    images = [np.repeat(im[:, :, None], 3, axis=2) if rgb and im.ndim == 2 else im for im in images]
+    height = max(im.shape[0] for im in images)
+    row = []
+    for i, im in enumerate(images):
+        if i:
+            row.append(np.full((height, gap, *im.shape[2:]), 255, dtype=np.uint8))
+        row.append(np.pad(im, [(0, height - im.shape[0])] + [(0, 0)] * (im.ndim - 1)))
+    return np.concatenate(row, axis=1)
 
 
 def current_umask() -> int:
@@ -91,7 +105,7 @@ def save_images(x, path, columns: int | None = None, labels=None) -> None:
     elif suffix == ".png":
         if x.shape[1] not in (1, 3):
             raise ValueError(f"a .png needs 1 or 3 channels, the images have {x.shape[1]}; use .npz")
-        data = _png(image_grid(pixels, columns=columns))
+        data = png(image_grid(pixels, columns=columns))
     else:
         raise ValueError(f"unknown image format {suffix!r} for {os.fspath(path)}; use .png or .npz")
     write_atomically(path, data)

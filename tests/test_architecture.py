@@ -15,7 +15,7 @@ from ddpm_reference import bench, cli, ddpm
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "data": "data.py", "fd": "fd.py", "bench": "bench.py", "cli": "cli.py",
-           "classifier": "classifier.py", "precision": "precision.py", "plan": "plan.py", "images": "images.py", "sampling": "sampling.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
+           "classifier": "classifier.py", "precision": "precision.py", "plan": "plan.py", "images": "images.py", "sampling": "sampling.py", "distill": "distill.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
            "export.onnx_sampler": "export/onnx_sampler.py", "export.openvino_engine": "export/openvino_engine.py"}
 
 
@@ -49,6 +49,7 @@ def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it
     assert graph["ddpm"] == {"unet", "precision", "plan", "images"}, graph  # nothing of export/, none of its users
     assert graph["precision"] == graph["plan"] == graph["images"] == set(), graph
     assert graph["data"] == {"ddpm"} and graph["fd"] == {"ddpm", "data"}, graph
+    assert graph["distill"] == {"ddpm", "plan"}, graph  # a Trainer with another loss
     assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
     assert "sampling" not in graph["ddpm"] | graph["export.onnx_sampler"], graph  # the runs are users of both
     assert graph["unet"] == set() and graph["export.openvino_engine"] == set(), graph

@@ -167,3 +167,25 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, command):
     """--out in a folder that does not exist is the first error, before the model is even read."""
     code, _, err = run_cli(*command, "--out", tmp_path / "no" / "such" / "x.png")
     assert code == 2 and "--out" in err and "is not a writable folder" in err and "missing" not in err, err
+
+
+def test_side_by_side_puts_grids_in_one_row(tmp_path):
+    """Two grids of different sizes (a .png and a .npz) in one PNG: each where it belongs, a white gap between."""
+    import numpy as np
+    from PIL import Image
+    from ddpm_reference.images import image_grid, save_images
+    a = np.random.RandomState(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    b = np.random.RandomState(1).uniform(-1, 1, (9, 1, 8, 8)).astype(np.float32)
+    save_images(a, tmp_path / "a.png")
+    save_images(b, tmp_path / "b.npz")
+    res = run_cli("side-by-side", tmp_path / "a.png", tmp_path / "b.npz", "--out", tmp_path / "ab.png")
+    assert res.returncode == 0, res.stderr
+    got = np.asarray(Image.open(tmp_path / "ab.png"))
+    ga, gb = np.asarray(Image.open(tmp_path / "a.png")), image_grid(ddpm.to_uint8(b))
+    assert got.shape == (max(ga.shape[0], gb.shape[0]), ga.shape[1] + 8 + gb.shape[1])
+    assert np.array_equal(got[:ga.shape[0], :ga.shape[1]], ga) and (got[ga.shape[0]:, :ga.shape[1]] == 0).all()
+    assert (got[:, ga.shape[1]:ga.shape[1] + 8] == 255).all() and np.array_equal(got[:, ga.shape[1] + 8:], gb)
+    for args, words in (((tmp_path / "a.png",), "two or more"), ((tmp_path / "a.png", tmp_path / "b.npz", "--out",
+                                                                  tmp_path / "x.npz"), "must end in .png")):
+        code, _, err = run_cli("side-by-side", *args)
+        assert code == 2 and words in err, err

@@ -112,10 +112,12 @@ def test_make_demo_runs_twice(tmp_path):
     executors made the same images; with a small training budget."""
     for _ in range(2):
         res = subprocess.run(["make", "demo", f"RUN={tmp_path / 'demo'}",
-                              "TRAIN_FLAGS=--train-steps 20 --batch-size 32 --diffusion-steps 100"],
+                              "TRAIN_FLAGS=--train-steps 20 --batch-size 32 --diffusion-steps 100",
+                              "DISTILL_FLAGS=--train-steps 5 --batch-size 32"],
                              cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert "the same images" in res.stdout and "demo: made" in res.stdout, res.stdout[-2000:]
+        assert res.stdout.count("the same images") == 2 and "demo: made" in res.stdout, res.stdout[-2000:]
+        assert (tmp_path / "demo" / "chain-and-student.png").is_file()
 
 
 def naming_table() -> list[tuple[str, list[str], list[str]]]:
