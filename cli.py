@@ -32,7 +32,7 @@ from .ddpm import (Device, Diffusion, LossType, LRDecay, Parameterization, Prese
                    numpy_noise, option_flag, resolve_device, resumed_config, save_images, to_model_range, torch_noise,
                    train)
 from .export import onnx_sampler
-from .fd import FD_TABLE_STEPS, NFE_COLUMNS, DigitsFd, fd_table_markdown
+from .fd import FD_TABLE_STEPS, FEATURES, NFE_COLUMNS, DigitsFd, fd_table_markdown
 from .plan import DEFAULT_GUIDANCE, PlanOptions, model_options, slerp
 from .precision import Int8Error, Precision, SamplePrecision
 from .sampling import Encoder, SampledFd, TorchRun, as_user_error, at_precision
@@ -621,6 +621,9 @@ def bench_train_cmd(preset: Preset = Opt("digits", help="U-Net preset (see `ddpm
 def fd_cmd(ctx: typer.Context,
            source: str = typer.Argument(..., help="a checkpoint (samples are drawn) or a .npz of uint8 NHWC samples"),
            num_samples: int = Opt(360, min=2, help="images to draw from a checkpoint"),
+           features: typing.Literal[tuple(FEATURES)] = Opt(
+               "mlp", help="the feature space: mlp, the hidden layer of a small classifier (the published figures); "
+                           "cnn, that of a small convolutional one (a second opinion)"),
            variance: Variance = Opt(None, help="override the model's variance for the sampler"),
            table: bool = Opt(False, help="the DDIM table: S in 10,20,50,100,1000 x eta in 0,0.5,1, and ancestral "
                                          "with fixed_small and fixed_large, as a Markdown table"),
@@ -645,7 +648,7 @@ def fd_cmd(ctx: typer.Context,
     plan_options = _plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)
     seed_list = _int_list(seeds, "--seeds") if seeds else [seed]
     if source.endswith(".npz"):
-        _fd_of_file(source, json_)
+        _fd_of_file(source, features, json_)
         return
     dev = resolve_device(device)
     model, diffusion, cfg, shape = load_model(source, True, dev)
@@ -657,7 +660,7 @@ def fd_cmd(ctx: typer.Context,
         _torch_plan(Diffusion(diffusion.betas, diffusion.parameterization, variance) if variance else diffusion,
                     plan_options)
     runs = SampledFd(model, diffusion, shape, dev, num_samples, plan_options, classes, guidance, _labels,
-                     lambda total: _progress("sampling", total), variance, seed)
+                     lambda total: _progress("sampling", total), variance, seed, DigitsFd(features))
     if guidance_table:
         if not model.class_names and not classifier:
             raise UserError("--guidance-table needs a class-conditional model (or --classifier)")
@@ -703,12 +706,12 @@ def _check_fd_options(ctx: typer.Context, source: str, table: bool, nfe_table: b
         _refuse(ctx, ["seed"], "and --seeds both choose the noise: give one")
 
 
-def _fd_of_file(source: str, json_: bool) -> None:
+def _fd_of_file(source: str, features: str, json_: bool) -> None:
     """`ddpm fd SAMPLES.npz`: the FD of samples drawn elsewhere."""
     arr, _ = load_npz(source)
     if arr.shape[1:] != (1, 8, 8):
         raise UserError(f"{source}: expected 8x8 grey digits, got images of shape {arr.shape[1:]}")
-    metric = DigitsFd()
+    metric = DigitsFd(features)
     res = {"fd": metric(arr)[0], "floor": metric.floor, "num_samples": len(arr), "n_floor": metric.n_floor}
     typer.echo(json.dumps(res) if json_ else f"FD {res['fd']:.3f} ({len(arr)} samples vs the training split); "
                f"real-vs-real floor {metric.floor:.3f} ({metric.n_floor} held-out images)")

@@ -135,7 +135,7 @@ class DistillConfig:
                          min=1)
     teacher_steps: int = _option(32, "DDIM steps of the model, the first teacher (a power of two)", min=2)
     train_steps: int = _option(200, "optimizer steps of each round", min=1)
-    lr: float = _option(3e-4, "AdamW learning rate after warm-up (cosine decay to 0 in each round)", min=1e-12)
+    lr: float = _option(1e-3, "AdamW learning rate after warm-up (cosine decay to 0 in each round)", min=1e-12)
     warmup: int = _option(20, "linear learning-rate warm-up steps of each round", min=0)
     batch_size: int = _option(128, "images per optimizer step", min=1)
     seed: int = _option(0, "seed of every random draw", min=0)

@@ -42,6 +42,20 @@ def test_digits_fd_properties(features):
     assert fd.frechet_distance(features(noise), ref) > 10 * floor
 
 
+def test_the_second_feature_space_classifies_and_ranks_noise():
+    """The CNN features (`ddpm fd --features cnn`): a classifier of the held-out digits, and an FD that grows with
+    the noise added to them, far past its floor for noise alone."""
+    features = fd.digits_cnn_features()
+    train, held, _, held_labels = datasets.load_digits_data(labels=True)
+    assert (features.classify(held) == held_labels).mean() > 0.95
+    ref = features(train)
+    floor = fd.frechet_distance(features(held), ref)
+    rng = np.random.RandomState(0)
+    fds = [fd.frechet_distance(features(np.clip(held + rng.normal(0, s, held.shape), 0, 255).astype(np.uint8)), ref)
+           for s in (40, 80, 160)]
+    assert floor < fds[0] < fds[1] < fds[2] and fds[2] > 3 * floor, (floor, fds)
+
+
 def test_fd_cli_on_npz(tmp_path):
     _, held = datasets.load_digits_data()
     np.savez(tmp_path / "held.npz", held.transpose(0, 2, 3, 1))
@@ -49,6 +63,8 @@ def test_fd_cli_on_npz(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["num_samples"] == 360 and abs(out["fd"] - out["floor"]) < 1e-9
+    cnn = json.loads(cli("fd", tmp_path / "held.npz", "--features", "cnn", "--json").stdout)
+    assert abs(cnn["fd"] - cnn["floor"]) < 1e-9 and abs(cnn["floor"] - out["floor"]) > 1e-3  # another space
     np.savez(tmp_path / "rgb.npz", np.zeros((4, 8, 8, 3), np.uint8))
     assert_user_error(cli("fd", tmp_path / "rgb.npz"), "8x8 grey digits")
 
