@@ -318,7 +318,7 @@ def distill_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="
         result = distill(checkpoint, cfg, load_data(teacher_cfg.data, teacher_cfg.image_size), resume, overwrite,
                          lambda r: bar({**r, "step": r["done"] + r["step"], "steps": r["total"]}))
     typer.echo(f"distilled {checkpoint} to {len(result['rounds'])} students in {result['seconds']:.0f} s: " + ", ".join(
-        f"{r['steps']} calls {r['checkpoint']}" + (f" (loss {r['loss']:.4f})" if "loss" in r else " (kept)")
+        f"{r['steps']} call{'s' if r['steps'] > 1 else ''} {r['checkpoint']}" + (f" (loss {r['loss']:.4f})" if "loss" in r else " (kept)")
         for r in result["rounds"]))
 
 

@@ -436,6 +436,11 @@ def ddim_reconstruct(model, diffusion: Diffusion, x0: torch.Tensor, steps: int |
     return run_plan(model, make_plan(diffusion, "ddim", steps, spacing=spacing, clip=False), latent)
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
+    """Spherical interpolation between two latents, [len(alphas), *a.shape] (plan.slerp)."""
+    return torch.from_numpy(plans.slerp(a.cpu().numpy(), b.cpu().numpy(), alphas)).to(a)
+
+
 def guided_output(model, x, t, y, scale: float, null: int):
     """Classifier-free guidance (Ho & Salimans 2022) of a class-conditional model(x, t, y) in one call on the
     batch of 2B ([x; x], labels [y; null]): out_u + s (out_c - out_u) on the prediction channels (eps, x0 or v:
@@ -735,9 +740,8 @@ def load_checkpoint(path, map_location="cpu", expected: str = CHECKPOINT_FORMAT,
 
 
 def load_model(path, ema: bool = True, device="cpu"):
-    """(model in eval mode, Diffusion, TrainConfig, image_shape) from a checkpoint, EMA weights by default.
-    A class-conditional model's class names are model.class_names (empty for an unconditional one); the plan it
-    samples with by default, model.plan_options (a student's: the plan it was distilled for)."""
+    """(model in eval mode, Diffusion, TrainConfig, image_shape) from a checkpoint, EMA weights by default; its
+    class names (none: unconditional) and own plan (a student's: distilled for) are .class_names, .plan_options."""
     state = load_checkpoint(path)
     cfg = TrainConfig(**{f.name: state["config"][f.name] for f in dataclasses.fields(TrainConfig)
                          if f.name in state["config"]})
@@ -781,8 +785,7 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
 
 def save_grid(model, diffusion: Diffusion, image_shape, path, options: PlanOptions, n: int = 64, seed: int = 0,
               classes: int = 0):
-    """A grid of n samples of the plan of `options` written as a PNG; for a model of `classes` classes, one row per
-    class (conditional, no guidance)."""
+    """A PNG grid of n samples of the plan of `options`; a row per class for a model of `classes` classes."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     plan = make_plan(diffusion, options)
@@ -797,8 +800,7 @@ def save_grid(model, diffusion: Diffusion, image_shape, path, options: PlanOptio
 class Trainer:
     """The state of a run (network, EMA, optimizer, timestep sampler, RNG, step) and its optimizer step:
     Algorithm 1 with AdamW, warm-up, gradient clipping and accumulation, EMA, autocast and optional
-    torch.compile / DDP. `ddpm train` and `ddpm bench train` both run Trainer.train_step; a subclass with another
-    `loss` trains something else (distill.Distiller). Its grids sample `grid_options`."""
+    torch.compile / DDP, for `ddpm train` and `ddpm bench train`; distill.Distiller has another loss and grid."""
     grid_options = PlanOptions("ddim")  # min(50, T) steps
 
     def __init__(self, cfg: TrainConfig, image_shape, device: torch.device, rank: int = 0, ddp: bool = False,
@@ -878,12 +880,11 @@ class Trainer:
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Algorithm 1's loss on a batch x0 (training_losses at t ~ the timestep sampler, weighted by it)."""
-        cfg = self.cfg
-        t, weights = self.timesteps.sample(cfg.batch_size, self.gen, self.device)
+        t, weights = self.timesteps.sample(len(x0), self.gen, self.device)
         noise = torch.randn(x0.shape, device=self.device, generator=self.gen)
         y = self.dropped(labels)
         per_example = training_losses(self.diffusion, lambda x_t, t_: self.eps_theta(x_t, t_, y), x0, t, noise,
-                                      cfg.loss, cfg.weighting, snr_gamma=cfg.snr_gamma)
+                                      self.cfg.loss, self.cfg.weighting, snr_gamma=self.cfg.snr_gamma)
         self.timesteps.update(t, per_example)
         return (per_example * weights).mean()
 
@@ -916,8 +917,7 @@ def train(cfg: TrainConfig, data, resume: bool = False, callback: Callable[[dict
     sample grid every sample_every steps. resume continues cfg.out/checkpoint.pt with cfg (check_resumable);
     otherwise an existing checkpoint is an error unless overwrite (it is replaced at the first checkpoint).
     callback({"step", "steps", "loss", "images_per_s"}) is called on rank 0 once set up (loss None, and
-    "precision": the precision chosen and why) and at each log step. trainer: what makes the Trainer, called as
-    Trainer is (default Trainer). Returns a summary."""
+    "precision": the precision chosen and why) and at each log step. trainer: makes the Trainer (default Trainer)."""
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:

@@ -157,7 +157,7 @@ class DistillConfig:
 
 
 # What a resumed distillation may change (as ddpm.RESUMABLE): not what it trains.
-RESUMABLE = ("steps", "device", "precision", "checkpoint_every", "log_every")
+RESUMABLE = ("steps", "device", "precision", "checkpoint_every", "log_every", "out")
 
 
 def distill(checkpoint: str, cfg: DistillConfig, data, resume: bool = False, overwrite: bool = False,

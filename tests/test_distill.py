@@ -157,7 +157,7 @@ def test_resume_is_exact_and_each_student_records_its_plan(teachers, tmp_path):
         assert model.plan_options == distill.student_options(K)
     # what it may not change on resume, and bad rounds, are one-line errors
     with pytest.raises(ddpm.UserError, match="lr"):
-        run_distill(teachers["plain"], tmp_path / "cut", resume=True, lr=1e-3)
+        run_distill(teachers["plain"], tmp_path / "cut", resume=True, lr=5e-4)
     assert_user_error(cli("distill", teachers["plain"], "--steps", 3, "--out", tmp_path / "x"), "halved")
     assert_user_error(cli("distill", tmp_path / "none.pt", "--out", tmp_path / "x"), "no such checkpoint")
     assert_user_error(cli("distill", teachers["plain"], "--teacher-steps", 128, "--steps", 64, "--out", tmp_path / "x"),

@@ -340,7 +340,7 @@ def test_reconstruction_error_falls_with_steps_and_interpolation_keeps_its_ends(
     mse = [((ddpm.ddim_reconstruct(oracle, d, x0, steps) - x0) ** 2).mean().item() for steps in (10, 20, 50, 100)]
     assert all(a > b for a, b in zip(mse, mse[1:])) and mse[-1] < 0.01 * S ** 2, mse
     latents = ddpm.run_plan(oracle, ddpm.ddim_inversion_plan(d, 100), x0[:2])
-    path = torch.from_numpy(plans.slerp(latents[0].numpy(), latents[1].numpy(), np.linspace(0, 1, 5)))
+    path = ddpm.slerp(latents[0], latents[1], np.linspace(0, 1, 5))
     torch.testing.assert_close(path[0], latents[0])
     torch.testing.assert_close(path[-1], latents[1])
     norms = path.flatten(1).norm(dim=1)
