@@ -135,6 +135,10 @@ def _samples_to_file(x: np.ndarray, out: str, columns: int | None = None, labels
         raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
 
 
+def _calls(n: int, what: str = "network ") -> str:
+    return f"{n} {what}call{'' if n == 1 else 's'}"
+
+
 def _int_list(text: str, flag: str, lo: int = 0) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -318,7 +322,7 @@ def distill_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="
         result = distill(checkpoint, cfg, load_data(teacher_cfg.data, teacher_cfg.image_size), resume, overwrite,
                          lambda r: bar({**r, "step": r["done"] + r["step"], "steps": r["total"]}))
     typer.echo(f"distilled {checkpoint} to {len(result['rounds'])} students in {result['seconds']:.0f} s: " + ", ".join(
-        f"{r['steps']} call{'s' if r['steps'] > 1 else ''} {r['checkpoint']}" + (f" (loss {r['loss']:.4f})" if "loss" in r else " (kept)")
+        f"{_calls(r['steps'], '')} {r['checkpoint']}" + (f" (loss {r['loss']:.4f})" if "loss" in r else " (kept)")
         for r in result["rounds"]))
 
 
@@ -393,7 +397,7 @@ def sample_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="a
     with _progress("sampling", len(plan) * -(-num_samples // batch_size)) as tick:
         xs = [run.images(i, min(num_samples, i + batch_size), tick) for i in range(0, num_samples, batch_size)]
     _samples_to_file(torch.cat(xs).numpy(), out, _row_per_class(labels), labels)
-    typer.echo(f"wrote {num_samples} samples ({plan_options.sampler}, {len(plan)} network calls, {precision_note}) to {out}")
+    typer.echo(f"wrote {num_samples} samples ({plan_options.sampler}, {_calls(len(plan))}, {precision_note}) to {out}")
 
 
 @app.command("nll")
@@ -488,7 +492,7 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
         x, timing = ort_sampler.run(plan, num_samples, seed, batch_size, progress=tick, return_timing=True,
                                     labels=labels, guidance=guidance)
     _samples_to_file(x, out, _row_per_class(labels), labels)
-    typer.echo(f"wrote {num_samples} samples to {out}: {timing['steps']} network calls on {timing['provider']} in "
+    typer.echo(f"wrote {num_samples} samples to {out}: {_calls(timing['steps'])} on {timing['provider']} in "
                f"{timing['precision']} ({timing['precision_why']}), {num_samples / timing['total_s']:.1f} images/s, "
                f"loop/network time "
                f"{timing['total_s'] / timing['network_s']:.3f}")

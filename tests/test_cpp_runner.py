@@ -395,7 +395,7 @@ def test_help_shows_every_option_with_its_default(runner):
     text = run(runner, "--help").stdout
     for flag in FLAGS:
         assert flag in text, flag
-    for default in ["(samples.png)", "(64)", "(256)", "(ancestral)", "(0.16)", "(auto)"]:
+    for default in ["(samples.png)", "(64)", "(256)", "(the model's own", "(0.16)", "(auto)"]:
         assert default in text, default
     assert "(trailing\n" in text and "for a zero-terminal-SNR schedule, else uniform)" in text
     assert "--n " not in text and "--batch " not in text
