@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 TRAIN_FLAGS ?=
 
-.PHONY: install cpp test check demo clean
+.PHONY: install cpp web test check demo clean
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml
 cpp: $(STAMP)
 	PYTHON=$(abspath $(PY)) sh cpp_runner/build.sh
 
-test: $(STAMP) cpp
+# The page of `ddpm web`: onnxruntime-web from npm (web/package-lock.json) and Debian's chromium for its tests.
+web:
+	sh web/install.sh
+
+test: $(STAMP) cpp web
 	$(PY) -m pytest -q --durations=10
 
 check: $(STAMP)
@@ -60,4 +64,4 @@ demo: $(STAMP) cpp
 	      "three executors; the 1000-step chain and the 4-call student side by side in $(RUN)/chain-and-student.png"
 
 clean:
-	rm -rf $(VENV) cpp_runner/build runs/demo
+	rm -rf $(VENV) cpp_runner/build runs/demo web/node_modules

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import threading
 import typing
 
 import numpy as np
@@ -36,6 +37,7 @@ from .fd import FD_TABLE_STEPS, FEATURES, NFE_COLUMNS, DigitsFd, fd_table_markdo
 from .plan import DEFAULT_GUIDANCE, PlanOptions, model_options, slerp
 from .precision import Int8Error, Precision, SamplePrecision
 from .sampling import Encoder, SampledFd, TorchRun, as_user_error, at_precision
+from .web import Server, WebError, run_headless
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Denoising Diffusion Probabilistic Models: train, sample, score, export.")
@@ -226,8 +228,13 @@ def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> 
         if classes is not None or guidance is not None:
             raise UserError("--class/--guidance need a class-conditional model (train one with --class-cond)")
         return None
+    return balanced_labels(_class_indices(class_names, classes), n)
+
+
+def _class_indices(class_names: list, classes: str | None) -> list[int]:
+    """The indices of --classes (names or indices; None: every class), or UserError."""
     if classes is None:
-        return balanced_labels(list(range(len(class_names))), n)
+        return list(range(len(class_names)))
     wanted = []
     for c in classes.split(","):
         c = c.strip()
@@ -235,7 +242,7 @@ def _labels(class_names: list, classes: str | None, guidance: float, n: int) -> 
         if index is None or not 0 <= index < len(class_names):
             raise UserError(f"--class {c}: not a class of this model ({', '.join(class_names)}; or 0..{len(class_names) - 1})")
         wanted.append(index)
-    return balanced_labels(wanted, n)
+    return wanted
 
 
 def _row_per_class(labels) -> int | None:
@@ -496,6 +503,55 @@ def onnx_sample_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="a
                f"{timing['precision']} ({timing['precision_why']}), {num_samples / timing['total_s']:.1f} images/s, "
                f"loop/network time "
                f"{timing['total_s'] / timing['network_s']:.3f}")
+
+
+@app.command("web")
+def web_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="an .onnx file of `ddpm export`"),
+            port: int = Opt(8000, min=0, max=65535, help="the port on 127.0.0.1 (0: any free one)"),
+            headless: bool = Opt(False, help="run the page once in a headless Chromium and write what it sampled to "
+                                             "--out"),
+            num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED, batch_size: int = BATCH,
+            threads: int | None = Opt(None, min=1, help="onnxruntime-web's wasm threads (default: all cores)"),
+            out: str = Opt("web.png", help=OUT_IMAGES + " (--headless)"),
+            timeout: float = Number(600.0, "seconds the headless page may take (--headless)", min=1.0),
+            sampler: Sampler | None = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
+            spacing: Spacing | None = SPACING, clip: bool | None = CLIP, corrector_steps: int = CORRECTOR_STEPS,
+            snr: float = SNR, classes: str | None = CLASSES, guidance: float | None = GUIDANCE):
+    """Sample an exported .onnx file in the browser: serve the page (onnxruntime-web) and the model on 127.0.0.1, or,
+    with --headless, run it once in Chromium and write its samples, the same images as `onnx-sample`."""
+    if not headless:
+        _refuse(ctx, ["out", "timeout"], "needs --headless (the page shows its samples)")
+    if headless:
+        _check_out(out)
+    with as_user_error():  # the file, the options and the classes checked here, as `onnx-sample` checks them
+        checked = onnx_sampler.OnnxSampler(model, "cpu")
+    labels = _labels(checked.class_names, classes, guidance, num_samples)
+    with as_user_error():
+        plan = checked.plan(_plan_options(ctx, sampler, steps, eta, spacing, clip, corrector_steps, snr)(
+            checked.default_options))
+    page = dict(sampler=sampler, steps=steps, eta=eta or None, spacing=spacing, corrector_steps=corrector_steps or None,
+                snr=snr if corrector_steps else None, clip=None if clip is None else str(clip).lower(), seed=seed,
+                num_samples=num_samples, batch_size=batch_size, threads=threads, guidance=guidance,
+                classes=None if labels is None else ",".join(map(str, _class_indices(checked.class_names, classes))))
+    try:
+        if not headless:
+            with Server(model, port) as server:
+                typer.echo(f"serving {model} on {server.url(**page)} (Ctrl-C stops)")
+                with contextlib.suppress(KeyboardInterrupt):
+                    threading.Event().wait()
+            return
+        with _progress("sampling in Chromium", len(plan) * -(-num_samples // batch_size)) as tick:
+            result = run_headless(model, timeout, progress=tick, **page)
+    except WebError as e:
+        raise UserError(str(e)) from None
+    if not result["ok"]:
+        raise UserError(f"the page: {result['error']}")
+    _samples_to_file(result["samples"], out, _row_per_class(labels), labels)
+    seconds = result["seconds"]
+    typer.echo(f"wrote {num_samples} samples to {out}: {_calls(result['calls'])} in Chromium (onnxruntime-web "
+               f"{result['provider']}, {result['threads']} thread{'' if result['threads'] == 1 else 's'}"
+               f"{', cross-origin isolated' if result['isolated'] else ''}), {result['calls'] / seconds:.1f} calls/s, "
+               f"{num_samples / seconds:.1f} images/s")
 
 
 MODEL_ARG = typer.Argument(..., help="a checkpoint or an exported .onnx file")

@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,7 +46,10 @@ def check_installed() -> None:
 
 def browser() -> str:
     """The Chromium to run headless: $DDPM_BROWSER, else the first of BROWSERS on the PATH."""
-    found = os.environ.get("DDPM_BROWSER") or next(filter(None, map(shutil.which, BROWSERS)), None)
+    given = os.environ.get("DDPM_BROWSER")
+    if given and not shutil.which(given):
+        raise WebError(f"DDPM_BROWSER={given} is not an executable")
+    found = given or next(filter(None, map(shutil.which, BROWSERS)), None)
     if not found:
         raise WebError("no Chromium found: install Debian's chromium package (apt-get install chromium, or `make web` "
                        "as root) or set DDPM_BROWSER to a Chromium executable")
@@ -54,11 +58,12 @@ def browser() -> str:
 
 class Server:
     """The page and `model` served on 127.0.0.1:port (0: any free port) in a thread, while in a `with` block.
-    url: the page's address with the model; results: the queue of what the page posts to /result."""
+    url: the page's address with the model; results: the queue of what the page posts to /result; progress(k): called
+    with each network call the page posts to /progress."""
 
-    def __init__(self, model: str, port: int = 0):
+    def __init__(self, model: str, port: int = 0, progress=None):
         check_installed()
-        self.model, self.results = Path(model), queue.Queue()
+        self.model, self.results, self.progress = Path(model), queue.Queue(), progress
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -76,10 +81,13 @@ class Server:
                 self.wfile.write(data)
 
             def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if urllib.parse.urlsplit(self.path).path != "/result":
+                body, path = self.rfile.read(int(self.headers.get("Content-Length", 0))), urllib.parse.urlsplit(self.path).path
+                if path == "/result":
+                    server.results.put(json.loads(body))
+                elif path == "/progress" and server.progress:
+                    server.progress(json.loads(body)["row"])
+                elif path != "/progress":
                     return self.send_error(404)
-                server.results.put(json.loads(body))
                 self.send_response(204)
                 self.end_headers()
 
@@ -91,8 +99,13 @@ class Server:
             def log_message(self, *args):
                 pass
 
+        class Http(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, address):  # a browser closed while a file was on its way: not ours to report
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, address)
+
         try:
-            self.http = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+            self.http = Http(("127.0.0.1", port), Handler)
         except OSError as e:
             raise WebError(f"cannot serve on 127.0.0.1:{port} ({e.strerror or e})") from None
         self.port = self.http.server_address[1]
@@ -111,7 +124,7 @@ class Server:
         self.http.server_close()
 
 
-def run_headless(model: str, timeout: float = 600, **query) -> dict:
+def run_headless(model: str, timeout: float = 600, progress=None, **query) -> dict:
     """Open the page on `model` once in a headless Chromium with the controls of `query` (the page's field names),
     sample, and return what the page posted: {"ok": True, "samples": float32 [n, C, H, W], "calls", "seconds",
     "network_seconds", "provider", "threads", "isolated", ...}, or {"ok": False, "error": the message the page

@@ -23,9 +23,10 @@ settings.load_profile("ddpm")
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_DIR = ROOT / "cpp_runner"
-# Tests that use these fixtures (directly or through another fixture) build the C++ runner or walk the README; tests
-# that train, compile or run `make demo` carry @pytest.mark.slow themselves. `make check` leaves both out.
-SLOW_FIXTURES = {"runner", "walk"}
+# Tests that use these fixtures (directly or through another fixture) build the C++ runner, walk the README or run
+# the page in Chromium; tests that train, compile or run `make demo` carry @pytest.mark.slow themselves. `make check`
+# leaves both out.
+SLOW_FIXTURES = {"runner", "walk", "browser"}
 
 
 def pytest_configure(config):
@@ -100,3 +101,35 @@ def run_runner(runner: Path, *args, check: bool = True) -> subprocess.CompletedP
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+@pytest.fixture(scope="session")
+def conditional_model(tmp_path_factory) -> Path:
+    """A small class-conditional U-Net (3 classes, learned variances), exported by the project's exporter."""
+    from ddpm_reference import ddpm, unet
+    from ddpm_reference.export.onnx_export import export_onnx
+    from small_models import IMAGE, T
+    torch.manual_seed(3)
+    net = unet.UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,),
+                    dropout=0.0, image_size=8, num_classes=3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("conditional") / "cond.onnx"
+    export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", T), "eps", "learned_range"), IMAGE, path,
+                classes=["a", "b", "c"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """The Chromium of `ddpm web --headless`, with web/'s npm packages (`make web`); skipped where they are missing,
+    except under CI, where that fails."""
+    from ddpm_reference import web
+    try:
+        web.check_installed()
+        return web.browser()
+    except web.WebError as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))

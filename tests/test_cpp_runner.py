@@ -216,24 +216,6 @@ def test_encode_and_decode_from_init_match_python(runner, models, tmp_path, path
     assert np.abs(np.load(tmp_path / "decoded.npy") - want).max() <= 1e-3
 
 
-@pytest.fixture(scope="session")
-def conditional_model(tmp_path_factory) -> Path:
-    """A small class-conditional U-Net (3 classes, learned variances), exported by the project's exporter."""
-    import torch
-    from ddpm_reference import ddpm, unet
-    from ddpm_reference.export.onnx_export import export_onnx
-    torch.manual_seed(3)
-    net = unet.UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(4,),
-                    dropout=0.0, image_size=8, num_classes=3)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("conditional") / "cond.onnx"
-    export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", T), "eps", "learned_range"), IMAGE, path,
-                classes=["a", "b", "c"])
-    return path
-
-
 @pytest.mark.parametrize("path", ["host", "step-graph"])
 @pytest.mark.parametrize("sampler,steps,eta,classes,guidance", [
     ("ancestral", 10, 0.0, "2,0", 2.5), ("ddim", 8, 0.5, "1", 1.0), ("ddim", 8, 0.0, "0,1,2", 0.0),

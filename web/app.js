@@ -127,6 +127,7 @@ async function sample() {
           shown.set(x, batchStart * size);
           drawGrid(toUint8(shown), [n, C, H, W], columns);
           painted = performance.now();
+          if (query.get("report") === "1") fetch("progress", { method: "POST", body: JSON.stringify({ row }) });
           await nextFrame();
         }
       } });
@@ -145,12 +146,22 @@ async function sample() {
   }
 }
 
-for (const field of FIELDS) if (query.has(field)) $(field).value = query.get(field);
-if (query.has("model")) $("model-url").value = query.get("model");
+// The controls given in the query; a value a select does not offer is an error on the page.
+function applyQuery() {
+  for (const field of FIELDS.filter((f) => query.has(f))) {
+    $(field).value = query.get(field);
+    if ($(field).value !== query.get(field)) {
+      const valid = [...$(field).options].map((o) => o.value).filter(Boolean);
+      throw new Error(`${field} must be one of ${valid.join(", ")}, got '${query.get(field)}'`);
+    }
+  }
+  if (query.has("model")) $("model-url").value = query.get("model");
+}
 $("load").addEventListener("click", () => loadModel().catch(showError));
 $("model-file").addEventListener("change", () => loadModel().catch(showError));
 $("controls").addEventListener("submit", (event) => {
   event.preventDefault();
   sample().catch(showError);
 });
-loadModel().then(() => (query.get("run") === "1" ? sample() : null)).catch(showError);
+Promise.resolve().then(applyQuery).then(loadModel).then(() => (query.get("run") === "1" ? sample() : null))
+  .catch(showError);
