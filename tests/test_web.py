@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -228,3 +229,34 @@ def test_no_browser_is_an_error_naming_the_package(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_BROWSER", str(tmp_path / "chrome"))
     with pytest.raises(web.WebError, match="DDPM_BROWSER"):
         web.browser()
+
+
+def test_the_page_as_a_person_uses_it(browser, tmp_path):
+    """`ddpm web MODEL` prints the page's address; opened there (playwright-core), Sample draws the digits model's
+    grid with the progress bar moving through the run, and reports calls per second, provider and threads."""
+    import torch
+    from ddpm_reference import unet
+    from ddpm_reference.export.onnx_export import export_onnx
+    torch.manual_seed(0)
+    net = unet.UNet(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                    dropout=0.0, image_size=8)
+    export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", 100)), (1, 8, 8), tmp_path / "model.onnx")
+    server = subprocess.Popen([str(Path(os.environ.get("VIRTUAL_ENV", Path(sys.executable).parent.parent)) / "bin" / "ddpm"),
+                               "web", str(tmp_path / "model.onnx"), "--port", "0", "--num-samples", "16"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        url = line.split(" on ", 1)[1].split(" (Ctrl-C")[0]
+        assert url.startswith("http://127.0.0.1:") and "num_samples=16" in url, line
+        res = subprocess.run([NODE or "node", str(ROOT / "tests" / "web_page.mjs"), url, str(tmp_path / "page.png")],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "BROWSER": browser})
+        assert res.returncode == 0, res.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(30)
+    shown = json.loads(res.stdout)
+    assert shown["error"] == "" and shown["progress"] == 1 and "100 network calls" in shown["status"], shown
+    assert "calls/s" in shown["status"] and "wasm" in shown["status"] and "T = 100" in shown["about"], shown
+    assert len([p for p in shown["progressSeen"] if 0 < p < 1]) >= 2, shown  # it moved while sampling
+    assert shown["width"] == 4 * 34 + 2 and shown["lit"] > 0.5, shown  # a 4 x 4 grid of 32-pixel images, drawn
+    assert (tmp_path / "page.png").stat().st_size > 10000

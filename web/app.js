@@ -94,7 +94,8 @@ function base64(array) {
   return btoa(text);
 }
 
-const nextFrame = () => (globalThis.scheduler?.yield ? scheduler.yield() : new Promise((r) => setTimeout(r)));
+// A task's turn for the rest of the page (painting, input): a timeout, queued behind them.
+const nextFrame = () => new Promise((resolve) => setTimeout(resolve));
 
 async function sample() {
   if (running) return;
