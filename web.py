@@ -40,7 +40,7 @@ class WebError(Exception):
 
 
 def check_installed() -> None:
-    if not (ORT_DIST / "ort.all.min.mjs").is_file():
+    if not (ORT_DIST / "ort.wasm.min.mjs").is_file():
         raise WebError(f"the page needs onnxruntime-web: run `make web` (or `npm ci --prefix {PAGE}`)")
 
 

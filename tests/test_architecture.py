@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import typer
 
-from ddpm_reference import bench, cli, ddpm
+from ddpm_reference import bench, cli, ddpm, web
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"ddpm": "ddpm.py", "unet": "unet.py", "data": "data.py", "fd": "fd.py", "bench": "bench.py", "cli": "cli.py",
-           "classifier": "classifier.py", "precision": "precision.py", "plan": "plan.py", "images": "images.py", "sampling": "sampling.py", "distill": "distill.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
+           "classifier": "classifier.py", "precision": "precision.py", "plan": "plan.py", "images": "images.py", "sampling": "sampling.py", "distill": "distill.py", "web": "web.py", "diffusers_io": "diffusers_io.py", "export": "export/__init__.py", "export.onnx_export": "export/onnx_export.py",
            "export.onnx_sampler": "export/onnx_sampler.py", "export.openvino_engine": "export/openvino_engine.py"}
 
 
@@ -50,6 +50,7 @@ def test_import_graph_has_no_cycle_and_export_imports_nothing_of_ours_outside_it
     assert graph["precision"] == graph["plan"] == graph["images"] == set(), graph
     assert graph["data"] == {"ddpm"} and graph["fd"] == {"ddpm", "data"}, graph
     assert graph["distill"] == {"ddpm", "plan"}, graph  # a Trainer with another loss
+    assert graph["web"] == set(), graph  # the page's server: the page ports the plan, it does not import it
     assert "cli" not in set().union(*graph.values()), graph  # nothing imports the command line
     assert "sampling" not in graph["ddpm"] | graph["export.onnx_sampler"], graph  # the runs are users of both
     assert graph["unet"] == set() and graph["export.openvino_engine"] == set(), graph
@@ -76,7 +77,8 @@ def test_the_wheel_installs_one_unambiguous_top_level_package(tmp_path):
     assert top == {"ddpm_reference"}, top
     assert {"ddpm_reference/ddpm.py", "ddpm_reference/unet.py", "ddpm_reference/export/onnx_sampler.py",
             "ddpm_reference/export/onnx_export.py", "ddpm_reference/cli.py", "ddpm_reference/data.py",
-            "ddpm_reference/plan.py", "ddpm_reference/images.py"} <= set(names)
+            "ddpm_reference/plan.py", "ddpm_reference/images.py", "ddpm_reference/web.py",
+            *(f"ddpm_reference/web/{name}" for name in web.PAGE_FILES)} <= set(names)
 
 
 def test_a_users_unet_and_export_in_the_working_folder_change_nothing(tmp_path):

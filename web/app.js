@@ -4,7 +4,6 @@
 // control can be set from the URL's query (?model=...&sampler=ddim&steps=10&...); with run=1 the page samples once
 // the model is loaded, and with report=1 it posts what it sampled (or the error it shows) to /result, which is how
 // `ddpm web --headless` reads it.
-import * as ort from "./ort/ort.all.min.mjs";
 import { balancedLabels } from "./plan.js";
 import { Model, sampleLabels, toUint8 } from "./sampler.js";
 
@@ -12,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
 const FIELDS = ["sampler", "steps", "eta", "spacing", "clip", "corrector_steps", "snr", "seed", "num_samples",
   "batch_size", "classes", "guidance", "threads", "provider"];
-let model = null, running = false;
+let model = null, running = false, ort = null;
 
 function showError(error) {
   const text = String(error && error.message ? error.message : error);
@@ -47,11 +46,14 @@ async function loadModel() {
     if (!r.ok) throw new Error(`${url}: ${r.status} ${r.statusText}`);
     return r.arrayBuffer().then((b) => new Uint8Array(b));
   });
-  const threads = number("threads") || navigator.hardwareConcurrency || 1;
-  ort.env.wasm.numThreads = crossOriginIsolated ? threads : 1;  // read by onnxruntime-web when it first starts
-  ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
   const provider = $("provider").value;
   if (provider === "webgpu" && !navigator.gpu) throw new Error("this browser has no WebGPU: use the wasm provider");
+  if (!ort) {  // the build of the provider (wasm alone: its CPU kernels run faster than those of the WebGPU build)
+    ort = await import(provider === "webgpu" ? "./ort/ort.webgpu.min.mjs" : "./ort/ort.wasm.min.mjs");
+    const threads = number("threads") || navigator.hardwareConcurrency || 1;
+    ort.env.wasm.numThreads = crossOriginIsolated ? threads : 1;  // read by onnxruntime-web when it first starts
+    ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+  }
   model = await Model.load(ort, bytes, name, { executionProviders: [provider] });
   model.provider = provider;
   const info = model.info, own = info.defaultOptions;
@@ -159,6 +161,12 @@ function applyQuery() {
   if (query.has("model")) $("model-url").value = query.get("model");
 }
 $("load").addEventListener("click", () => loadModel().catch(showError));
+for (const field of ["provider", "threads"])  // onnxruntime-web takes them once, when it starts: a new page
+  $(field).addEventListener("change", () => {
+    const changed = new URLSearchParams(location.search);
+    changed.set(field, $(field).value);
+    location.search = changed;
+  });
 $("model-file").addEventListener("change", () => loadModel().catch(showError));
 $("controls").addEventListener("submit", (event) => {
   event.preventDefault();
