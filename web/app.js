@@ -74,7 +74,7 @@ function drawGrid(pixels, [N, C, H, W], columns) {
   const rows = Math.ceil(N / cols), width = cols * (W * s + pad) + pad, height = rows * (H * s + pad) + pad;
   const canvas = $("grid");
   if (canvas.width !== width || canvas.height !== height) [canvas.width, canvas.height] = [width, height];
-  canvas.style.width = `${Math.min(3 * width, 864)}px`;
+  canvas.style.width = `${Math.min(2 * width, 864)}px`;
   const image = new ImageData(width, height);
   image.data.fill(0);
   for (let i = 0; i < N; i++) {
