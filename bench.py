@@ -1,4 +1,4 @@
-"""Speed: sampling per backend and precision (torch, torch.compile, onnxruntime, the C++ runner) and training
+"""Speed: sampling per backend and precision (torch, torch.compile, onnxruntime, the C++ runner, the web page) and training
 throughput, each beside the matmul peak of the same precision and library measured in the same run."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import get_args
 import numpy as np
 import torch
 
-from . import unet
+from . import unet, web
 from .data import calibration_images, load_digits_data
 from .ddpm import (Diffusion, Trainer, TrainConfig, UserError, beta_schedule,
                    load_model, make_plan, preset_config, resolve_device,
@@ -118,7 +118,7 @@ def _ort_bench(onnx_path: str, provider: str, threads, batch: int, sampler: str,
 
 # torch eager, torch.compile, onnxruntime, OpenVINO (the float32 file at fp32 or bf16, or the int8 file), the C++ runner
 # on onnxruntime and on OpenVINO (ddpm_runner --engine openvino)
-BACKENDS = ("torch", "compile", "ort", "openvino", "cpp", "cpp-openvino")
+BACKENDS = ("torch", "compile", "ort", "openvino", "cpp", "cpp-openvino", "web")
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp_runner", "build", "ddpm_runner")  # `make cpp`
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 PRECISIONS = tuple(dict.fromkeys(get_args(SamplePrecision) + onnx_sampler.PRECISIONS))  # what bench sample runs
@@ -146,12 +146,13 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     overhead (the loop's time / the time of the same number of bare network calls), and the achieved FLOP/s
     beside the matmul peak of the row's precision and library. torch runs fp32|bf16|fp16 (auto: see
     resolve_precision), onnxruntime and C++ an exported fp32|fp16|int8 file (auto: fp32), OpenVINO (in Python
-    and in C++) the fp32 file at fp32|bf16 (auto: bf16 where the CPU has it) and the int8 file.
+    and in C++) the fp32 file at fp32|bf16 (auto: bf16 where the CPU has it) and the int8 file, the web page
+    (`ddpm web`, onnxruntime-web's wasm in headless Chromium) the fp32 file, its FLOP/s beside onnxruntime's peak.
 
     Without a checkpoint the weights are the preset's initialisation with small random weights in its
     zero-initialised layers (speed does not depend on them) and int8 is calibrated on uniform noise images.
     With an (unconditional) checkpoint its EMA weights are timed, int8 is calibrated on its training images,
-    and for 8x8 digits each row also gives the FD (see `ddpm fd`) of the `batch` images it sampled last: no
+    and for 8x8 digits each row also gives the FD (see `ddpm fd`) of the `batch` (> 1) images it sampled last: no
     speed without its quality. Each row is appended to `rows` (a new list if None) as it is measured, so that a
     caller keeps the rows finished before an error; what the backends need is checked before any is timed."""
     dev = resolve_device(device)
@@ -161,7 +162,8 @@ def bench_sample(preset: str = "digits", batch: int = 64, backends=("torch", "or
     for backend in backends:
         for precision in _backend_precisions(backend, precisions, dev):
             timed = bench.torch_rows if backend in ("torch", "compile") else \
-                bench.onnx_rows if backend in ("ort", "openvino") else bench.cpp_rows
+                bench.onnx_rows if backend in ("ort", "openvino") else bench.web_rows if backend == "web" else \
+                bench.cpp_rows
             for row in timed(backend, precision):
                 rows.append(row)
     return rows
@@ -195,7 +197,7 @@ class _SampleBench:
         self.model, self.diffusion, self.image_shape, self.calibration = model.to(dev).eval(), diffusion, image_shape, \
             calibration
         self.dev, self.batch, self.repeats, self.runs, self.threads = dev, batch, repeats, runs, threads
-        self.quality = fd_of_samples() if with_fd else None
+        self.quality = fd_of_samples() if with_fd and batch > 1 else None  # an FD needs a covariance
         self.flops = unet.flops_per_forward(model)  # per image and network call
         self.provider = "cuda" if dev.type == "cuda" else "cpu"
         self.tmp, self.onnx_files = tempfile.mkdtemp(), {}
@@ -262,6 +264,25 @@ class _SampleBench:
                            np.load(self.out))
 
 
+    def web_rows(self, backend: str, precision: str):
+        """The page in a headless Chromium of its own for every repeat (and a first one left out, as the C++
+        runner's): the loop's time and the network's inside it, as the page measures them."""
+        peak = onnx_matmul_peak(precision, threads=self.threads)
+        for sampler, steps in self.runs:
+            runs = []
+            for _ in range(self.repeats + 1):
+                try:
+                    runs.append(web.run_headless(self.onnx_file(precision), 3600, sampler=sampler, steps=steps,
+                                                 num_samples=self.batch, batch_size=self.batch, threads=self.threads))
+                except web.WebError as e:
+                    raise UserError(f"backend web: {e}") from None
+                if not runs[-1]["ok"]:
+                    raise UserError(f"backend web: the page: {runs[-1]['error']}")
+            times, bare = [r["seconds"] for r in runs[1:]], [r["network_seconds"] for r in runs[1:]]
+            where = f"Chromium, onnxruntime-web {runs[-1]['provider']} ({runs[-1]['threads']} threads)"
+            yield self.row(backend, precision, sampler, steps, times, bare, where, peak, runs[-1]["samples"])
+
+
 def check_backends(backends, precisions, device: torch.device) -> None:
     """A UserError, before anything is timed, for a backend this machine cannot run: an unknown name, a C++ runner
     that is not built, OpenVINO or torchao (int8) not installed, a precision the CPU lacks."""
@@ -270,6 +291,11 @@ def check_backends(backends, precisions, device: torch.device) -> None:
             raise ValueError(f"backends must be among {', '.join(BACKENDS)}, got {backend!r}")
         if backend.startswith("cpp") and not os.path.exists(RUNNER):
             raise UserError(f"{RUNNER} not built: run `make cpp` (or drop {backend} from --backends)")
+        if backend == "web":
+            try:
+                web.check_installed(), web.browser()
+            except web.WebError as e:
+                raise UserError(f"backend web: {e}") from None
         chosen = _backend_precisions(backend, precisions, device)
         if backend == "compile" and "int8" in chosen and importlib.util.find_spec("torchao") is None:
             raise UserError("the int8 rows of the compile backend need torchao: pip install 'ddpm-reference[int8]'")
@@ -301,7 +327,8 @@ def _backend_precisions(backend: str, precisions, device: torch.device) -> list[
     torch_side = backend in ("torch", "compile")
     openvino = backend in ("openvino", "cpp-openvino")
     runs = (get_args(SamplePrecision)[1:] if backend == "compile" else get_args(Precision)[1:]) if torch_side else \
-        OPENVINO_PRECISIONS if openvino else onnx_sampler.PRECISIONS  # int8 in torch: compiled only
+        OPENVINO_PRECISIONS if openvino else ("fp32",) if backend == "web" else \
+        onnx_sampler.PRECISIONS  # int8 in torch: compiled only
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"precision must be among {', '.join(PRECISIONS)}, got {p!r}")

@@ -10,11 +10,13 @@ shows, to /result; run_headless reads it from there."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,8 +30,8 @@ import numpy as np
 PAGE = Path(__file__).resolve().parent / "web"
 ORT_DIST = PAGE / "node_modules" / "onnxruntime-web" / "dist"
 PAGE_FILES = ("index.html", "app.js", "plan.js", "random.js", "sampler.js")
-MIME = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
-        ".wasm": "application/wasm", ".onnx": "application/octet-stream", ".json": "application/json"}
+MIME = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+        ".mjs": "text/javascript; charset=utf-8", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
              "Cross-Origin-Resource-Policy": "same-origin"}
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -69,8 +71,9 @@ class Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 path = urllib.parse.urlsplit(self.path).path.lstrip("/") or "index.html"
+                ort_file = path.startswith("ort/") and "/" not in path[4:] and path[4:] not in ("", ".", "..")
                 file = (server.model if path == "model.onnx" else PAGE / path if path in PAGE_FILES else
-                        ORT_DIST / path[4:] if path.startswith("ort/") and "/" not in path[4:] and ".." not in path else None)
+                        ORT_DIST / path[4:] if ort_file else None)
                 if file is None or not file.is_file():
                     return self.send_error(404)
                 data = file.read_bytes()
@@ -81,7 +84,8 @@ class Server:
                 self.wfile.write(data)
 
             def do_POST(self):  # noqa: N802
-                body, path = self.rfile.read(int(self.headers.get("Content-Length", 0))), urllib.parse.urlsplit(self.path).path
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                path = urllib.parse.urlsplit(self.path).path
                 if path == "/result":
                     server.results.put(json.loads(body))
                 elif path == "/progress" and server.progress:
@@ -100,7 +104,7 @@ class Server:
                 pass
 
         class Http(http.server.ThreadingHTTPServer):
-            def handle_error(self, request, address):  # a browser closed while a file was on its way: not ours to report
+            def handle_error(self, request, address):  # a browser that closed while a file was on its way
                 if not isinstance(sys.exc_info()[1], ConnectionError):
                     super().handle_error(request, address)
 
@@ -128,35 +132,61 @@ def run_headless(model: str, timeout: float = 600, progress=None, **query) -> di
     """Open the page on `model` once in a headless Chromium with the controls of `query` (the page's field names),
     sample, and return what the page posted: {"ok": True, "samples": float32 [n, C, H, W], "calls", "seconds",
     "network_seconds", "provider", "threads", "isolated", ...}, or {"ok": False, "error": the message the page
-    shows}. WebError when the browser fails or the page does not answer within `timeout` seconds."""
-    with Server(model) as server, tempfile.TemporaryDirectory(prefix="ddpm-web-") as profile:
-        command = [browser(), "--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-                   "--disable-extensions", f"--user-data-dir={profile}"]
-        command += ["--no-sandbox"] if os.geteuid() == 0 else []
-        log = open(os.path.join(profile, "browser.log"), "w+")
-        process = subprocess.Popen([*command, server.url(run=1, report=1, **query)], stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    result = server.results.get(timeout=0.2)
-                    break
-                except queue.Empty:
-                    if process.poll() is not None:
-                        log.seek(0)
-                        raise WebError(f"{command[0]} exited ({process.returncode}) before the page answered: "
-                                       f"{log.read()[-500:].strip()}") from None
-                    if time.monotonic() > deadline:
-                        raise WebError(f"the page did not answer within {timeout:g} s") from None
-        finally:
-            process.terminate()
+    shows}. progress(): called once per network call. WebError when the browser fails or the page does not answer
+    within `timeout` seconds."""
+    done = 0
+
+    def advance(row: int) -> None:
+        nonlocal done
+        for _ in range(row - done):
+            progress()
+        done = max(done, row)
+    profile = tempfile.mkdtemp(prefix="ddpm-web-")
+    command = [browser(), "--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+               "--disable-extensions", f"--user-data-dir={profile}"] + (["--no-sandbox"] if os.geteuid() == 0 else [])
+    try:
+        with Server(model, progress=progress and advance) as server, open(os.path.join(profile, "log"), "w+") as log:
+            # a session of its own: the browser's helper processes are stopped with it
+            process = subprocess.Popen([*command, server.url(run=1, report=1, **query)], stdout=log, stderr=log,
+                                       start_new_session=True)
             try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.close()
+                result = _answer(server, process, log, command[0], timeout)
+            finally:
+                _stop(process)
+    finally:
+        for _ in range(50):  # the helpers may still be closing their files
+            shutil.rmtree(profile, ignore_errors=True)
+            if not os.path.exists(profile):
+                break
+            time.sleep(0.1)
     if result.get("ok"):
         samples = np.frombuffer(base64.b64decode(result["samples"]), dtype=np.float32)
         result["samples"] = samples.reshape(result["shape"])
     return result
+
+
+def _answer(server: Server, process, log, name: str, timeout: float) -> dict:
+    """What the page posts to /result, or WebError when the browser exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return server.results.get(timeout=0.2)
+        except queue.Empty:
+            if process.poll() is not None:
+                log.seek(0)
+                raise WebError(f"{name} exited ({process.returncode}) before the page answered: "
+                               f"{log.read()[-500:].strip()}") from None
+            if time.monotonic() > deadline:
+                raise WebError(f"the page did not answer within {timeout:g} s") from None
+
+
+def _stop(process) -> None:
+    """The browser and its helper processes (its process group) stopped."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
