@@ -39,11 +39,12 @@ check: $(STAMP)
 # The demo trains afresh each time (--overwrite), so it runs again after any change; it samples the same 64 images
 # (ancestral, seed 0, numpy's noise, float32) in PyTorch, onnxruntime and C++ and checks that they agree; then it
 # distils the model into a student of 4 network calls (three rounds: 16, 8, 4), samples it the same way (its own
-# plan) and writes the chain's grid and the student's side by side.
+# plan), and in the web page too (onnxruntime-web in headless Chromium), and writes the chain's grid and the
+# student's side by side.
 SAMPLE := --num-samples 64 --sampler ancestral --seed 0
 STUDENT := --num-samples 64 --seed 0
 DISTILL_FLAGS ?=
-demo: $(STAMP) cpp
+demo: $(STAMP) cpp web
 	$(DDPM) train --out $(RUN) --overwrite $(TRAIN_FLAGS)
 	$(DDPM) nll $(RUN)/checkpoint.pt
 	$(DDPM) export $(RUN)/checkpoint.pt --out $(RUN)/model.onnx
@@ -56,12 +57,13 @@ demo: $(STAMP) cpp
 	$(DDPM) sample $(RUN)/distill/steps-4/checkpoint.pt $(STUDENT) --numpy-noise --precision fp32 --out $(RUN)/student-torch.png
 	$(DDPM) onnx-sample $(RUN)/student.onnx $(STUDENT) --out $(RUN)/student-onnxruntime.png
 	cpp_runner/build/ddpm_runner --model $(RUN)/student.onnx $(STUDENT) --out $(RUN)/student-cpp.png
-	$(DDPM) compare $(RUN)/student-torch.png $(RUN)/student-onnxruntime.png $(RUN)/student-cpp.png
+	$(DDPM) web $(RUN)/student.onnx --headless $(STUDENT) --out $(RUN)/student-web.png
+	$(DDPM) compare $(RUN)/student-torch.png $(RUN)/student-onnxruntime.png $(RUN)/student-cpp.png $(RUN)/student-web.png
 	$(DDPM) side-by-side $(RUN)/cpp.png $(RUN)/student-cpp.png --out $(RUN)/chain-and-student.png
 	@echo "demo: made $(RUN)/checkpoint.pt and model.onnx; the same 64 samples from PyTorch, onnxruntime and C++ in" \
 	      "$(RUN)/torch.png, onnxruntime.png and cpp.png; training's own grid in $(RUN)/samples-*.png; a student" \
 	      "that samples in 4 network calls, $(RUN)/distill/steps-4/checkpoint.pt and student.onnx, the same in the" \
-	      "three executors; the 1000-step chain and the 4-call student side by side in $(RUN)/chain-and-student.png"
+	      "three executors and the web page; the 1000-step chain and the 4-call student side by side in $(RUN)/chain-and-student.png"
 
 clean:
 	rm -rf $(VENV) cpp_runner/build runs/demo web/node_modules
