@@ -512,6 +512,9 @@ def web_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="an .onnx 
                                              "--out"),
             num_samples: int = Opt(64, min=1, help="images to draw"), seed: int = SEED, batch_size: int = BATCH,
             threads: int | None = Opt(None, min=1, help="onnxruntime-web's wasm threads (default: all cores)"),
+            provider: typing.Literal["wasm", "webgpu"] = Opt(
+                "wasm", help="onnxruntime-web's execution provider: wasm (the CPU), or webgpu (headless: the GPU, "
+                             "else Chromium's software renderer)"),
             out: str = Opt("web.png", help=OUT_IMAGES + " (--headless)"),
             timeout: float = Number(600.0, "seconds the headless page may take (--headless)", min=1.0),
             sampler: Sampler | None = SAMPLER, steps: int | None = STEPS, eta: float = ETA,
@@ -531,7 +534,7 @@ def web_cmd(ctx: typer.Context, model: str = typer.Argument(..., help="an .onnx 
             checked.default_options))
     page = dict(sampler=sampler, steps=steps, eta=eta or None, spacing=spacing, corrector_steps=corrector_steps or None,
                 snr=snr if corrector_steps else None, clip=None if clip is None else str(clip).lower(), seed=seed,
-                num_samples=num_samples, batch_size=batch_size, threads=threads, guidance=guidance,
+                num_samples=num_samples, batch_size=batch_size, threads=threads, provider=provider, guidance=guidance,
                 classes=None if labels is None else ",".join(map(str, _class_indices(checked.class_names, classes))))
     try:
         if not headless:

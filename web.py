@@ -142,8 +142,11 @@ def run_headless(model: str, timeout: float = 600, progress=None, **query) -> di
             progress()
         done = max(done, row)
     profile = tempfile.mkdtemp(prefix="ddpm-web-")
-    command = [browser(), "--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-               "--disable-extensions", f"--user-data-dir={profile}"] + (["--no-sandbox"] if os.geteuid() == 0 else [])
+    command = [browser(), "--headless=new", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+               f"--user-data-dir={profile}"] + (["--no-sandbox"] if os.geteuid() == 0 else [])
+    # WebGPU in headless Chromium: on the GPU, or, where there is none, on Chromium's software Vulkan (SwiftShader)
+    command += ["--enable-unsafe-webgpu", "--enable-unsafe-swiftshader"] if query.get("provider") == "webgpu" else \
+        ["--disable-gpu"]
     try:
         with Server(model, progress=progress and advance) as server, open(os.path.join(profile, "log"), "w+") as log:
             # a session of its own: the browser's helper processes are stopped with it

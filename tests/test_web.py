@@ -180,6 +180,17 @@ def test_the_page_samples_what_python_samples(browser, models, name, sampler, st
     assert got["provider"] == "wasm" and got["isolated"] and got["threads"] >= 1
 
 
+@pytest.mark.parametrize("name,sampler,steps", [("eps_small", "ddim", 10), ("eps_learned", "ancestral", 20),
+                                                ("v_zero_snr", "unipc", 5)])
+def test_the_webgpu_provider_samples_what_python_samples(browser, models, name, sampler, steps):
+    """WebGPU, the page's optional provider (here on Chromium's software Vulkan where there is no GPU): the same
+    images within one grey level."""
+    got = web.run_headless(models[name], 300, sampler=sampler, steps=steps, seed=2, num_samples=5, provider="webgpu")
+    assert got["ok"] and got["provider"].startswith("webgpu ("), got
+    want = OnnxSampler(models[name], "cpu", threads=1).sample(5, sampler, steps, seed=2)
+    assert np.abs(got["samples"] - want).max() <= 1e-4 and grey_levels(got["samples"], want) <= 1
+
+
 @pytest.mark.parametrize("classes,guidance", [("2,0", 2.5), ("1", None), (None, 0.0)])
 def test_the_page_guides_a_class_conditional_file_as_onnx_sample(browser, conditional_model, tmp_path, classes, guidance):
     args = ["--num-samples", "6", "--sampler", "ddim", "--steps", "8", "--seed", "3"]

@@ -54,14 +54,21 @@ async function loadModel() {
     ort.env.wasm.numThreads = crossOriginIsolated ? threads : 1;  // read by onnxruntime-web when it first starts
     ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
   }
+  let adapter = "";  // the GPU WebGPU runs on, as the browser names it
+  if (provider === "webgpu") {
+    const info = (await navigator.gpu.requestAdapter())?.info;
+    if (!info) throw new Error("WebGPU found no adapter: use the wasm provider");
+    adapter = [info.vendor, info.architecture, info.description].filter(Boolean).join(" ");
+  }
   model = await Model.load(ort, bytes, name, { executionProviders: [provider] });
-  model.provider = provider;
+  model.provider = adapter ? `webgpu (${adapter})` : provider;
   const info = model.info, own = info.defaultOptions;
   for (const element of document.querySelectorAll(".conditional")) element.hidden = !info.numClasses;
   $("about").textContent = `${name}: images ${info.imageShape.join("x")}, T = ${info.T}, ${info.parameterization} ` +
-    `prediction, ${info.variance} variance` + (info.numClasses ? `, classes ${info.classNames.join(", ")}` : "") +
+    `prediction, ${info.variance} variance, ${info.precision}` +
+    (info.numClasses ? `, classes ${info.classNames.join(", ")}` : "") +
     `; its own plan: ${own.sampler}${own.steps ? `, ${own.steps} steps` : ""}${own.spacing ? `, ${own.spacing}` : ""}` +
-    `; onnxruntime-web ${ort.env.versions?.web ?? ""} ${provider}, ${ort.env.wasm.numThreads} thread(s)` +
+    `; onnxruntime-web ${ort.env.versions?.web ?? ""} ${model.provider}, ${ort.env.wasm.numThreads} thread(s)` +
     (crossOriginIsolated ? "" : " (not cross-origin isolated: one thread)");
   $("status").textContent = "loaded";
   $("sample").disabled = false;

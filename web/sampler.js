@@ -62,8 +62,8 @@ export function readMetadata(bytes) {
 }
 
 // The schedule and options of a file's metadata, checked as onnx_sampler.py's OnnxSampler._read_metadata does:
-// {betas, alphasCumprod, T, parameterization, variance, imageShape, clip, numClasses, nullLabel, classNames,
-// defaultOptions (the file's own plan: ddpm.sampler, ddpm.steps, ddpm.spacing), outChannels}.
+// {betas, alphasCumprod, T, parameterization, variance, imageShape, clip, precision, numClasses, nullLabel,
+// classNames, defaultOptions (the file's own plan: ddpm.sampler, ddpm.steps, ddpm.spacing), outChannels}.
 export function modelInfo(metadata, name = "the file") {
   const meta = (key) => {
     if (!(key in metadata))
@@ -112,6 +112,7 @@ export function modelInfo(metadata, name = "the file") {
     [spacing === null || plans.SPACINGS.includes(spacing), `ddpm.spacing '${spacing}' is unknown`],
   ]) if (!ok) throw bad(problem);
   info.clip = clip === "true";
+  info.precision = metadata["ddpm.precision"] ?? "fp32";  // how the network computes (informative)
   info.defaultOptions = plans.planOptions({ sampler, steps: steps === null ? null : Number(steps), spacing,
     clip: info.clip });
   info.alphasCumprod = plans.alphasCumprod(info.betas);
