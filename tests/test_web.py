@@ -271,3 +271,12 @@ def test_the_page_as_a_person_uses_it(browser, tmp_path):
     assert len([p for p in shown["progressSeen"] if 0 < p < 1]) >= 2, shown  # it moved while sampling
     assert shown["width"] == 4 * 34 + 2 and shown["lit"] > 0.5, shown  # a 4 x 4 grid of 32-pixel images, drawn
     assert (tmp_path / "page.png").stat().st_size > 10000
+
+
+def test_the_page_refuses_bad_controls(browser, models):
+    for query, error in (({"batch_size": -3}, "batch size must be a whole number >= 1"),
+                         ({"num_samples": 0}, "images must be a whole number >= 1"),
+                         ({"sampler": "ddim", "eta": 3}, "eta must be in [0, 1]"),
+                         ({"sampler": "ddim", "steps": 2.5}, "steps must be a whole number")):
+        got = web.run_headless(models["eps_small"], 120, **query)
+        assert not got["ok"] and got["error"].startswith(error), (query, got)

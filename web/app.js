@@ -114,10 +114,12 @@ async function sample() {
   const plan = model.plan({ sampler: $("sampler").value || null, steps: number("steps"), eta: number("eta") ?? 0,
     spacing: $("spacing").value || null, clip, corrector_steps: number("corrector_steps") ?? 0,
     snr: number("snr") ?? 0.16 });
-  if (!(Number.isInteger(n) && n >= 1)) throw new Error(`images must be a whole number >= 1, got ${$("num_samples").value}`);
-  const batch = number("batch_size") || n;
+  const batch = number("batch_size") ?? n;
+  for (const [what, value] of [["images", n], ["batch size", batch]])
+    if (!(Number.isInteger(value) && value >= 1)) throw new Error(`${what} must be a whole number >= 1, got ${value}`);
   const classes = info.numClasses ? classIndices($("classes").value, info.classNames) : null;
   const guidance = info.numClasses ? number("guidance") : null;
+  if (guidance !== null && !Number.isFinite(guidance)) throw new Error(`guidance must be a number, got ${guidance}`);
   const wanted = info.numClasses ? classes ?? [...info.classNames.keys()] : null;  // default: every class, a row each
   const [labels, scale] = sampleLabels(info, wanted, n, guidance);
   const columns = wanted && Math.ceil(n / new Set(balancedLabels(wanted, n)).size);
