@@ -280,3 +280,8 @@ def test_the_page_refuses_bad_controls(browser, models):
                          ({"sampler": "ddim", "steps": 2.5}, "steps must be a whole number")):
         got = web.run_headless(models["eps_small"], 120, **query)
         assert not got["ok"] and got["error"].startswith(error), (query, got)
+
+
+def test_a_port_in_use_is_a_user_error(browser, models):
+    with web.Server(models["eps_small"]) as server:
+        assert_user_error(cli("web", models["eps_small"], "--port", server.port), "cannot serve on 127.0.0.1")
