@@ -63,7 +63,8 @@ demo: $(STAMP) cpp web
 	@echo "demo: made $(RUN)/checkpoint.pt and model.onnx; the same 64 samples from PyTorch, onnxruntime and C++ in" \
 	      "$(RUN)/torch.png, onnxruntime.png and cpp.png; training's own grid in $(RUN)/samples-*.png; a student" \
 	      "that samples in 4 network calls, $(RUN)/distill/steps-4/checkpoint.pt and student.onnx, the same in the" \
-	      "three executors and the web page; the 1000-step chain and the 4-call student side by side in $(RUN)/chain-and-student.png"
+	      "three executors and the web page; the 1000-step chain and the 4-call student side by side in" \
+	      "$(RUN)/chain-and-student.png"
 
 clean:
 	rm -rf $(VENV) cpp_runner/build runs/demo web/node_modules
