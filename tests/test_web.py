@@ -252,8 +252,8 @@ def test_the_page_as_a_person_uses_it(browser, tmp_path):
     net = unet.UNet(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                     dropout=0.0, image_size=8)
     export_onnx(net.eval(), ddpm.Diffusion(ddpm.beta_schedule("linear", 100)), (1, 8, 8), tmp_path / "model.onnx")
-    server = subprocess.Popen([str(Path(os.environ.get("VIRTUAL_ENV", Path(sys.executable).parent.parent)) / "bin" / "ddpm"),
-                               "web", str(tmp_path / "model.onnx"), "--port", "0", "--num-samples", "16"],
+    server = subprocess.Popen([str(Path(sys.executable).parent / "ddpm"), "web", str(tmp_path / "model.onnx"),
+                               "--port", "0", "--num-samples", "16"],
                               stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
