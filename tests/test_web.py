@@ -18,7 +18,7 @@ from conftest import assert_user_error, cli
 
 from ddpm_reference import ddpm, plan as plans, web
 from ddpm_reference.export.onnx_sampler import OnnxSampler, to_uint8
-from small_models import metadata, python_reference
+from small_models import metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = shutil.which("node")
