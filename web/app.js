@@ -146,12 +146,11 @@ async function sample() {
     const seconds = (performance.now() - start) / 1000;
     drawGrid(toUint8(result.samples), [n, C, H, W], columns);
     const summary = { calls: result.calls, seconds, network_seconds: result.networkSeconds, provider: model.provider,
-      threads: ort.env.wasm.numThreads, isolated: crossOriginIsolated, plan_rows: plan.t.length };
+      threads: ort.env.wasm.numThreads, isolated: crossOriginIsolated };
     $("status").textContent = `${n} images, ${result.calls} network calls in ${seconds.toFixed(2)} s: ` +
       `${(result.calls / seconds).toFixed(1)} calls/s, ${(n / seconds).toFixed(1)} images/s (${model.provider}, ` +
       `${summary.threads} thread(s)${crossOriginIsolated ? ", cross-origin isolated" : ""})`;
-    report({ ok: true, ...summary, shape: [n, C, H, W], labels: info.numClasses ? labels : null,
-      samples: base64(result.samples) });
+    report({ ok: true, ...summary, shape: [n, C, H, W], samples: base64(result.samples) });
   } finally {
     running = false;
     $("sample").disabled = false;

@@ -18,6 +18,7 @@ export function checkOption(name, value, valid) {
 }
 
 const range = (n, f) => Array.from({ length: n }, (_, i) => f(i));
+const factorial = (n) => (n <= 1 ? 1 : n * factorial(n - 1));
 const reversed = (a) => a.slice().reverse();
 
 // numpy's round: half to even.
@@ -141,7 +142,6 @@ function dpmppRows(abTs, sampler) {
 }
 
 export function phi(z, k) {
-  const factorial = (n) => (n <= 1 ? 1 : n * factorial(n - 1));
   if (Math.abs(z) >= 1.0) {
     let sum = 0;
     for (let m = 1; m < k; m++) sum += z ** m / factorial(m);
@@ -185,8 +185,7 @@ export function unipcCoefficients(h, r, alphaTo, corrector) {
   let rho;
   if (r.length === 1) rho = [0.5];
   else {
-    const fact = (n) => (n <= 1 ? 1 : n * fact(n - 1));
-    const b = range(r.length, (i) => (fact(i + 1) * phi(-h, i + 2)) / phi(-h, 1));
+    const b = range(r.length, (i) => (factorial(i + 1) * phi(-h, i + 2)) / phi(-h, 1));
     rho = solve(range(r.length, (k) => r.map((ri) => ri ** k)), b);
   }
   r.forEach((ri, i) => {

@@ -219,6 +219,7 @@ export class Model {
       }
       let x = rng.standardNormal(B * size);
       const x0s = Array.from({ length: plan.memory }, () => new Float32Array(B * size));
+      const zeros = new Float32Array(B * size);  // the z of rows that add no noise
       for (let k = 0; k < plan.t.length; k++) {
         const input = guided ? concat(x, x) : x;
         const feeds = {
@@ -231,7 +232,7 @@ export class Model {
         const out = await output.model_output.getData();
         networkSeconds += (performance.now() - t0) / 1000;
         calls += 1;
-        const z = plan.add_noise[k] ? rng.standardNormal(B * size) : new Float32Array(B * size);
+        const z = plan.add_noise[k] ? rng.standardNormal(B * size) : zeros;
         const [xNext, x0] = update(plan, k, shape, x, out, z, x0s, Math.fround(guidance), guided);
         if (plan.memory) {
           x0s.unshift(x0);
