@@ -38,9 +38,9 @@ check: $(STAMP)
 
 # The demo trains afresh each time (--overwrite), so it runs again after any change; it samples the same 64 images
 # (ancestral, seed 0, numpy's noise, float32) in PyTorch, onnxruntime and C++ and checks that they agree; then it
-# distils the model into a student of 4 network calls (three rounds: 16, 8, 4), samples it the same way (its own
-# plan), and in the web page too (onnxruntime-web in headless Chromium), and writes the chain's grid and the
-# student's side by side.
+# distils the model into a student of 4 network calls (rounds of 8 and 4, then its adversarial tuning), samples it
+# the same way (its own plan), and in the web page too (onnxruntime-web in headless Chromium), and writes the
+# chain's grid and the student's side by side.
 SAMPLE := --num-samples 64 --sampler ancestral --seed 0
 STUDENT := --num-samples 64 --seed 0
 DISTILL_FLAGS ?=

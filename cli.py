@@ -316,21 +316,28 @@ def distill_cmd(ctx: typer.Context, checkpoint: str = typer.Argument(..., help="
                 # DistillConfig's fields, with their defaults, help and ranges (distill.DistillConfig):
                 steps: int = DISTILL["steps"], teacher_steps: int = DISTILL["teacher_steps"],
                 train_steps: int = DISTILL["train_steps"], lr: float = DISTILL["lr"], warmup: int = DISTILL["warmup"],
-                batch_size: int = DISTILL["batch_size"], seed: int = DISTILL["seed"], device: Device = DISTILL["device"],
+                batch_size: int = DISTILL["batch_size"], adversarial_steps: int = DISTILL["adversarial_steps"],
+                adversarial_calls: int = DISTILL["adversarial_calls"], adversarial_lr: float = DISTILL["adversarial_lr"],
+                seed: int = DISTILL["seed"], device: Device = DISTILL["device"],
                 precision: Precision = DISTILL["precision"], checkpoint_every: int = DISTILL["checkpoint_every"],
                 log_every: int = DISTILL["log_every"], out: str = DISTILL["out"]):
     """Progressive distillation (Salimans & Ho 2022): students of the model that sample in --teacher-steps / 2,
-    ..., --steps network calls (DDIM), each a checkpoint OUT/steps-K/checkpoint.pt that samples its own plan."""
+    ..., --steps network calls (DDIM), each a checkpoint OUT/steps-K/checkpoint.pt that samples its own plan; with
+    --adversarial-steps, those of at most --adversarial-calls calls are then tuned against a discriminator."""
     if resume and overwrite:
         raise UserError("--resume continues OUT and --overwrite replaces it: give one")
     cfg = DistillConfig(**{k: v for k, v in ctx.params.items() if k in DistillConfig.__dataclass_fields__})
-    _, _, teacher_cfg, _ = load_model(checkpoint)
+    teacher, _, teacher_cfg, _ = load_model(checkpoint)
+    if teacher.class_names:
+        _refuse(ctx, ("adversarial_steps", "adversarial_calls", "adversarial_lr"), "tunes the students of an "
+                "unconditional model (its discriminator sees no labels); those of this class-conditional one are distilled")
     with _train_progress("distill") as bar:
         result = distill(checkpoint, cfg, load_data(teacher_cfg.data, teacher_cfg.image_size), resume, overwrite,
                          lambda r: bar({**r, "step": r["done"] + r["step"], "steps": r["total"]}))
-    typer.echo(f"distilled {checkpoint} to {len(result['rounds'])} students in {result['seconds']:.0f} s: " + ", ".join(
-        f"{_calls(r['steps'], '')} {r['checkpoint']}" + (f" (loss {r['loss']:.4f})" if "loss" in r else " (kept)")
-        for r in result["rounds"]))
+    students = list({r["steps"]: r for r in result["rounds"]}.values())  # each student's last stage
+    typer.echo(f"distilled {checkpoint} to {len(students)} students in {result['seconds']:.0f} s: " + ", ".join(
+        f"{_calls(r['steps'], '')} {r['checkpoint']} (" + ("tuned, " if r["stage"] == "tune" else "")
+        + (f"loss {r['loss']:.4f})" if "loss" in r else "kept)") for r in students))
 
 
 # The TrainConfig fields that train-classifier reads (tests/test_cli.py holds its options to them); the others keep

@@ -99,6 +99,38 @@ def test_the_loss_weight_is_the_truncated_snr():
     assert w[-1] == 1.0 and (w[:-1] > 1).any() and (w[:-1] == 1).any()
 
 
+def test_the_tuners_chain_is_the_students_own_plan():
+    """What adversarial tuning back-propagates through is what a student samples: ddim_chain over student_grid with
+    the optimal denoiser of Gaussian data lands where run_plan of the student's own plan lands (which rounds its
+    coefficients to float32)."""
+    d = zero_snr_v()
+    oracle = GaussianOracle(d, MU, S)
+    for K in (1, 2, 4, 8):
+        grid = distill.student_grid(d.alphas_cumprod, K)
+        ab = np.append(d.alphas_cumprod[grid], 1.0)
+        z = torch.randn(6, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(K))
+        chain = distill.ddim_chain(lambda x, j: oracle.x0_hat(x, torch.as_tensor(grid[[j] * len(x)])), z,
+                                   torch.as_tensor(np.sqrt(ab)), torch.as_tensor(np.sqrt(1 - ab)))
+        plan = ddpm.make_plan(d, distill.student_options(K))
+        assert plan.t.tolist() == grid.tolist()
+        torch.testing.assert_close(chain, ddpm.run_plan(oracle, plan, z), rtol=1e-6, atol=1e-7)
+
+
+def test_the_gan_losses_against_their_closed_forms():
+    """The discriminator's loss is -log sigmoid(D(real)) - log(1 - sigmoid(D(fake))); R1 is ||grad_x D||^2 at each
+    real image: ||w||^2 for a linear D, ||2 x||^2 for D(x) = ||x||^2."""
+    d_real, d_fake = torch.tensor([-3.0, 0.0, 2.5], dtype=torch.float64), torch.tensor([1.0, -0.5, 4.0],
+                                                                                    dtype=torch.float64)
+    expected = -torch.log(torch.sigmoid(d_real)) - torch.log(1 - torch.sigmoid(d_fake))
+    torch.testing.assert_close(distill.discriminator_loss(d_real, d_fake), expected, rtol=1e-12, atol=0)
+    x = torch.randn(5, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(distill.r1_penalty(x.flatten(1) @ w + 0.3, x), (w ** 2).sum().expand(5), rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(distill.r1_penalty(x.pow(2).flatten(1).sum(1), x),
+                               (2 * x.detach()).pow(2).flatten(1).sum(1), rtol=1e-12, atol=0)
+
+
 def test_rounds_halve_down_to_the_last_student_on_nested_grids():
     assert distill.round_steps(32, 1) == [16, 8, 4, 2, 1]
     assert distill.round_steps(8, 4) == [4] and distill.round_steps(6, 3) == [3]
@@ -127,12 +159,13 @@ def teachers(tmp_path_factory):
 
 
 def run_distill(teacher: str, out, stop_at: int | None = None, resume: bool = False, **changes) -> dict:
-    cfg = distill.DistillConfig(**{**dict(steps=2, teacher_steps=8, train_steps=4, batch_size=8, warmup=1,
-                                          checkpoint_every=2, log_every=1, device="cpu", precision="fp32",
+    cfg = distill.DistillConfig(**{**dict(steps=2, teacher_steps=8, train_steps=4, adversarial_steps=0, batch_size=8,
+                                          warmup=1, checkpoint_every=2, log_every=1, device="cpu", precision="fp32",
                                           out=str(out)), **changes})
 
-    def stop(report):  # dies after the round of 2 calls has written its first checkpoint (step 2)
-        if stop_at is not None and report["round"] == 2 and report["step"] == stop_at:
+    def stop(report):  # dies in the last stage of the round of 2 calls, after its first checkpoint (step 2)
+        last = "tune" if cfg.adversarial_steps else "distill"
+        if stop_at is not None and (report["round"], report["stage"], report["step"]) == (2, last, stop_at):
             raise KeyboardInterrupt
     return distill.distill(teacher, cfg, load_data("digits"), resume=resume, callback=stop)
 
@@ -166,6 +199,32 @@ def test_resume_is_exact_and_each_student_records_its_plan(teachers, tmp_path):
                           "--out", tmp_path / "full"), "exists")
 
 
+@pytest.mark.slow
+def test_adversarial_tuning_resumes_exactly_and_tunes_only_the_students_of_few_calls(teachers, tmp_path):
+    tune = dict(adversarial_steps=4, adversarial_calls=2)
+    full = run_distill(teachers["plain"], tmp_path / "full", **tune)
+    assert [(r["steps"], r["stage"]) for r in full["rounds"]] == [(4, "distill"), (2, "distill"), (2, "tune")]
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(teachers["plain"], tmp_path / "cut", stop_at=3, **tune)
+    resumed = run_distill(teachers["plain"], tmp_path / "cut", resume=True, **tune)
+    assert [r.get("resumed") for r in resumed["rounds"]] == ["finished", "finished", None]
+    for K, stage in ((4, ""), (2, "distilled/"), (2, "")):
+        a = torch.load(tmp_path / "full" / f"steps-{K}" / stage / "checkpoint.pt", weights_only=True)
+        b = torch.load(tmp_path / "cut" / f"steps-{K}" / stage / "checkpoint.pt", weights_only=True)
+        assert a["step"] == b["step"] == 4 and a["plan"]["steps"] == K
+        for key in ("model", "ema") + (("discriminator",) if "discriminator" in a else ()):
+            assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), (K, stage, key)
+    assert "discriminator" in a and not (tmp_path / "full" / "steps-4" / "distilled").exists()
+    distilled = torch.load(tmp_path / "full" / "steps-2" / "distilled" / "checkpoint.pt", weights_only=True)
+    assert not all(torch.equal(a["model"][n], distilled["ema"][n]) for n in a["model"])  # tuning moved it
+    assert ddpm.load_model(tmp_path / "full" / "steps-2" / "checkpoint.pt")[0].plan_options == distill.student_options(2)
+    # a class-conditional model's students are distilled, not tuned (the discriminator sees no labels)
+    cond = run_distill(teachers["cond"], tmp_path / "cond", **tune)
+    assert [r["stage"] for r in cond["rounds"]] == ["distill", "distill"]
+    assert_user_error(cli("distill", teachers["cond"], "--teacher-steps", 8, "--steps", 4, "--adversarial-steps", 2,
+                          "--out", tmp_path / "x"), "unconditional")
+
+
 def sample_everywhere(runner, checkpoint, tmp_path, *args) -> dict:
     """The same images of a checkpoint with no --sampler, from `ddpm sample` (torch), `onnx-sample` and the C++ runner:
     the outputs of each, and the exported file's metadata."""
@@ -184,7 +243,7 @@ def sample_everywhere(runner, checkpoint, tmp_path, *args) -> dict:
 
 @pytest.mark.slow
 def test_a_student_samples_its_own_plan_in_torch_onnxruntime_and_cpp(teachers, runner, tmp_path):
-    run_distill(teachers["plain"], tmp_path / "d", steps=4)
+    run_distill(teachers["plain"], tmp_path / "d", steps=4, adversarial_steps=2)  # a tuned student, as by default
     student = tmp_path / "d" / "steps-4" / "checkpoint.pt"
     got = sample_everywhere(runner, student, tmp_path)
     assert "(ddim, 4 network calls" in got["torch"] and ": 4 network calls" in got["onnx"]

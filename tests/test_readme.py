@@ -26,7 +26,7 @@ BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 QUICK_START = "make demo", "make test"  # the quick start: test_make_demo_runs_twice, and CI's own `make test`
 BUDGET = '''#!{python}
 """`ddpm` with a small training budget: optimizer steps / 40 (of each round for distill, whose first teacher takes 8
-steps), batches of at most 32, T = 100 for a new run."""
+steps, and at most 2 steps of adversarial tuning), batches of at most 32, T = 100 for a new run."""
 import os, sys
 args = sys.argv[1:]
 if args and args[0] in ("train", "train-classifier", "distill"):
@@ -38,8 +38,10 @@ if args and args[0] in ("train", "train-classifier", "distill"):
             args.extend([flag, str(default)])
     scale("--train-steps", 20, lambda n: max(2, n // 40))
     scale("--batch-size", 32, lambda b: min(b, 32))
-    if args[0] == "distill" and "--teacher-steps" not in args:
-        args += ["--teacher-steps", "8"]  # three rounds: 4, 2, 1
+    if args[0] == "distill":
+        scale("--adversarial-steps", 2, lambda n: min(n, 2))
+        if "--teacher-steps" not in args:
+            args += ["--teacher-steps", "8"]  # three rounds: 4, 2, 1
     if args[0] != "distill" and "--resume" not in args and "--diffusion-steps" not in args:
         args += ["--diffusion-steps", "100"]
 os.execv({ddpm!r}, [{ddpm!r}, *args])
@@ -115,7 +117,7 @@ def test_make_demo_runs_twice(tmp_path):
     for _ in range(2):
         res = subprocess.run(["make", "demo", f"RUN={tmp_path / 'demo'}",
                               "TRAIN_FLAGS=--train-steps 20 --batch-size 32 --diffusion-steps 100",
-                              "DISTILL_FLAGS=--train-steps 5 --batch-size 32 --teacher-steps 8"],
+                              "DISTILL_FLAGS=--train-steps 5 --adversarial-steps 2 --batch-size 32 --teacher-steps 8"],
                              cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert res.stdout.count("the same images") == 2 and "demo: made" in res.stdout, res.stdout[-2000:]
