@@ -7,7 +7,7 @@ teaches the student of K/2. The first teacher is the model sampled with DDIM at 
 grid is the trailing spacing, which starts at T (pure noise at zero terminal SNR) and halves exactly:
 trailing(K) is every other step of trailing(2K) when T/K is exact in binary (any power of two K).
 
-A student learns its teacher's map and so cannot be better than the teacher's DDIM. With adversarial_steps, the
+A student learns its teacher's map, so it samples no better than the teacher's DDIM. With adversarial_steps, the
 students of few calls are then tuned (Tuner) as a GAN's generator: their own samples, judged by a discriminator
 against the training images, held near the distilled student's samples from the same noise; the tuned student
 teaches the next round.
