@@ -185,14 +185,12 @@ class Tuner(Student):
     its samples, drawn with its own plan and back-propagated through all of its calls, are judged by a discriminator
     against the training images (non-saturating GAN loss, R1 penalty), and held near the samples that the distilled
     student draws from the same noise by anchor_weight * ||x - x_distilled||^2 (per pixel), which keeps its map
-    from noise to digit (and so the digits' variety) and lets the discriminator sharpen them."""
+    from noise to digit (and so the digits' variety) and lets the discriminator sharpen them. The student is of an
+    unconditional model (the discriminator sees no labels): DistillConfig.stages tunes no other."""
     anchor_weight = 0.1
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.classes:
-            raise UserError("--adversarial-steps: the discriminator sees no labels; the students of a "
-                            "class-conditional model are distilled, not tuned")
         if self.ddp:
             raise UserError("--adversarial-steps: adversarial tuning runs in one process, not under torchrun")
         self._grid(student_grid(self.diffusion.alphas_cumprod, self.steps))
@@ -272,19 +270,19 @@ class DistillConfig:
     log_every: int = _option(25, "check the loss for NaN and report it every this many steps", min=1)
     out: str = _option("runs/distill", "folder of the students, OUT/steps-K/checkpoint.pt")
 
-    def round_config(self, teacher: TrainConfig, steps: int) -> TrainConfig:
-        """The TrainConfig of the round that makes the student of `steps` calls: the teacher's model and schedule,
-        this distillation's optimiser, in OUT/steps-K."""
+    def round_config(self, teacher: TrainConfig, out: str) -> TrainConfig:
+        """The TrainConfig of a round of distillation: the teacher's model and schedule, this distillation's
+        optimiser, writing into the folder `out`."""
         return dataclasses.replace(teacher, steps=self.train_steps, lr=self.lr, warmup=self.warmup, lr_decay="cosine",
                                    batch_size=self.batch_size, accum=1, seed=self.seed, device=self.device,
                                    precision=self.precision, compile=False, channels_last=False,
                                    checkpoint_every=self.checkpoint_every, sample_every=self.train_steps,
-                                   log_every=self.log_every, out=os.path.join(self.out, f"steps-{steps}"))
+                                   log_every=self.log_every, out=out)
 
-    def tuning_config(self, teacher: TrainConfig, steps: int) -> TrainConfig:
+    def tuning_config(self, teacher: TrainConfig, out: str) -> TrainConfig:
         """The TrainConfig of a student's adversarial tuning: round_config's, at --adversarial-lr (constant, no
         warm-up) for --adversarial-steps, with an EMA of decay 0.9."""
-        return dataclasses.replace(self.round_config(teacher, steps), steps=self.adversarial_steps,
+        return dataclasses.replace(self.round_config(teacher, out), steps=self.adversarial_steps,
                                    lr=self.adversarial_lr, warmup=0, lr_decay="constant", ema_decay=0.9,
                                    sample_every=self.adversarial_steps)
 
@@ -338,9 +336,8 @@ def distill(checkpoint: str, cfg: DistillConfig, data, resume: bool = False, ove
                 *args, teacher=teacher, steps=steps, config=config)
             report = callback and (lambda rep, steps=steps, stage=stage, done=done: callback(
                 {**rep, "round": steps, "stage": stage, "done": done, "total": sum(s[2] for s in stages)}))
-            stage_cfg = (cfg.round_config if stage == "distill" else cfg.tuning_config)(teacher_cfg, steps)
-            result = ddpm.train(dataclasses.replace(stage_cfg, out=folder), data, saved is not None, report,
-                                overwrite=overwrite, trainer=make)
+            stage_cfg = (cfg.round_config if stage == "distill" else cfg.tuning_config)(teacher_cfg, folder)
+            result = ddpm.train(stage_cfg, data, saved is not None, report, overwrite=overwrite, trainer=make)
             rounds.append({"steps": steps, "stage": stage, "checkpoint": path, "loss": result["losses"][-1][1]})
         done += n
         teacher = ddpm.load_model(path, device=device)[0]
